@@ -27,31 +27,23 @@ raised, because it would fail every row the same way.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import dspy
 import pyarrow as pa
-from dspy.utils.exceptions import (
-    LMAuthError,
-    LMConfigurationError,
-    LMNotConfiguredError,
-    LMUnsupportedModelError,
-)
 from pydantic import BaseModel, ConfigDict, Field
 
 from programs import load_program
-from stages.adapter import CachingJSONAdapter
 from stages.config import EndpointSettings
 from stages.lm import build_lm
-from stages.refine import RefineOutcome, refine_call, reward_fields_present
+from stages.predict import ProgramRunner
 
 logger = logging.getLogger(__name__)
 
 ERRORS_COLUMN = "errors"
-# Raised as-is: the same failure would repeat on every row.
-FATAL_ERRORS = (LMAuthError, LMConfigurationError, LMNotConfiguredError, LMUnsupportedModelError)
 
 
 class StageInputError(KeyError):
@@ -85,12 +77,15 @@ class DSPyStageUDF:
         self.output_fields = tuple(output_fields)
         self.settings = EndpointSettings(**lm_settings)
         self.lm = lm_factory(self.settings)  # configured once per actor, used via dspy.context per call
-        self.program = load_program(program, program_path)
-        self.adapter = CachingJSONAdapter()
+        self.runner = ProgramRunner(
+            load_program(program, program_path),
+            self.lm,
+            output_fields=self.output_fields,
+            refine_attempts=refine_attempts,
+            refine_threshold=refine_threshold,
+            reward_fn=reward_fn,
+        )
         self.max_in_flight = max_in_flight
-        self.refine_attempts = refine_attempts
-        self.refine_threshold = refine_threshold
-        self.reward_fn = reward_fn or reward_fields_present(self.output_fields)
         self._semaphore: asyncio.Semaphore | None = None
 
     # -- batch level -------------------------------------------------------
@@ -135,44 +130,13 @@ class DSPyStageUDF:
     # -- row level ---------------------------------------------------------
 
     async def _run_row(self, index: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any], list[str]]:
-        empty = [arg for arg, value in inputs.items() if not isinstance(value, str) or not value.strip()]
+        empty = [arg for arg, value in inputs.items() if value is None or (isinstance(value, str) and not value.strip())]
         if empty:
-            return index, {}, [f"{self.stage_name}: skipped: input {empty[0]!r} is empty or not text"]
+            return index, {}, [f"{self.stage_name}: skipped: input {empty[0]!r} is empty"]
         async with self._semaphore:
-            outcome = await self._predict(inputs)
+            outcome = await self.runner.predict(inputs)
         outputs = {f: _as_text(outcome.prediction.get(f)) for f in self.output_fields} if outcome.prediction else {}
         return index, outputs, [f"{self.stage_name}: {e}" for e in outcome.errors]
-
-    async def _predict(self, inputs: dict[str, Any]) -> RefineOutcome:
-        """First attempt on the async fast path; hand over to dspy.Refine only when it fails validation."""
-        first_error = None
-        try:
-            with dspy.context(lm=self.lm, adapter=self.adapter):
-                prediction = await self.program.acall(**inputs)
-            score = self.reward_fn(inputs, prediction)
-            if score >= self.refine_threshold:
-                return RefineOutcome(prediction, score, [])
-        except FATAL_ERRORS:
-            raise
-        except Exception as exc:  # noqa: BLE001 - becomes data, see below
-            if _is_lm_failure(exc):  # transient retries already exhausted in the LM
-                return RefineOutcome(None, 0.0, [f"LM call failed after retries: {_describe(exc)}"])
-            first_error = exc
-            prediction, score = None, 0.0
-        if self.refine_attempts <= 1:
-            reason = _describe(first_error) if first_error else f"reward {score:.2f} < {self.refine_threshold}"
-            return RefineOutcome(prediction, score, [f"output failed validation: {reason}"])
-        return await refine_call(
-            self.program,
-            inputs,
-            lm=self.lm,
-            adapter=self.adapter,
-            reward_fn=self.reward_fn,
-            attempts=self.refine_attempts - 1,
-            threshold=self.refine_threshold,
-            fallback=(prediction, score),
-            first_error=first_error,
-        )
 
 
 class DSPyStage(BaseModel):
@@ -242,18 +206,10 @@ def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def _as_text(value: Any) -> str | None:
+    """Output columns are strings; structured outputs (lists, models) are stored as JSON."""
     if value is None or isinstance(value, str):
         return value
-    return str(value)
-
-
-def _is_lm_failure(exc: BaseException) -> bool:
-    from dspy.utils.exceptions import LMError
-
-    return isinstance(exc, LMError)
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return json.dumps(value, ensure_ascii=False, default=str)
 

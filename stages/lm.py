@@ -81,6 +81,8 @@ class ResilientLM(dspy.LM):
     """
 
     max_attempts: int = 6
+    # Optional callable(usage_dict) told about every completed call (Serve exports it as metrics).
+    usage_hook = None
 
     def _retrying(self, cls):
         return cls(
@@ -102,7 +104,8 @@ class ResilientLM(dspy.LM):
                 return await super().acall(*args, **kwargs)
 
     def update_history(self, entry) -> None:  # noqa: D102 - see class docstring
-        return None
+        if self.usage_hook is not None:
+            self.usage_hook(entry.get("usage") or {})
 
 
 def provider_id(base_url: str) -> str:

@@ -1,0 +1,233 @@
+"""Drift monitor: judge a sample of live traffic, and re-optimize when quality drops.
+
+One monitor per app (a single-replica Serve deployment) so decisions are made
+once.  Replicas send it a sampled (inputs, outputs) pair fire-and-forget; the
+monitor scores it with the judge LM, stores it in SQLite, and compares the
+rolling score over the window with the artifact's recorded dev score.  When the
+rolling score is at least ``drop_points`` below it, with enough samples, it
+submits one re-optimization Ray job (recent samples + original trainset) and
+will not submit another while that one runs.  When the job finishes with a
+better score, the new artifact is deployed (or only registered when
+``auto_deploy`` is off).  Every decision is logged and stored in ``decisions``.
+
+    >>> store = SampleStore(":memory:")
+    >>> store.add({"transcript": "x"}, {"priority": "urgent"}, 0.9, None)
+    >>> round(store.rolling(window_s=3600)[0], 2)
+    0.9
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger("serve.drift")
+
+
+class DriftPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    window_s: float = Field(7 * 24 * 3600, gt=0, description="Rolling window of samples considered")
+    drop_points: float = Field(5.0, gt=0, description="Trigger when rolling score is this many points below dev")
+    min_samples: int = Field(50, ge=1, description="Samples needed in the window before any decision")
+    auto_deploy: bool = Field(True, description="Deploy a better re-optimized artifact, or only register it")
+    job_entrypoint: str = Field(
+        "python -m optimize --pipeline {program} --optimizer miprov2 --auto light --out {artifact_dir} "
+        "--extra-train {samples}",
+        description="Re-optimization command; {program}, {artifact_dir}, {samples} are filled in",
+    )
+    job_address: str | None = Field(None, description="Ray job API address (default: the current cluster)")
+
+
+class JudgeVerdict(dspy.Signature):
+    """Judge whether a 911-call triage output is correct and useful for a dispatcher."""
+
+    call_input: str = dspy.InputField(desc="the request the program received (JSON)")
+    program_output: str = dspy.InputField(desc="what the program answered (JSON)")
+    score: float = dspy.OutputField(desc="quality from 0.0 (wrong) to 1.0 (fully correct)")
+
+
+class SampleStore:
+    """Sampled requests and judge scores in SQLite, plus a log of decisions and jobs."""
+
+    def __init__(self, path: str):
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.lock = threading.Lock()
+        with self.lock, self.db:
+            self.db.execute("CREATE TABLE IF NOT EXISTS samples (ts REAL, inputs TEXT, outputs TEXT, "
+                            "score REAL, error TEXT, artifact TEXT)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS decisions (ts REAL, kind TEXT, detail TEXT)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, ts REAL, status TEXT)")
+
+    def add(self, inputs: dict, outputs: dict, score: float | None, error: str | None,
+            artifact: str | None = None) -> None:
+        with self.lock, self.db:
+            self.db.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
+                            (time.time(), json.dumps(inputs), json.dumps(outputs), score, error, artifact))
+
+    def rolling(self, window_s: float) -> tuple[float | None, int]:
+        since = time.time() - window_s
+        with self.lock:
+            # Old samples leave the window here, so the file stays bounded.
+            with self.db:
+                self.db.execute("DELETE FROM samples WHERE ts < ?", (since,))
+            mean, n = self.db.execute("SELECT AVG(score), COUNT(score) FROM samples WHERE score IS NOT NULL").fetchone()
+        return mean, n
+
+    def recent_inputs(self, limit: int = 1000) -> list[dict]:
+        with self.lock:
+            rows = self.db.execute("SELECT inputs, outputs, score FROM samples ORDER BY ts DESC LIMIT ?", (limit,))
+            return [{**json.loads(i), "_output": json.loads(o), "_score": s} for i, o, s in rows.fetchall()]
+
+    def log(self, kind: str, **detail: Any) -> None:
+        logger.info("drift decision %s %s", kind, detail)
+        with self.lock, self.db:
+            self.db.execute("INSERT INTO decisions VALUES (?, ?, ?)", (time.time(), kind, json.dumps(detail)))
+
+    def decisions(self) -> list[tuple[str, dict]]:
+        with self.lock:
+            return [(k, json.loads(d)) for k, d in self.db.execute("SELECT kind, detail FROM decisions ORDER BY ts")]
+
+    def set_job(self, job_id: str, status: str) -> None:
+        with self.lock, self.db:
+            self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)", (job_id, time.time(), status))
+
+    def running_job(self) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT job_id FROM jobs WHERE status = 'RUNNING' ORDER BY ts DESC").fetchone()
+        return row[0] if row else None
+
+
+@dataclass
+class Decision:
+    kind: str  # "wait" | "ok" | "trigger" | "busy"
+    rolling: float | None
+    samples: int
+    baseline: float | None
+
+
+def decide(rolling: float | None, samples: int, baseline: float | None, policy: DriftPolicy,
+           job_running: bool) -> Decision:
+    """Pure decision rule (scores in 0..1, baseline as recorded in the artifact, 0..1 or 0..100)."""
+    if baseline is not None and baseline > 1:
+        baseline = baseline / 100
+    if rolling is None or baseline is None or samples < policy.min_samples:
+        return Decision("wait", rolling, samples, baseline)
+    if (baseline - rolling) * 100 < policy.drop_points:
+        return Decision("ok", rolling, samples, baseline)
+    return Decision("busy" if job_running else "trigger", rolling, samples, baseline)
+
+
+class DriftMonitor:
+    """Serve deployment (one replica): judges samples, decides, runs and adopts re-optimizations."""
+
+    def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None = None):
+        from serve.app import ServeOptions
+        from serve.metrics import JudgeMetrics
+        from stages.adapter import CachingJSONAdapter
+        from stages.config import EndpointSettings
+        from stages.lm import build_lm
+
+        self.options = ServeOptions(**options)
+        self.policy = DriftPolicy(**(policy or {}))
+        self.store = SampleStore(self.options.drift_db)
+        judge = EndpointSettings.resolve("JUDGE", flags={"temperature": 0.0, **self.options.judge})
+        self.judge_lm = build_lm(judge)
+        self.adapter = CachingJSONAdapter()
+        self.judge = dspy.Predict(JudgeVerdict)
+        self.metrics = JudgeMetrics(self.options.program)
+        self.active_artifact: str | None = self.options.artifact
+        self.baseline: float | None = None
+        self.refresh_baseline()
+
+    def refresh_baseline(self) -> None:
+        from serve.artifacts import artifact_metadata
+
+        self.baseline = artifact_metadata(self.active_artifact).get("dev_score")
+
+    async def record(self, inputs: dict, outputs: dict, artifact: str | None) -> Decision:
+        try:
+            with dspy.context(lm=self.judge_lm, adapter=self.adapter):
+                verdict = await self.judge.acall(call_input=json.dumps(inputs), program_output=json.dumps(outputs))
+            score, error = min(1.0, max(0.0, float(verdict.score))), None
+        except Exception as exc:  # noqa: BLE001 - a judge failure is counted, never scored as 0
+            score, error = None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        self.store.add(inputs, outputs, score, error, artifact)
+        rolling, n = self.store.rolling(self.policy.window_s)
+        self.metrics.record(score is not None, rolling)
+        return await self.evaluate()
+
+    async def evaluate(self) -> Decision:
+        self._poll_job()
+        rolling, n = self.store.rolling(self.policy.window_s)
+        decision = decide(rolling, n, self.baseline, self.policy, self.store.running_job() is not None)
+        if decision.kind == "trigger":
+            job_id = self._submit_job()
+            self.store.log("trigger", rolling=rolling, samples=n, baseline=decision.baseline, job_id=job_id)
+        elif decision.kind == "busy":
+            self.store.log("busy", rolling=rolling, samples=n, job_id=self.store.running_job())
+        return decision
+
+    def current_artifact(self) -> str | None:
+        return self.active_artifact
+
+    def decisions(self) -> list[tuple[str, dict]]:
+        return self.store.decisions()
+
+    # -- the re-optimization job ------------------------------------------------
+
+    def _client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.policy.job_address)
+
+    def _submit_job(self) -> str:
+        samples = Path(self.options.drift_db).with_name(f"drift_samples_{int(time.time())}.jsonl")
+        with samples.open("w") as f:
+            for row in self.store.recent_inputs():
+                f.write(json.dumps(row) + "\n")
+        entrypoint = self.policy.job_entrypoint.format(
+            program=self.options.program, artifact_dir=self.options.artifact_dir, samples=samples)
+        job_id = self._client().submit_job(entrypoint=entrypoint)
+        self.store.set_job(job_id, "RUNNING")
+        return job_id
+
+    def _poll_job(self) -> None:
+        job_id = self.store.running_job()
+        if job_id is None:
+            return
+        status = str(self._client().get_job_status(job_id)).split(".")[-1]
+        if status in ("PENDING", "RUNNING"):
+            return
+        self.store.set_job(job_id, status)
+        if status != "SUCCEEDED":
+            self.store.log("job_failed", job_id=job_id, status=status)
+            return
+        self._adopt_best(job_id)
+
+    def _adopt_best(self, job_id: str) -> None:
+        from serve.artifacts import artifact_metadata, best_artifact
+
+        candidate = best_artifact(self.options.program, self.options.artifact_dir)
+        score = artifact_metadata(candidate).get("dev_score") if candidate else None
+        baseline = self.baseline if self.baseline is not None else float("-inf")
+        if candidate is None or score is None or score <= baseline or candidate == self.active_artifact:
+            self.store.log("kept", job_id=job_id, candidate=candidate, score=score, baseline=self.baseline)
+            return
+        if self.policy.auto_deploy:
+            self.active_artifact = candidate
+            self.refresh_baseline()
+            self.store.log("deployed", job_id=job_id, artifact=candidate, score=score)
+        else:
+            self.store.log("registered", job_id=job_id, artifact=candidate, score=score)

@@ -1,0 +1,139 @@
+"""The stage UDF driven directly (no Ray), against the fault-injecting fake endpoint over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pyarrow as pa
+import pytest
+
+from stages import EndpointSettings, TriageStage
+from stages.base import DSPyStageUDF, StageInputError
+from stages.lm import backoff_seconds
+from tests.fake_llm import FakeLLM
+
+PRIORITIES = {"urgent", "non_urgent", "not_an_emergency"}
+CATEGORIES = {"crime", "medical", "fire", "animal", "noise", "other"}
+
+
+def make_udf(fake: FakeLLM, **stage_kwargs) -> DSPyStageUDF:
+    settings = EndpointSettings(base_url=fake.base_url, model="fake-model",
+                                timeout_s=stage_kwargs.pop("timeout_s", 10.0),
+                                max_attempts=stage_kwargs.pop("max_attempts", 6))
+    stage = TriageStage(**stage_kwargs)
+    return DSPyStageUDF(**stage.udf_kwargs(settings))
+
+
+def run(udf: DSPyStageUDF, table: pa.Table) -> pa.Table:
+    async def drive():
+        return [out async for out in udf(table)]
+
+    outs = asyncio.run(drive())
+    return pa.concat_tables(outs)
+
+
+def calls(n: int, tag: str = "c") -> pa.Table:
+    return pa.table({"id": [f"{tag}{i}" for i in range(n)],
+                     "transcript": [f"call {tag} {i}: smoke in the hallway" for i in range(n)]})
+
+
+def test_valid_outputs_and_columns(fake_llm):
+    out = run(make_udf(fake_llm), calls(20))
+    assert out.num_rows == 20
+    assert out.column("id").to_pylist() == [f"c{i}" for i in range(20)]
+    assert set(out.column("priority").to_pylist()) <= PRIORITIES
+    assert set(out.column("category").to_pylist()) <= CATEGORIES
+    assert all(out.column("summary").to_pylist())
+    assert out.column("errors").to_pylist() == [[]] * 20
+
+
+def test_sends_json_schema_with_enums(fake_llm):
+    # The fake answers only from the schema DSPy sent; enum values prove Literal -> enum survived.
+    out = run(make_udf(fake_llm), calls(30))
+    assert len(set(out.column("priority").to_pylist())) > 1
+
+
+def test_many_requests_in_flight_per_actor():
+    with FakeLLM(latency=0.3) as fake:
+        udf = make_udf(fake, max_in_flight_per_actor=48)
+        start = time.perf_counter()
+        out = run(udf, calls(96))
+        elapsed = time.perf_counter() - start
+        stats = fake.stats()
+    assert out.num_rows == 96
+    assert stats["max_in_flight"] >= 40, stats  # not one blocking call at a time
+    assert stats["max_in_flight"] <= 48, stats  # the per-actor limit holds
+    assert elapsed < 96 * 0.3 / 4  # far from sequential
+
+
+def test_rate_limits_and_server_errors_are_retried():
+    with FakeLLM(p_429=0.3, retry_after=0.05, p_500=0.2, seed=3) as fake:
+        out = run(make_udf(fake, max_attempts=12), calls(40))
+        stats = fake.stats()
+    assert stats["rate_limited"] > 0 and stats["server_error"] > 0
+    assert out.column("errors").to_pylist() == [[]] * 40
+
+
+def test_exhausted_retries_become_row_errors():
+    with FakeLLM(p_500=1.0) as fake:
+        out = run(make_udf(fake, max_attempts=2), calls(5))
+        stats = fake.stats()
+    assert out.num_rows == 5
+    for errors in out.column("errors").to_pylist():
+        assert len(errors) == 1 and errors[0].startswith("triage: LM call failed after retries")
+    assert stats["server_error"] == 10  # 5 rows x 2 attempts, bounded
+    assert out.column("priority").to_pylist() == [None] * 5
+
+
+def test_hung_request_times_out_and_is_retried():
+    with FakeLLM(p_hang=0.5, seed=11) as fake:
+        start = time.perf_counter()
+        out = run(make_udf(fake, timeout_s=0.5, max_attempts=10), calls(4))
+        stats = fake.stats()
+    assert stats["hung"] > 0
+    assert time.perf_counter() - start < 30  # a hang costs one timeout, not the whole block
+    assert out.column("errors").to_pylist() == [[]] * 4
+
+
+def test_malformed_output_is_refined_and_refine_state_does_not_leak():
+    with FakeLLM(p_malformed=1.0) as fake:
+        udf = make_udf(fake, refine_attempts=3)
+        bad = run(udf, calls(6, "bad"))
+        fake.configure(p_malformed=0.0)
+        good = run(udf, calls(6, "good"))
+    for errors in bad.column("errors").to_pylist():
+        assert len(errors) == 1 and "after 3 attempts" in errors[0], errors
+    # Same actor, same program: earlier failures did not use up later rows' attempts.
+    assert good.column("errors").to_pylist() == [[]] * 6
+
+
+def test_intermittent_malformed_output_recovers_through_refine():
+    with FakeLLM(p_malformed=0.3, seed=7) as fake:
+        out = run(make_udf(fake, refine_attempts=4), calls(40))
+        stats = fake.stats()
+    assert stats["malformed"] > 0
+    failed = [e for e in out.column("errors").to_pylist() if e]
+    assert len(failed) <= 2, failed  # P(4 malformed in a row) is under 1%
+
+
+def test_empty_and_null_inputs_are_skipped_with_error(fake_llm):
+    table = pa.table({"id": ["a", "b", "c"], "transcript": ["fire!", "", None],
+                      "errors": [[], ["transcript is empty"], ["transcript is null"]]})
+    out = run(make_udf(fake_llm), table)
+    errors = out.column("errors").to_pylist()
+    assert errors[0] == []
+    assert errors[1][0] == "transcript is empty" and "skipped" in errors[1][1]
+    assert errors[2][0] == "transcript is null" and "skipped" in errors[2][1]
+    assert fake_llm.stats()["requests"] == 1
+
+
+def test_missing_column_names_stage_and_columns(fake_llm):
+    with pytest.raises(StageInputError, match=r"stage 'triage' needs column\(s\) \['transcript'\]"):
+        run(make_udf(fake_llm), pa.table({"id": ["a"], "text": ["x"]}))
+
+
+def test_backoff_honours_retry_after_and_grows():
+    assert backoff_seconds(1, retry_after=3.0) >= 3.0
+    waits = [max(backoff_seconds(attempt, None) for _ in range(200)) for attempt in (1, 3, 6)]
+    assert waits[0] <= 0.5 < waits[1] <= 2.0 < waits[2] <= 30.0
