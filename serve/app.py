@@ -62,6 +62,7 @@ class ServeOptions(BaseModel):
     # Drift monitoring (serve/drift.py).
     drift_sample_rate: float = Field(0.02, ge=0, le=1, description="Share of live requests sent to the judge")
     drift_db: str = Field("artifacts/drift.sqlite", description="Where sampled requests and scores are stored")
+    drift_policy: dict[str, Any] = Field(default_factory=dict, description="serve.drift.DriftPolicy fields")
 
 
 def build_app(options: ServeOptions):
@@ -82,7 +83,7 @@ def build_app(options: ServeOptions):
             upscale_delay_s=options.upscale_delay_s,
             downscale_delay_s=options.downscale_delay_s,
         ),
-        ray_actor_options={"num_cpus": 0.25},
+        ray_actor_options=_actor_options(),
         user_config={"artifact": options.artifact},
     )
     monitor = None
@@ -90,8 +91,18 @@ def build_app(options: ServeOptions):
         from serve.drift import DriftMonitor
 
         monitor = serve.deployment(DriftMonitor, name="drift-monitor", num_replicas=1,
-                                   ray_actor_options={"num_cpus": 0.1}).bind(options.model_dump())
+                                   ray_actor_options={"num_cpus": 0.1}).bind(options.model_dump(),
+                                                                             options.drift_policy)
     return deployment.bind(options.model_dump(), monitor)
+
+
+def _actor_options() -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": 0.25}
+    # The token reaches replicas as an environment variable, never as a deployment argument
+    # (those are shown by `serve status`).
+    if os.environ.get(TOKEN_ENV):
+        options["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
+    return options
 
 
 class ProgramServer:
@@ -112,7 +123,8 @@ class ProgramServer:
         self.program = load_program(self.options.program)
         self.api = ProgramAPI.from_program(self.options.program, self.program, self.options.max_batch)
         self.runner = ProgramRunner(self.program, self.lm, output_fields=tuple(self.api.response_model.model_fields),
-                                    refine_attempts=self.options.refine_attempts)
+                                    refine_attempts=self.options.refine_attempts,
+                                    max_in_flight=self.options.max_ongoing_requests)
         self.artifact_info: dict[str, Any] = {"artifact": None}
         self.version = 0
         self.monitor = monitor

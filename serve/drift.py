@@ -76,13 +76,19 @@ class SampleStore:
             self.db.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
                             (time.time(), json.dumps(inputs), json.dumps(outputs), score, error, artifact))
 
-    def rolling(self, window_s: float) -> tuple[float | None, int]:
+    def rolling(self, window_s: float, artifact: str | None = None, any_artifact: bool = True) -> tuple[float | None, int]:
+        """Mean judge score and sample count in the window (only ``artifact``'s when any_artifact is False)."""
         since = time.time() - window_s
+        query = "SELECT AVG(score), COUNT(score) FROM samples WHERE score IS NOT NULL"
+        args: tuple = ()
+        if not any_artifact:
+            query += " AND artifact IS ?"
+            args = (artifact,)
         with self.lock:
             # Old samples leave the window here, so the file stays bounded.
             with self.db:
                 self.db.execute("DELETE FROM samples WHERE ts < ?", (since,))
-            mean, n = self.db.execute("SELECT AVG(score), COUNT(score) FROM samples WHERE score IS NOT NULL").fetchone()
+            mean, n = self.db.execute(query, args).fetchone()
         return mean, n
 
     def recent_inputs(self, limit: int = 1000) -> list[dict]:
@@ -132,7 +138,7 @@ def decide(rolling: float | None, samples: int, baseline: float | None, policy: 
 class DriftMonitor:
     """Serve deployment (one replica): judges samples, decides, runs and adopts re-optimizations."""
 
-    def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None = None):
+    def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None = None, job_client_factory=None):
         from serve.app import ServeOptions
         from serve.metrics import JudgeMetrics
         from stages.adapter import CachingJSONAdapter
@@ -147,6 +153,8 @@ class DriftMonitor:
         self.adapter = CachingJSONAdapter()
         self.judge = dspy.Predict(JudgeVerdict)
         self.metrics = JudgeMetrics(self.options.program)
+        # Ray's JobSubmissionClient by default; injectable so the decision loop is testable.
+        self._job_client_factory = job_client_factory
         self.active_artifact: str | None = self.options.artifact
         self.baseline: float | None = None
         self.refresh_baseline()
@@ -170,7 +178,8 @@ class DriftMonitor:
 
     async def evaluate(self) -> Decision:
         self._poll_job()
-        rolling, n = self.store.rolling(self.policy.window_s)
+        # Only the active artifact's samples say whether the active artifact has drifted.
+        rolling, n = self.store.rolling(self.policy.window_s, self.active_artifact, any_artifact=False)
         decision = decide(rolling, n, self.baseline, self.policy, self.store.running_job() is not None)
         if decision.kind == "trigger":
             job_id = self._submit_job()
@@ -188,6 +197,8 @@ class DriftMonitor:
     # -- the re-optimization job ------------------------------------------------
 
     def _client(self):
+        if self._job_client_factory is not None:
+            return self._job_client_factory()
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.policy.job_address)

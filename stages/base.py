@@ -84,6 +84,7 @@ class DSPyStageUDF:
             refine_attempts=refine_attempts,
             refine_threshold=refine_threshold,
             reward_fn=reward_fn,
+            max_in_flight=max_in_flight,
         )
         self.max_in_flight = max_in_flight
         self._semaphore: asyncio.Semaphore | None = None

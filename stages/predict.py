@@ -15,7 +15,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
@@ -34,6 +37,23 @@ from stages.refine import RefineOutcome, refine_call, reward_fields_present
 FATAL_ERRORS = (LMAuthError, LMConfigurationError, LMNotConfiguredError, LMUnsupportedModelError)
 LM_FAILURE_PREFIX = "LM call failed after retries"
 
+_sized_loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ensure_thread_capacity(workers: int) -> None:
+    """Give the running loop a default executor with at least ``workers`` threads.
+
+    DSPy's async LM path hops to ``asyncio.to_thread`` several times per call
+    (request preparation, routing, pricing); with the stock executor
+    (min(32, CPUs + 4) threads: 6 on a 2-core node) those hops, not the
+    endpoint, cap the calls in flight.
+    """
+    loop = asyncio.get_running_loop()
+    if _sized_loops.get(loop, 0) >= workers:
+        return
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dspy-lm"))
+    _sized_loops[loop] = workers
+
 
 class ProgramRunner:
     def __init__(
@@ -46,7 +66,9 @@ class ProgramRunner:
         refine_attempts: int = 3,
         refine_threshold: float = 1.0,
         reward_fn: Callable[[dict, Any], float] | None = None,
+        max_in_flight: int = 64,
     ):
+        self.max_in_flight = max_in_flight
         self.program = program
         self.lm = lm
         self.adapter = adapter or CachingJSONAdapter()
@@ -57,11 +79,11 @@ class ProgramRunner:
     async def predict(self, inputs: dict[str, Any], program: dspy.Module | None = None) -> RefineOutcome:
         """``program`` overrides the runner's (Serve passes the version a request started with)."""
         program = program or self.program
+        ensure_thread_capacity(self.max_in_flight + 8)
         first_error: BaseException | None = None
         prediction, score = None, 0.0
         try:
-            with dspy.context(lm=self.lm, adapter=self.adapter):
-                prediction = await program.acall(**inputs)
+            prediction = await self._call(program, inputs)
             score = self.reward_fn(inputs, prediction)
             if score >= self.refine_threshold:
                 return RefineOutcome(prediction, score, [])
@@ -85,6 +107,24 @@ class ProgramRunner:
             fallback=(prediction, score),
             first_error=first_error,
         )
+
+
+    async def _call(self, program: dspy.Module, inputs: dict[str, Any]) -> Any:
+        if has_native_async(program):
+            with dspy.context(lm=self.lm, adapter=self.adapter):
+                return await program.acall(**inputs)
+
+        # A module with only a sync forward runs in a worker thread (context variables follow it).
+        def run() -> Any:
+            with dspy.context(lm=self.lm, adapter=self.adapter):
+                return program(**inputs)
+
+        return await asyncio.to_thread(run)
+
+
+def has_native_async(program: dspy.Module) -> bool:
+    """True when the module defines ``aforward`` (dspy.Module.acall needs it; Predict has its own)."""
+    return callable(getattr(type(program), "aforward", None))
 
 
 def describe(exc: BaseException) -> str:

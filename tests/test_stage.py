@@ -137,3 +137,35 @@ def test_backoff_honours_retry_after_and_grows():
     assert backoff_seconds(1, retry_after=3.0) >= 3.0
     waits = [max(backoff_seconds(attempt, None) for _ in range(200)) for attempt in (1, 3, 6)]
     assert waits[0] <= 0.5 < waits[1] <= 2.0 < waits[2] <= 30.0
+
+
+
+
+def test_module_without_aforward_still_runs_concurrently():
+    import dspy
+
+    from programs.triage import TriageCall
+    from stages.predict import ProgramRunner, has_native_async
+
+    class SyncOnly(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.triage = dspy.Predict(TriageCall)
+
+        def forward(self, transcript):
+            return self.triage(transcript=transcript)
+
+    assert not has_native_async(SyncOnly())
+    with FakeLLM(latency=0.3) as fake:
+        from stages.lm import build_lm
+
+        runner = ProgramRunner(SyncOnly(), build_lm(EndpointSettings(base_url=fake.base_url, model="m")),
+                               output_fields=("priority", "category", "summary"), max_in_flight=32)
+
+        async def go():
+            return await asyncio.gather(*(runner.predict({"transcript": f"t{i}"}) for i in range(32)))
+
+        outcomes = asyncio.run(go())
+        stats = fake.stats()
+    assert all(o.prediction is not None and not o.errors for o in outcomes)
+    assert stats["max_in_flight"] >= 16, stats

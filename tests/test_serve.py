@@ -1,0 +1,232 @@
+"""Ray Serve over real HTTP on a local Ray, against the fake endpoint."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from programs import load_program
+from serve.app import ServeOptions, build_app
+from serve.drift import DriftMonitor, DriftPolicy, SampleStore, decide
+from tests.fake_llm import FakeLLM
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body=None, headers=None, timeout=30):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null"), dict(resp.headers)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = raw.decode(errors="replace")
+        return e.code, payload, dict(e.headers)
+
+
+@pytest.fixture(scope="module")
+def serve_http(ray_local):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeLLM(latency=0.05) as f:
+        yield f
+
+
+def deploy(fake, name="triage", **overrides):
+    from ray import serve
+
+    options = ServeOptions(lm={"base_url": fake.base_url, "model": "fake-model"}, min_replicas=1, max_replicas=1,
+                           **overrides)
+    serve.run(build_app(options), name=name, route_prefix="/")
+    return options
+
+
+def test_predict_batch_info_docs(serve_http, fake):
+    deploy(fake)
+    status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcript": "My garage is on fire"})
+    assert status == 200
+    assert out["priority"] in {"urgent", "non_urgent", "not_an_emergency"}
+    assert out["category"] in {"crime", "medical", "fire", "animal", "noise", "other"}
+    status, out, _ = http("POST", f"{serve_http}/triage/batch",
+                          {"items": [{"transcript": "dog barking"}, {"transcript": "chest pain"}]})
+    assert status == 200 and len(out["results"]) == 2 and all(r["output"] for r in out["results"])
+    status, info, _ = http("GET", f"{serve_http}/triage/info")
+    assert status == 200 and info["program"] == "triage" and info["model"] == "fake-model"
+    status, spec, _ = http("GET", f"{serve_http}/openapi.json")
+    schema = spec["components"]["schemas"]["TriageResponse"]["properties"]["priority"]
+    assert "urgent" in json.dumps(schema)  # Literal -> enum in the public schema
+    assert http("GET", f"{serve_http}/healthz")[0] == 200
+
+
+def test_bad_body_is_422_naming_the_field(serve_http, fake):
+    deploy(fake)
+    status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcrpt": "typo"})
+    assert status == 422
+    locs = [tuple(d["loc"]) for d in out["detail"]]
+    assert ("body", "transcript") in locs and ("body", "transcrpt") in locs
+    status, out, _ = http("POST", f"{serve_http}/triage/batch", {"items": []})
+    assert status == 422 and out["detail"][0]["loc"] == ["body", "items"]
+
+
+def test_lm_failure_is_502_with_short_reason(serve_http):
+    with FakeLLM(p_500=1.0) as broken:
+        options = ServeOptions(lm={"base_url": broken.base_url, "model": "m", "max_attempts": 2},
+                               min_replicas=1, max_replicas=1)
+        from ray import serve
+
+        serve.run(build_app(options), name="triage", route_prefix="/")
+        status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcript": "help"})
+    assert status == 502
+    assert out["detail"].startswith("LM call failed after retries") and "Traceback" not in out["detail"]
+
+
+def test_overload_gives_503_with_retry_after(serve_http):
+    with FakeLLM(latency=2.0) as slow:
+        from ray import serve
+
+        options = ServeOptions(lm={"base_url": slow.base_url, "model": "m"}, min_replicas=1, max_replicas=1,
+                               max_ongoing_requests=2, max_queued_requests=2, retry_after_s=3)
+        serve.run(build_app(options), name="triage", route_prefix="/")
+        results: list[tuple[int, dict]] = []
+
+        def call(i):
+            status, _, headers = http("POST", f"{serve_http}/triage/predict", {"transcript": f"call {i}"}, timeout=60)
+            results.append((status, headers))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]  # bounded load
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+    statuses = [s for s, _ in results]
+    assert len(results) == 12
+    assert statuses.count(200) >= 2 and 503 in statuses, statuses
+    assert all(h.get("retry-after") == "3" or h.get("Retry-After") == "3" for s, h in results if s == 503)
+
+
+def test_artifact_switch_keeps_serving(serve_http, fake, tmp_path):
+    from ray import serve
+
+    program = load_program("triage")
+    program.triage.signature = program.triage.signature.with_instructions("Version two of the triage prompt.")
+    artifact = tmp_path / "triage_v2.json"
+    program.save(str(artifact))
+    options = deploy(fake)
+    stop, failures, served = threading.Event(), [], []
+
+    def traffic():
+        while not stop.is_set():
+            status, _, _ = http("POST", f"{serve_http}/triage/predict", {"transcript": "smoke"})
+            (served if status == 200 else failures).append(status)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    time.sleep(1)
+    serve.run(build_app(options.model_copy(update={"artifact": str(artifact)})), name="triage", route_prefix="/")
+    time.sleep(1)
+    stop.set()
+    worker.join(timeout=30)
+    status, info, _ = http("GET", f"{serve_http}/triage/info")
+    assert info["artifact"] == str(artifact)
+    assert served and not failures, failures
+
+
+def test_bearer_token(serve_http, fake, monkeypatch):
+    monkeypatch.setenv("SERVE_API_TOKEN", "s3cret-token")
+    deploy(fake)
+    assert http("POST", f"{serve_http}/triage/predict", {"transcript": "x"})[0] == 401
+    bad = http("POST", f"{serve_http}/triage/predict", {"transcript": "x"}, {"Authorization": "Bearer nope"})
+    assert bad[0] == 401 and "s3cret" not in json.dumps(bad[1])
+    ok = http("POST", f"{serve_http}/triage/predict", {"transcript": "x"}, {"Authorization": "Bearer s3cret-token"})
+    assert ok[0] == 200
+    assert http("GET", f"{serve_http}/healthz")[0] == 200  # liveness stays open for load balancers
+
+
+# -- drift ---------------------------------------------------------------------
+
+
+def test_decision_rule():
+    policy = DriftPolicy(min_samples=10, drop_points=5)
+    assert decide(0.9, 5, 0.9, policy, False).kind == "wait"
+    assert decide(0.88, 20, 0.9, policy, False).kind == "ok"
+    assert decide(0.80, 20, 90.0, policy, False).kind == "trigger"  # dev score recorded in percent
+    assert decide(0.80, 20, 0.9, policy, True).kind == "busy"
+
+
+class _JobClient:
+    """Stands in for Ray's JobSubmissionClient: the 'job' writes a better artifact and succeeds."""
+
+    submitted: list[str] = []
+
+    def __init__(self, artifact_dir: Path):
+        self.artifact_dir = artifact_dir
+
+    def submit_job(self, entrypoint: str) -> str:
+        self.submitted.append(entrypoint)
+        path = self.artifact_dir / "triage_fake-model_20261124_0.95.json"
+        load_program("triage").save(str(path))
+        path.with_suffix(".meta.json").write_text(json.dumps({"dev_score": 0.95}))
+        return f"job-{len(self.submitted)}"
+
+    def get_job_status(self, job_id: str) -> str:
+        return "JobStatus.SUCCEEDED"
+
+
+def test_drift_trigger_fires_once_and_new_artifact_is_adopted(tmp_path):
+    import asyncio
+
+    artifact_dir = tmp_path / "artifacts"
+    artifact_dir.mkdir()
+    base = artifact_dir / "triage_fake-model_20261101_0.90.json"
+    load_program("triage").save(str(base))
+    base.with_suffix(".meta.json").write_text(json.dumps({"dev_score": 0.90}))
+    _JobClient.submitted = []
+    with FakeLLM(field_overrides={"score": 0.92}) as judge:
+        monitor = DriftMonitor(
+            ServeOptions(artifact=str(base), artifact_dir=str(artifact_dir), drift_db=str(tmp_path / "d.sqlite"),
+                         judge={"base_url": judge.base_url, "model": "judge"}).model_dump(),
+            policy={"min_samples": 5, "drop_points": 5},
+            job_client_factory=lambda: _JobClient(artifact_dir),
+        )
+
+        async def sample(n):
+            return [await monitor.record({"transcript": f"t{i}"}, {"priority": "urgent"}, str(base)) for i in range(n)]
+
+        healthy = asyncio.run(sample(6))
+        assert [d.kind for d in healthy][-1] == "ok" and not _JobClient.submitted
+        judge.configure(field_overrides={"score": 0.3})  # quality drops on command
+        dropped = asyncio.run(sample(20))
+    kinds = [d.kind for d in dropped]
+    assert kinds.count("trigger") == 1, kinds  # exactly once
+    assert len(_JobClient.submitted) == 1 and "--extra-train" in _JobClient.submitted[0]
+    assert monitor.current_artifact().endswith("_0.95.json")  # adopted after the job succeeded
+    logged = [k for k, _ in monitor.decisions()]
+    assert "trigger" in logged and "deployed" in logged
+    store = SampleStore(str(tmp_path / "d.sqlite"))
+    assert store.rolling(3600)[1] == 26
