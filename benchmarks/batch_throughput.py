@@ -92,15 +92,15 @@ def run_parallel(base_url: str, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run_framework(base_url: str, n: int, capacity: int) -> tuple[float, int]:
+def run_framework(base_url: str, n: int, in_flight: int, batch_size: int = 32, block_rows: int = 64) -> tuple[float, int]:
     import ray
 
-    settings = EndpointSettings(base_url=base_url, model="fake-model", max_in_flight=capacity)
-    stage = TriageStage(num_actors=2, batch_size=32, max_in_flight_per_actor=capacity // 2)
+    settings = EndpointSettings(base_url=base_url, model="fake-model", max_in_flight=in_flight)
+    stage = TriageStage(num_actors=2, batch_size=batch_size, max_in_flight_per_actor=in_flight // 2)
     table = pa.Table.from_pylist([{**r, "errors": []} for r in unique_rows(n, "fw")],
                                  schema=pa.schema([("id", pa.string()), ("transcript", pa.string()),
                                                    ("errors", pa.list_(pa.string()))]))
-    ds = ray.data.from_arrow(table).repartition(max(8, n // 32))
+    ds = ray.data.from_arrow(table).repartition(max(8, n // block_rows))
     # Warm the actor pool first so actor start-up (imports, LM setup) is not timed.
     warm = ray.data.from_arrow(table.slice(0, 64)).repartition(2)
     stage.apply(warm, settings).materialize()
@@ -152,10 +152,22 @@ def cpu_framework_row(base_url: str, n: int) -> float:
                 count += out.num_rows
         return count
 
-    asyncio.run(drive(table.slice(0, 64)))  # warm caches and connection pool
-    start = time.process_time()
-    assert asyncio.run(drive(table)) == n
-    return (time.process_time() - start) / n
+    async def measure() -> float:
+        await drive(pa.Table.from_pylist(unique_rows(64, "warm")))  # caches, connection pool, threads
+        start = time.process_time()
+        assert await drive(table) == n
+        return (time.process_time() - start) / n
+
+    return asyncio.run(measure())
+
+
+def cpu_only(args) -> None:
+    with FakeLLM(latency=0.0) as fake:
+        bare = cpu_bare_predict(fake.base_url, args.cpu_rows)
+        fw = cpu_framework_row(fake.base_url, args.cpu_rows)
+    for name, seconds in bare.items():
+        print(f"(d) CPU per call, {name}: {seconds * 1e3:6.2f} ms")
+    print(f"(d) CPU per row, framework stage UDF:  {fw * 1e3:6.2f} ms")
 
 
 def main() -> None:
@@ -166,7 +178,22 @@ def main() -> None:
     parser.add_argument("--cpu-rows", type=int, default=400, help="calls for (d)")
     parser.add_argument("--capacity", type=int, default=128)
     parser.add_argument("--latency", type=float, default=0.25)
+    parser.add_argument("--cpu-only", action="store_true", help="only measure (d)")
+    parser.add_argument("--framework-only", action="store_true", help="only measure (c)")
+    parser.add_argument("--in-flight", type=int, default=None, help="framework's global budget (default: C)")
+    parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    if args.cpu_only:
+        return cpu_only(args)
+    if args.framework_only:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        with FakeLLM(latency=args.latency, capacity=args.capacity) as fake:
+            rate, failed = run_framework(fake.base_url, args.rows, args.in_flight or args.capacity, args.batch_size)
+            peak = fake.stats()["max_in_flight"]
+        print(f"(c) {rate:.1f} rows/s = {rate / (args.capacity / args.latency):.1%} of C/L; peak in flight {peak}")
+        return None
     ceiling = args.capacity / args.latency
 
     import ray
@@ -178,7 +205,7 @@ def main() -> None:
         print(f"(a) seed shape, 4 actors, blocking:   {report['a_seed_shape_rows_per_s']:8.1f} rows/s", flush=True)
         report["b_dspy_parallel_rows_per_s"] = run_parallel(fake.base_url, args.parallel_rows)
         print(f"(b) dspy.Parallel, 16 threads:        {report['b_dspy_parallel_rows_per_s']:8.1f} rows/s", flush=True)
-        rate, failed = run_framework(fake.base_url, args.rows, args.capacity)
+        rate, failed = run_framework(fake.base_url, args.rows, args.in_flight or args.capacity, args.batch_size)
         report["c_framework_rows_per_s"], report["c_rows_with_errors"] = rate, failed
         print(f"(c) this framework, 2 async actors:   {rate:8.1f} rows/s ({failed} rows with errors)", flush=True)
     ray.shutdown()

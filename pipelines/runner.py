@@ -152,7 +152,7 @@ def run_pipeline(
         with endpoint(lm_settings) as settings:
             init_ray()
             ray.data.DataContext.get_current().enable_progress_bars = True
-            ds = to_dataset(todo, rows_per_block=max(stage.batch_size for stage in stages))
+            ds = to_dataset(todo, rows_per_block=4 * max(stage.batch_size for stage in stages))
             budget = per_actor_budget(stages, settings)
             for stage in stages:
                 ds = stage.apply(ds, settings, max_in_flight=budget)
@@ -198,7 +198,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("execution")
     run.add_argument("--num-actors", type=int, default=2, help="actors per stage (default: 2)")
     run.add_argument("--concurrency", type=int, default=64, help="requests in flight per actor (default: 64)")
-    run.add_argument("--batch-size", type=int, default=32, help="rows per batch (default: 32)")
+    run.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
     run.add_argument("--refine-attempts", type=int, default=3, help="dspy.Refine attempts on invalid output")
     run.add_argument("--program-dir", default=None, help="folder with optimized <program>.json files to load")
 

@@ -36,9 +36,6 @@ class CallTriager(dspy.Module):
     def forward(self, transcript: str) -> dspy.Prediction:
         return self.triage(transcript=transcript)
 
-    async def aforward(self, transcript: str) -> dspy.Prediction:
-        return await self.triage.acall(transcript=transcript)
-
 
 class ExtractDetails(dspy.Signature):
     """Extract the actionable details a dispatcher needs from a 911 call."""
@@ -57,6 +54,3 @@ class DetailExtractor(dspy.Module):
 
     def forward(self, transcript: str) -> dspy.Prediction:
         return self.extract(transcript=transcript)
-
-    async def aforward(self, transcript: str) -> dspy.Prediction:
-        return await self.extract.acall(transcript=transcript)

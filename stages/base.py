@@ -88,6 +88,7 @@ class DSPyStageUDF:
         )
         self.max_in_flight = max_in_flight
         self._semaphore: asyncio.Semaphore | None = None
+        self._semaphore_loop: asyncio.AbstractEventLoop | None = None
 
     # -- batch level -------------------------------------------------------
 
@@ -100,8 +101,9 @@ class DSPyStageUDF:
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         self._check_columns(batch)
-        if self._semaphore is None:  # created on the actor's event loop
-            self._semaphore = asyncio.Semaphore(self.max_in_flight)
+        loop = asyncio.get_running_loop()
+        if self._semaphore_loop is not loop:  # a semaphore belongs to one event loop
+            self._semaphore, self._semaphore_loop = asyncio.Semaphore(self.max_in_flight), loop
         columns = {arg: batch.column(col).to_pylist() for arg, col in self.input_fields.items()}
         n = batch.num_rows
         tasks = [
@@ -153,8 +155,10 @@ class DSPyStage(BaseModel):
     input_fields: dict[str, str] = Field(..., description="Program argument -> dataset column")
     output_fields: tuple[str, ...] = Field(..., description="Prediction fields written as columns")
     num_actors: int = Field(2, ge=1, description="Actors in this stage's pool")
-    max_in_flight_per_actor: int = Field(64, ge=1, description="Concurrent rows per actor")
-    batch_size: int = Field(64, ge=1, description="Rows per batch handed to an actor")
+    # DSPy's HTTP client keeps at most 100 connections per LM: more rows per actor would only queue.
+    max_in_flight_per_actor: int = Field(64, ge=1, le=100, description="Concurrent rows per actor (<= 100)")
+    # Small batches: a batch is handed back only when its slowest row is done.
+    batch_size: int = Field(16, ge=1, description="Rows per batch handed to an actor")
     num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per actor (the work is I/O bound)")
     refine_attempts: int = Field(3, ge=1, description="dspy.Refine attempts when output fails validation")
     refine_threshold: float = Field(1.0, description="Reward an output must reach to be accepted")

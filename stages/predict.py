@@ -1,6 +1,6 @@
 """One call of a DSPy program with this project's policy: the shared path for batch and serve.
 
-* the first attempt runs on the async fast path (``program.acall``);
+* the first attempt runs in a bounded thread pool (many rows in flight, one thread hop each);
 * transient LM failures were already retried inside the LM (:mod:`stages.lm`);
   what still fails is reported, not raised;
 * an output below the reward threshold goes to a fresh ``dspy.Refine``
@@ -110,21 +110,20 @@ class ProgramRunner:
 
 
     async def _call(self, program: dspy.Module, inputs: dict[str, Any]) -> Any:
-        if has_native_async(program):
-            with dspy.context(lm=self.lm, adapter=self.adapter):
-                return await program.acall(**inputs)
+        """Run the module's own (sync) forward in a worker thread: one thread hop per row.
 
-        # A module with only a sync forward runs in a worker thread (context variables follow it).
+        DSPy 3.4's async LM path hops to a thread four to five times per call
+        (preparation, routing, pricing); measured against one hop to the sync
+        client, it kept fewer requests in flight for more CPU per call
+        (benchmarks/batch_throughput.py).  Context variables (dspy.context)
+        follow the thread, and modules need no ``aforward``.
+        """
+
         def run() -> Any:
             with dspy.context(lm=self.lm, adapter=self.adapter):
                 return program(**inputs)
 
         return await asyncio.to_thread(run)
-
-
-def has_native_async(program: dspy.Module) -> bool:
-    """True when the module defines ``aforward`` (dspy.Module.acall needs it; Predict has its own)."""
-    return callable(getattr(type(program), "aforward", None))
 
 
 def describe(exc: BaseException) -> str:
