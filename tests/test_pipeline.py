@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -155,11 +157,15 @@ def test_same_module_runs_under_ray_job_submit(tmp_path):
     src = write_calls(tmp_path / "calls.jsonl", 30)
     out = tmp_path / "out"
     port, dash = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A throwaway loopback cluster: Ray's token auth is switched off for it (the head and the CLI agree).
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # --block keeps the head in this process group, so the test can stop exactly this cluster
     # (`ray stop` would also stop the session's own local Ray).
+    # Its own temp dir, so this head does not become the machine's "current cluster" for later ray.init().
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--temp-dir", temp_dir,
                              "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                              "--disable-usage-stats"],
@@ -169,7 +175,7 @@ def test_same_module_runs_under_ray_job_submit(tmp_path):
         with FakeLLM() as fake:
             proc = subprocess.run(
                 [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                 "--", "python", "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
+                 "--", sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
                  "--lm-base-url", fake.base_url, "--num-actors", "1"],
                 env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -183,9 +189,11 @@ def test_same_module_runs_under_ray_job_submit(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_jobs_api(port: int, head: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -194,6 +202,10 @@ def _wait_for_jobs_api(port: int, head: subprocess.Popen, timeout: float = 180) 
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
                 return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # up, and asking for Ray's auth token (the CLI sends it)
+                return
+            time.sleep(1)
         except OSError:
             time.sleep(1)
     raise TimeoutError("Ray head's job API did not come up")
