@@ -173,11 +173,14 @@ def test_same_module_runs_under_ray_job_submit(tmp_path):
     try:
         _wait_for_jobs_api(dash, head)
         with FakeLLM() as fake:
-            proc = subprocess.run(
-                [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                 "--", sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
-                 "--lm-base-url", fake.base_url, "--num-actors", "1"],
-                env=env, capture_output=True, text=True, timeout=600)
+            cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                   "--", sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
+                   "--lm-base-url", fake.base_url, "--num-actors", "1"]
+            for _ in range(30):  # the job API answers a little before the head's job agent is ready
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+                if "No available agent" not in proc.stdout + proc.stderr:
+                    break
+                time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         ids = read_output(out).column("id").to_pylist()
