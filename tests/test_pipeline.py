@@ -156,7 +156,7 @@ def test_same_module_runs_under_ray_job_submit(tmp_path):
     """`ray job submit --working-dir . -- python -m pipelines.triage` against a head this test starts."""
     src = write_calls(tmp_path / "calls.jsonl", 30)
     out = tmp_path / "out"
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     # A throwaway loopback cluster: Ray's token auth is switched off for it (the head and the CLI agree).
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -168,6 +168,8 @@ def test_same_module_runs_under_ray_job_submit(tmp_path):
                              "--temp-dir", temp_dir,
                              "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             # the session's own Ray already holds the agent's default port (52365)
+                             "--dashboard-agent-listen-port", str(agent),
                              "--disable-usage-stats"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
