@@ -230,3 +230,26 @@ def test_drift_trigger_fires_once_and_new_artifact_is_adopted(tmp_path):
     assert "trigger" in logged and "deployed" in logged
     store = SampleStore(str(tmp_path / "d.sqlite"))
     assert store.rolling(3600)[1] == 26
+
+
+def test_serve_config_yaml_is_valid_for_serve_deploy():
+    """serve_config.yaml parses with Ray's own deploy schema, and its args build the app."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import app_builder
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:app_builder"
+    ServeOptions(**app.args)  # every arg is a known option (extra="forbid")
+    args = {**app.args, "artifact": None}  # 'latest' needs a registry; building must not need one
+    assert app_builder(args) is not None
+
+
+def test_cli_refuses_public_bind_without_token(monkeypatch):
+    from serve.__main__ import main
+
+    monkeypatch.delenv("SERVE_API_TOKEN", raising=False)
+    assert main(["--host", "0.0.0.0"]) == 2
