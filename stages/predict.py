@@ -108,15 +108,15 @@ class ProgramRunner:
             first_error=first_error,
         )
 
-
     async def _call(self, program: dspy.Module, inputs: dict[str, Any]) -> Any:
         """Run the module's own (sync) forward in a worker thread: one thread hop per row.
 
         DSPy 3.4's async LM path hops to a thread four to five times per call
-        (preparation, routing, pricing); measured against one hop to the sync
-        client, it kept fewer requests in flight for more CPU per call
-        (benchmarks/batch_throughput.py).  Context variables (dspy.context)
-        follow the thread, and modules need no ``aforward``.
+        (preparation, routing, pricing).  Measured in one process against the
+        fake endpoint with 96 requests in flight, it reached 84% of the ideal
+        rate; one hop to the sync client reached 96%, for less CPU per call.
+        Context variables (dspy.context) follow the thread, and modules need
+        no ``aforward``.
         """
 
         def run() -> Any:

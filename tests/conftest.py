@@ -24,12 +24,6 @@ def ray_local():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def _ray_local(ray_local):
-    # Name used by tests/test_inputs.py.
-    return ray_local
-
-
 @pytest.fixture
 def fake_llm():
     from tests.fake_llm import FakeLLM
