@@ -16,6 +16,9 @@ request goes through these steps:
    listed in the system message (ChatAdapter ``[[ ## field ## ]]`` format or a JSON
    object).  Literal/enum values are picked with a stable hash of the field name
    and the last user message, so the same input always gets the same answer.
+   In few-shot mode (``gold``) an input's correct values replace those for the
+   values its prompt teaches (shown by a demo, or ``gold_keyword`` in the
+   instruction), so prompt optimization measurably raises a metric.
 
 Usage::
 
@@ -90,6 +93,11 @@ class FakeSettings:
     seed: int = 0
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # input_key(user text) -> field values
     field_overrides: dict[str, Any] = field(default_factory=dict)  # field -> value, in every answer
+    # Few-shot mode (optimizer tests): input_key(user text) -> correct field values, answered only for
+    # the values the prompt teaches: a demo (an assistant turn) shows that value for that field, or
+    # gold_keyword appears in the system message (the instruction).  Empty = off.
+    gold: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gold_keyword: str = ""
 
     def __post_init__(self) -> None:
         if not self.capacity:
@@ -138,8 +146,8 @@ def _last_text(messages: list[dict[str, Any]], role: str) -> str:
 
 
 def _snippet(user: str) -> str:
-    """First 40 characters of the user text, without DSPy's ``[[ ## x ## ]]`` markers."""
-    text = re.sub(r"\[\[ ## \w+ ## \]\]", " ", user)
+    """First 40 characters of the user text, without DSPy's markers and closing instruction."""
+    text = re.sub(r"\[\[ ## \w+ ## \]\]", " ", user.split("\n\nRespond with", 1)[0])
     return " ".join(text.split())[:40]
 
 
@@ -188,6 +196,7 @@ def _scalar_value(kind: str, name: str, user: str) -> Any:
 
 
 _FIELD_LINE = re.compile(r"\s*(\d+)\.\s+`(\w+)`\s*\(")
+_NEXT_SECTIONS = ("All interactions will be structured", "In adhering to this structure", "[[ ## ")
 _PY_TO_SCHEMA = {"int": "integer", "float": "number", "bool": "boolean", "list": "array", "tuple": "array",
                  "set": "array", "dict": "object", "NoneType": "null"}
 
@@ -214,22 +223,42 @@ def output_fields(system: str) -> dict[str, str]:
     """Output field name -> annotation text, from DSPy's "Your output fields are:" block.
 
     DSPy writes numbered lines like ``1. `priority` (Literal['a', 'b']): desc``; a
-    description may continue over several lines.  The block ends at a blank line
-    not followed by the next numbered field.
+    description may continue over several lines (blank ones included), so a field
+    is a line carrying the next number in sequence, and the block ends where the
+    next section ("All interactions ...", a ``[[ ## x ## ]]`` marker) begins.
     """
     _, found, rest = system.partition("Your output fields are:")
     fields: dict[str, str] = {}
-    lines = rest.splitlines()[1:] if found else []
-    for i, line in enumerate(lines):
+    for line in rest.splitlines()[1:] if found else []:
+        if line.startswith(_NEXT_SECTIONS):
+            break
         match = _FIELD_LINE.match(line)
         if match and int(match.group(1)) == len(fields) + 1:
             paren = match.end() - 1
             fields[match.group(2)] = line[paren + 1:_balanced_end(line, paren, "(", ")") - 1]
-        elif not line.strip():
-            following = next((nxt for nxt in lines[i + 1:] if nxt.strip()), "")
-            if not following.lstrip().startswith(f"{len(fields) + 1}. `"):
-                break
     return fields
+
+
+_SCHEMA_NOTE = re.compile(r"\{(\w+)\}\s+# note: the value you produce must adhere to the JSON schema: (\{.*)")
+
+
+def schema_notes(system: str) -> dict[str, dict[str, Any]]:
+    """Field name -> JSON schema, from the notes DSPy adds for structured output types.
+
+    ChatAdapter writes ``{field}  # note: ... adhere to the JSON schema: {...}``;
+    JSONAdapter writes the same text as a JSON string value, so decode that first.
+    """
+    notes: dict[str, dict[str, Any]] = {}
+    for line in system.splitlines():
+        if "adhere to the JSON schema" not in line:
+            continue
+        with contextlib.suppress(ValueError):  # JSONAdapter: '"name": "{name}  # note: ... {\"type\"...}",'
+            line = next(iter(json.loads("{" + line.strip().rstrip(",") + "}").values()))
+        match = _SCHEMA_NOTE.search(line) if isinstance(line, str) else None
+        if match:
+            with contextlib.suppress(ValueError):
+                notes[match.group(1)] = json.JSONDecoder().raw_decode(match.group(2))[0]
+    return notes
 
 
 def annotation_value(annotation: str, name: str, user: str) -> Any:
@@ -280,6 +309,30 @@ def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else None
 
 
+def demo_values(messages: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Field -> values the demos show (assistant turns: JSON objects or ChatAdapter sections)."""
+    shown: dict[str, set[str]] = {}
+    for message in messages:
+        if message.get("role") != "assistant":
+            continue
+        text = _message_text(message)
+        try:
+            values = json.loads(text)
+        except ValueError:
+            values = dict(re.findall(r"\[\[ ## (\w+) ## \]\]\n(.*?)\n", text))
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            shown.setdefault(name, set()).add(value if isinstance(value, str) else json.dumps(value))
+    return shown
+
+
+def taught_values(messages: list[dict[str, Any]], gold: dict[str, Any], keyword: str) -> dict[str, Any]:
+    """The gold values this prompt teaches: all with ``keyword`` in the system message, else those a demo shows."""
+    if keyword and keyword.lower() in _last_text(messages, "system").lower():
+        return dict(gold)
+    shown = demo_values(messages)
+    return {k: v for k, v in gold.items() if (v if isinstance(v, str) else json.dumps(v)) in shown.get(k, ())}
+
+
 def answer_fields(body: dict[str, Any], settings: FakeSettings) -> dict[str, Any]:
     """The field values of the answer to ``body``, overrides applied."""
     messages = body.get("messages") or []
@@ -289,8 +342,13 @@ def answer_fields(body: dict[str, Any], settings: FakeSettings) -> dict[str, Any
         values = schema_value(schema, "", user, schema.get("$defs") or schema.get("definitions") or {})
         values = values if isinstance(values, dict) else {}
     else:
-        fields = output_fields(_last_text(messages, "system"))
-        values = {name: annotation_value(kind, name, user) for name, kind in fields.items()}
+        system = _last_text(messages, "system")
+        notes = schema_notes(system)
+        values = {name: schema_value(notes[name], name, user, notes[name].get("$defs") or {}) if name in notes
+                  else annotation_value(kind, name, user) for name, kind in output_fields(system).items()}
+    gold = settings.gold.get(input_key(user))
+    if gold:
+        values.update(taught_values(messages, gold, settings.gold_keyword))
     values.update(settings.answers.get(input_key(user), {}))
     # Overrides replace the fields an answer has; with no known fields they are the answer.
     values.update({k: v for k, v in settings.field_overrides.items() if k in values or not values})
@@ -694,7 +752,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[int, FakeSettings, int | 
     parser.add_argument("--settings", default="{}", help="settings as a JSON object (flags below win)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     for f in dataclasses.fields(FakeSettings):
-        if f.name in ("answers", "field_overrides"):
+        if f.name in ("answers", "field_overrides", "gold"):
             continue  # dicts: pass them in --settings
         kind = int if f.name == "capacity" else type(f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,

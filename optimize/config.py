@@ -1,0 +1,127 @@
+"""One typed object for an optimization run (CLI flags map onto it one to one).
+
+    >>> cfg = OptimizeConfig(pipeline="triage", optimizer="miprov2", workers=4)
+    >>> cfg.search.minibatch_size
+    35
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from optimize.candidates import MiproCandidateSettings
+
+OptimizerName = Literal["miprov2", "bootstrap", "bootstrap_rs", "copro", "gepa"]
+AutoLevel = Literal["light", "medium", "heavy"]
+
+# MIPROv2's auto settings (dspy/teleprompt/mipro_optimizer_v2.py).
+AUTO_RUN_SETTINGS: dict[str, dict[str, int]] = {
+    "light": {"n": 6, "val_size": 100},
+    "medium": {"n": 12, "val_size": 300},
+    "heavy": {"n": 18, "val_size": 1000},
+}
+MIN_MINIBATCH_SIZE = 50  # MIPROv2 scores on minibatches only when the valset is larger than this
+
+
+class SearchSettings(MiproCandidateSettings):
+    """Budget and candidate knobs; names and defaults follow DSPy's optimizers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auto: AutoLevel | None = Field("light", description="Budget preset (MIPROv2/GEPA auto); explicit values win")
+    num_candidates: int | None = Field(None, ge=3, description="Candidates per predictor (default: from auto)")
+    num_trials: int | None = Field(None, ge=1, description="Minibatch trials (default: from auto)")
+    minibatch_size: int = Field(35, ge=1, description="Examples per minibatch trial")
+    full_eval_steps: int = Field(5, ge=1, description="Minibatch trials between full evaluations")
+    max_bootstrapped_demos: int = Field(4, ge=0, description="Bootstrapped demos per predictor")
+    max_labeled_demos: int = Field(4, ge=0, description="Labeled demos per predictor")
+    seed: int = Field(9, description="Seed for candidates, minibatches and the TPE sampler")
+    val_size: int | None = Field(None, ge=1, description="Valset size carved from train (default: auto's val_size)")
+    # COPRO / GEPA
+    breadth: int | None = Field(None, ge=2, description="COPRO candidates per round (default: from auto)")
+    depth: int | None = Field(None, ge=1, description="COPRO rounds (default: from auto)")
+
+
+class ResolvedBudget(BaseModel):
+    """The numbers a run actually uses once auto presets are applied."""
+
+    num_trials: int
+    num_fewshot_candidates: int
+    num_instruct_candidates: int
+    minibatch: bool
+    minibatch_size: int
+    val_size: int
+    zeroshot: bool
+
+
+def resolve_budget(search: SearchSettings, num_predictors: int, n_train: int) -> ResolvedBudget:
+    """MIPROv2's ``_set_hyperparams_from_run_mode`` and ``_set_num_trials_from_num_candidates``."""
+    zeroshot = search.max_bootstrapped_demos == 0 and search.max_labeled_demos == 0
+    preset = AUTO_RUN_SETTINGS[search.auto] if search.auto else None
+    n = search.num_candidates or (preset["n"] if preset else None)
+    if n is None:
+        raise ValueError("set --auto or --num-candidates")
+    num_instruct = n if (zeroshot or search.num_candidates) else int(n * 0.5)
+    num_vars = num_predictors * (1 if zeroshot else 2)
+    default_trials = int(max(2 * num_vars * math.log2(n), 1.5 * n))
+    if search.num_trials is None and preset is None:
+        raise ValueError(f"set --num-trials (about {default_trials} for {n} candidates) or --auto")
+    val_size = search.val_size or (preset["val_size"] if preset else 100)
+    val_size = max(1, min(val_size, n_train // 2))
+    minibatch = val_size > MIN_MINIBATCH_SIZE if preset else True
+    minibatch_size = min(search.minibatch_size, val_size)
+    return ResolvedBudget(
+        num_trials=search.num_trials or default_trials,
+        num_fewshot_candidates=n,
+        num_instruct_candidates=num_instruct,
+        minibatch=minibatch and minibatch_size < val_size,
+        minibatch_size=minibatch_size if minibatch else val_size,
+        val_size=val_size,
+        zeroshot=zeroshot,
+    )
+
+
+class OptimizeConfig(BaseModel):
+    """A whole run: what to optimize, how, where the state lives and how hard to push the endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field("triage", description="Pipeline name in optimize.data.PIPELINES")
+    optimizer: OptimizerName = Field("miprov2", description="Optimizer")
+    search: SearchSettings = Field(default_factory=SearchSettings, description="Budget and candidate settings")
+    workers: int = Field(4, ge=1, description="Ray workers evaluating trials at once")
+    threads_per_worker: int = Field(8, ge=1, description="Examples in flight per worker (capped by the LM budget)")
+    worker_cpus: float = Field(0.25, gt=0, description="CPUs reserved per worker task (I/O bound)")
+    out: str = Field("artifacts", description="Artifact directory")
+    run_dir: str | None = Field(None, description="Run state URI (path, s3://, gs://, fsspec); default under --out")
+    resume: bool = Field(False, description="Continue the run in run_dir; finished trials are not redone")
+    max_calls: int | None = Field(None, ge=0, description="Stop before starting when the estimate exceeds this")
+    judge: bool = Field(False, description="Score summaries with the judge LM (JUDGE_* settings)")
+    mlflow: bool = Field(False, description="Log to MLflow when it is installed")
+    train_path: str | None = Field(None, description="Training JSONL (default: the pipeline's)")
+    dev_path: str | None = Field(None, description="Dev JSONL (default: the pipeline's)")
+    train_limit: int | None = Field(None, ge=2, description="Use only the first N training rows")
+    dev_limit: int | None = Field(None, ge=1, description="Use only the first N dev rows")
+    extra_train: str | None = Field(None, description="Extra training JSONL (gold rows or judged drift samples)")
+    extra_train_min_score: float = Field(0.8, description="Judge score a drift sample needs to be used")
+
+    def fingerprint(self, dataset_hash: str, model: str) -> str:
+        """What determines a run's candidates and trials; a resumed run must match it."""
+        keep = {
+            "pipeline": self.pipeline,
+            "optimizer": self.optimizer,
+            "search": self.search.model_dump(),
+            "judge": self.judge,
+            "dataset": dataset_hash,
+            "model": model,
+        }
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+    def public(self) -> dict[str, Any]:
+        """Settings to record in artifacts and run.json (no endpoint secrets live here)."""
+        return self.model_dump(exclude={"resume"})

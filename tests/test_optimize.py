@@ -1,0 +1,316 @@
+"""Optimization: parallel MIPROv2 on Ray against the fake endpoint, resume after kill, artifacts, the judge.
+
+The fake endpoint runs in few-shot mode (``tests.gold``): it answers an input
+correctly only for the labels its prompt teaches, so a better prompt measurably
+scores higher and every run is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dspy
+import pytest
+
+from optimize.config import OptimizeConfig, SearchSettings
+from optimize.data import PIPELINES
+from optimize.metric import EvalSummary
+from programs.artifacts import (
+    ArtifactMetadata,
+    ArtifactMismatchError,
+    list_artifacts,
+    load_artifact,
+    save_artifact,
+    sidecar_path,
+)
+from programs.loading import ProgramLoadError
+from programs.triage import CallTriager
+from stages.config import EndpointSettings
+from tests.fake_llm import FakeLLM
+from tests.gold import triage_gold
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-test-never-in-artifacts-4242"
+DATA = ["data/triage_train.jsonl", "data/triage_dev.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return triage_gold(DATA)
+
+
+@pytest.fixture
+def gold_llm(gold):
+    with FakeLLM(gold=gold, latency=0.005) as fake:
+        yield fake
+
+
+def _settings(fake: FakeLLM, **kw) -> EndpointSettings:
+    return EndpointSettings(base_url=fake.base_url, model="fake-model", api_key=SECRET, max_in_flight=32, **kw)
+
+
+def _config(tmp_path: Path, **kw) -> OptimizeConfig:
+    search = SearchSettings(**{"num_trials": 10, "minibatch_size": 20, "val_size": 40, **kw.pop("search", {})})
+    values = {"pipeline": "triage", "optimizer": "miprov2", "workers": 4, "threads_per_worker": 4,
+              "out": str(tmp_path / "artifacts"), "train_limit": 100, "dev_limit": 30, "search": search}
+    return OptimizeConfig(**{**values, **kw})
+
+
+def _all_text(root: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file() and p.suffix == ".json")
+
+
+# -- parallel MIPROv2 -------------------------------------------------------------------
+
+
+def test_parallel_miprov2_beats_baseline_and_writes_a_dspy_loadable_artifact(ray_local, gold_llm, tmp_path, capsys):
+    from optimize.run import print_report, run_optimization
+
+    cfg = _config(tmp_path)
+    result = run_optimization(cfg, _settings(gold_llm))
+    print_report(result)
+    shown = capsys.readouterr()
+
+    assert result.optimized.score >= result.baseline.score + 0.2, (result.baseline, result.optimized)
+    assert result.optimized.n == result.baseline.n == 30
+    assert set(result.optimized.field_accuracy) == {"priority", "category"}
+    assert "baseline" in shown.out and "optimized" in shown.out and result.artifact in shown.out
+    assert "estimated LM calls" in shown.err and "trial" in shown.err  # progress lines
+    assert len(result.trials_evaluated_this_run) == 10
+
+    # The artifact: named <program>_<model>_<date>_<score>.json, DSPy itself loads it, the sidecar is complete.
+    path = Path(result.artifact)
+    assert path.name.startswith("triage_fake-model_") and path.name.endswith(f"_{result.optimized.score:.3f}.json")
+    plain = CallTriager()
+    plain.load(str(path))  # DSPy's own loader, no framework code
+    assert plain.triage.demos or plain.triage.signature.instructions != CallTriager().triage.signature.instructions
+    meta = json.loads(sidecar_path(path).read_text())
+    for key in ("program", "module_class", "signature_hash", "model", "optimizer", "optimizer_settings",
+                "dataset_hash", "dev_score", "dspy_version", "created_at"):
+        assert meta[key] not in (None, "", {}), key
+    assert meta["optimizer"] == "miprov2" and meta["dspy_version"] == dspy.__version__
+    assert Path(result.plot).stat().st_size > 10_000  # a real PNG, not an empty figure
+    # No secret anywhere: artifact, sidecar, run directory.
+    assert SECRET not in _all_text(tmp_path)
+    loaded = load_artifact("best", program="triage", artifact_dir=cfg.out)
+    assert loaded.path == str(path) and loaded.metadata.dev_score == pytest.approx(result.optimized.score, abs=1e-4)
+
+
+def test_estimate_over_max_calls_stops_before_any_lm_call(gold_llm, tmp_path, capsys):
+    from optimize.__main__ import main
+
+    rc = main(["--lm-base-url", gold_llm.base_url, "--lm-model", "fake-model", "--out", str(tmp_path),
+               "--auto", "light", "--max-calls", "100"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "estimated LM calls" in err and "exceed --max-calls 100" in err
+    assert gold_llm.stats()["requests"] == 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    from optimize.__main__ import main
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"id": "a", "transcript": "x", "priority": "urgent", "category": "fire"}\nnot json\n')
+    assert main(["--train", str(bad), "--out", str(tmp_path), "--max-calls", "0"]) == 2
+    assert f"{bad} line 2: not valid JSON" in capsys.readouterr().err
+    assert main(["--pipeline", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown pipeline 'nope'" in capsys.readouterr().err
+
+
+def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
+    """Kill the optimization driver midway (a preempted node), resume, and check nothing finished is redone."""
+    import ray
+
+    from optimize.run import run_optimization
+
+    with FakeLLM(gold=gold, latency=0.15) as fake:
+        run_dir = tmp_path / "run"
+        argv = [sys.executable, "-m", "optimize", "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
+                "--out", str(tmp_path / "artifacts"), "--run-dir", str(run_dir), "--workers", "2",
+                "--threads-per-worker", "4", "--train-limit", "100", "--dev-limit", "30", "--val-size", "40",
+                "--num-trials", "12", "--minibatch-size", "20"]
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        deadline = time.monotonic() + 240
+        try:
+            while len(list((run_dir / "trials").glob("*.json"))) < 3:
+                if proc.poll() is not None:
+                    pytest.fail(f"optimizer exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+                assert time.monotonic() < deadline, "no trials finished in time"
+                time.sleep(0.1)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        before = {json.loads(p.read_text())["number"] for p in (run_dir / "trials").glob("*.json")}
+        assert 3 <= len(before) < 12
+
+        cfg = OptimizeConfig(pipeline="triage", workers=2, threads_per_worker=4, out=str(tmp_path / "artifacts"),
+                             run_dir=str(run_dir), resume=True, train_limit=100, dev_limit=30,
+                             search=SearchSettings(num_trials=12, minibatch_size=20, val_size=40))
+        result = run_optimization(cfg, EndpointSettings(base_url=fake.base_url, model="fake-model"))
+
+    redone = before & set(result.trials_evaluated_this_run)
+    assert not redone, f"finished trials evaluated again: {sorted(redone)}"
+    after = [json.loads(p.read_text())["number"] for p in (run_dir / "trials").glob("*.json")]
+    assert len(after) == len(set(after)) == 12  # every trial exactly once across both processes
+    assert set(result.trials_evaluated_this_run) == set(after) - before
+    assert result.optimized.score > result.baseline.score
+
+
+def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(ray_local, gold_llm, tmp_path):
+    from optimize.run import OptimizeError, run_optimization
+
+    cfg = _config(tmp_path, optimizer="bootstrap", run_dir=str(tmp_path / "run"))
+    run_optimization(cfg, _settings(gold_llm))
+    with pytest.raises(OptimizeError, match="already holds a run; add --resume"):
+        run_optimization(cfg, _settings(gold_llm))
+    other = cfg.model_copy(update={"resume": True, "search": cfg.search.model_copy(update={"max_bootstrapped_demos": 2})})
+    with pytest.raises(OptimizeError, match="other settings or data"):
+        run_optimization(other, _settings(gold_llm))
+    # Same settings with --resume: nothing left to compute, so no LM call at all.
+    gold_llm.reset_stats()
+    again = run_optimization(cfg.model_copy(update={"resume": True}), _settings(gold_llm))
+    assert gold_llm.stats()["requests"] == 0
+    assert again.optimized.n == 30
+
+
+@pytest.mark.parametrize("optimizer", ["bootstrap_rs", "copro"])
+def test_dspy_optimizers_run_with_evaluation_on_ray(ray_local, gold_llm, tmp_path, optimizer):
+    from optimize.run import run_optimization
+
+    cfg = _config(tmp_path, optimizer=optimizer, search={"num_candidates": 3, "breadth": 2, "depth": 1,
+                                                         "val_size": 20})
+    result = run_optimization(cfg, _settings(gold_llm))
+    assert load_artifact(result.artifact).metadata.optimizer == optimizer
+    assert result.optimized.n == 30
+    if optimizer == "bootstrap_rs":
+        assert result.optimized.score > result.baseline.score
+
+
+# -- the metric and the judge ----------------------------------------------------------------
+
+
+def test_judge_errors_are_counted_not_scored_zero(gold):
+    from optimize.evaluation import evaluate_program
+    from optimize.metric import SummaryJudge
+    from programs.loading import load_program
+    from stages.lm import build_lm
+
+    spec = PIPELINES["triage"]
+    rows = [json.loads(line) for line in (ROOT / "data/triage_dev.jsonl").read_text().splitlines()[:6]]
+    examples = [dspy.Example(**{k: r[k] for k in ("id", "transcript", "priority", "category", "summary")})
+                .with_inputs("transcript") for r in rows]
+    with FakeLLM(gold=gold, gold_keyword="GOLDEN-RULES") as target, FakeLLM(p_500=1.0) as judge_ep:
+        judge = SummaryJudge(build_lm(EndpointSettings(base_url=judge_ep.base_url, model="judge", max_attempts=1)))
+        lm = build_lm(EndpointSettings(base_url=target.base_url, model="fake-model"))
+        program = load_program("triage")
+        program.triage.signature = program.triage.signature.with_instructions("Apply the GOLDEN-RULES.")  # the fake answers gold
+        scores = evaluate_program(program, examples, spec, lm=lm, judge=judge, threads=3)
+        assert judge_ep.stats()["requests"] >= len(examples)
+
+    summary = EvalSummary.of(scores, spec.label_fields)
+    assert summary.judge_errors == len(examples) and summary.program_errors == 0
+    assert all(s.judge is None and "judge" not in (s.program_error or "") for s in scores)
+    assert summary.score == 1.0  # exact match only; a failed judge does not drag the score to 0
+    assert summary.judge_mean is None
+
+
+def test_working_judge_scores_the_summary(gold):
+    from optimize.evaluation import evaluate_program
+    from optimize.metric import SummaryJudge
+    from programs.loading import load_program
+    from stages.lm import build_lm
+
+    spec = PIPELINES["triage"]
+    row = json.loads((ROOT / "data/triage_dev.jsonl").read_text().splitlines()[0])
+    example = dspy.Example(**row).with_inputs("transcript")
+    with FakeLLM(field_overrides={"verdict": "partial"}) as ep:
+        judge = SummaryJudge(build_lm(EndpointSettings(base_url=ep.base_url, model="judge")))
+        [score] = evaluate_program(load_program("triage"), [example], spec,
+                                   lm=build_lm(EndpointSettings(base_url=ep.base_url, model="m")), judge=judge)
+    assert score.judge == 0.5 and score.judge_error is None
+    assert score.score == pytest.approx((sum(score.fields.values()) + 0.5) / 3)
+
+
+# -- artifacts ----------------------------------------------------------------------------
+
+
+class ChangedTriager(dspy.Module):
+    """Same predictor name as CallTriager, different signature (a field renamed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.triage = dspy.Predict("transcript -> priority, category, one_liner")
+
+
+def test_artifact_round_trip_registry_and_signature_mismatch(tmp_path):
+    program = CallTriager()
+    program.triage.signature = program.triage.signature.with_instructions("Triage carefully.")
+    program.triage.demos = [dspy.Example(transcript="smoke", priority="urgent", category="fire", summary="Fire.")]
+    older = save_artifact(program, tmp_path, ArtifactMetadata(program="triage", model="org/Model-7B", dev_score=0.9,
+                                                             created_at="2026-11-01T00:00:00+00:00",
+                                                             lm={"api_key": "***"}))
+    newer = save_artifact(CallTriager(), tmp_path, ArtifactMetadata(program="triage", model="org/Model-7B",
+                                                                   dev_score=0.5))
+    assert older.name == "triage_Model-7B_20261101T000000_0.900.json"
+    assert [r.path for r in list_artifacts(tmp_path, "triage")] == [older, newer]
+    assert load_artifact("best", program="triage", artifact_dir=tmp_path).path == str(older)
+    assert load_artifact("latest", program="triage", artifact_dir=tmp_path).path == str(newer)
+
+    loaded = load_artifact(older)
+    assert loaded.program.triage.signature.instructions == "Triage carefully."
+    assert loaded.program.triage.demos[0]["category"] == "fire"
+    assert loaded.metadata.signature_hash and loaded.metadata.module_class.endswith("CallTriager")
+
+    with pytest.raises(ArtifactMismatchError) as info:
+        load_artifact(older, program=ChangedTriager)
+    message = str(info.value)
+    assert str(older) in message and "'triage'" in message and "one_liner" in message
+    with pytest.raises(ProgramLoadError, match="no triage artifact"):
+        load_artifact("best", program="triage", artifact_dir=tmp_path / "empty")
+
+
+def test_run_storage_on_an_object_store_uri():
+    """The run state works on fsspec URIs too (memory:// here; s3:// and gs:// go through pyarrow)."""
+    from optimize.storage import RunStorage
+
+    store = RunStorage("memory://runs/test-1")
+    assert store.is_empty()
+    store.write_json("trials/00001-a.json", {"number": 1})
+    store.write_json("trials/00000-b.json", {"number": 0})
+    assert store.list("trials") == ["00000-b.json", "00001-a.json"]
+    assert [r["number"] for r in store.read_all("trials")] == [0, 1]
+    journal = store.journal()
+    journal.append_logs([{"op": 1}])
+    journal.append_logs([{"op": 2}, {"op": 3}])
+    assert list(RunStorage("memory://runs/test-1").journal().read_logs(1)) == [{"op": 2}, {"op": 3}]
+    assert RunStorage("memory://runs/test-1").read_json("missing.json") is None
+
+
+# -- the real model -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_small_real_optimization_on_the_embedded_model(ray_local, tmp_path):
+    """BootstrapFewShot with a tiny budget on the embedded llama.cpp model, end to end through the CLI."""
+    from optimize.__main__ import main
+
+    rc = main(["--optimizer", "bootstrap", "--out", str(tmp_path), "--workers", "2", "--threads-per-worker", "2",
+               "--train-limit", "8", "--dev-limit", "6", "--max-bootstrapped-demos", "2",
+               "--max-labeled-demos", "2", "--max-calls", "100"])
+    assert rc == 0
+    [record] = list_artifacts(tmp_path, "triage")
+    assert record.metadata.model == "embedded-smollm2" and record.metadata.optimizer == "bootstrap"
+    assert 0.0 <= record.metadata.dev_score <= 1.0
+    assert load_artifact(record.path).program.triage.demos  # bootstrapped or labelled demos landed
+    assert record.metadata.dev_program_errors < 6  # the model answered parseable labels
