@@ -22,13 +22,16 @@ import contextlib
 import io
 import logging
 import random
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimize.data import PipelineSpec
 from stages.config import EndpointSettings
+
+if TYPE_CHECKING:
+    from optimize.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -327,11 +330,10 @@ def generate_candidates(
     max_labeled_demos: int,
     settings: MiproCandidateSettings,
     lm_settings: EndpointSettings,
-    max_concurrency: int,
-    num_cpus: float = 0.25,
+    pool: WorkerPool,
     max_errors: int | None = None,
 ) -> CandidateSet:
-    """Bootstrap demo sets and propose instructions as Ray tasks; ``rng`` is MIPROv2's seeded RNG."""
+    """Bootstrap demo sets and propose instructions on the pool's workers; ``rng`` is MIPROv2's seeded RNG."""
     import ray
 
     from programs.loading import load_program
@@ -346,32 +348,23 @@ def generate_candidates(
         rng,
     )
     train_ref = ray.put(trainset)
-    demo_task = ray.remote(num_cpus=num_cpus, max_retries=2)(_demo_set_task)
-    summary_task = ray.remote(num_cpus=num_cpus, max_retries=2)(_summary_task)
-    proposal_task = ray.remote(num_cpus=num_cpus, max_retries=2)(_proposal_task)
-
     # The summary depends only on the trainset: it runs while the demo sets are bootstrapped.
-    summary_ref = (
-        summary_task.remote(train_ref, settings.view_data_batch_size, lm_settings)
-        if settings.data_aware_proposer else None
-    )
-    demo_sets: dict[int, list[list[dict]]] = dict(
-        bounded_map(lambda p: demo_task.remote(p, spec.program, train_ref, spec, lm_settings, max_errors),
-                    plans, max(1, max_concurrency - 1))
-    )
+    calls = [("summary", "call", (_summary_task, train_ref, settings.view_data_batch_size, lm_settings))] \
+        if settings.data_aware_proposer else []
+    calls += [(("demos", p.index), "call", (_demo_set_task, p, spec.program, train_ref, spec, lm_settings, max_errors))
+              for p in plans]
+    done = pool.map(calls)
+    demo_sets = {p.index: done[("demos", p.index)][1] for p in plans}
     demo_candidates = {i: [demo_sets[p.index][i] for p in plans] for i in range(len(names))}
-    data_summary = ray.get(summary_ref) if summary_ref is not None else None
+    data_summary = done.get("summary")
 
     proposals = plan_proposals(len(names), len(plans), num_instruct_candidates, rng, settings.tip_aware_proposer)
     needed = [p for p in proposals if p.needed]
     demo_ref = ray.put(demo_candidates)
-    proposed = {
-        (plan.pred_i, plan.demo_set_i): text
-        for plan, text in bounded_map(
-            lambda p: proposal_task.remote(p, spec.program, demo_ref, data_summary, settings, lm_settings),
-            needed, max_concurrency,
-        )
-    }
+    done = pool.map([((p.pred_i, p.demo_set_i), "call",
+                      (_proposal_task, p, spec.program, demo_ref, data_summary, settings, lm_settings))
+                     for p in needed])
+    proposed = {key: text for key, (_, text) in done.items()}
     predictors = []
     for i, (name, predictor) in enumerate(student.named_predictors()):
         texts = [predictor.signature.instructions]  # MIPROv2 puts the original first, in place of proposal 0
@@ -379,16 +372,3 @@ def generate_candidates(
         predictors.append(PredictorCandidates(name=name, instructions=texts,
                                               demo_sets=[] if zeroshot else demo_candidates[i]))
     return CandidateSet(program=spec.program, predictors=predictors, search_demos=not zeroshot)
-
-
-def bounded_map(submit, items: list, max_in_flight: int) -> list:
-    """Submit ``submit(item)`` for every item with at most ``max_in_flight`` running; results in completion order."""
-    import ray
-
-    pending, results, queue = [], [], list(items)
-    while queue or pending:
-        while queue and len(pending) < max_in_flight:
-            pending.append(submit(queue.pop(0)))
-        done, pending = ray.wait(pending, num_returns=1)
-        results.extend(ray.get(done))
-    return results

@@ -5,8 +5,8 @@ Three layers, each a thin wrapper over the one below:
 * :func:`evaluate_program` - one program, many examples, a bounded thread pool,
   every example scored by :func:`optimize.metric.score_prediction`; the LM and
   judge are passed in, so it runs without Ray in tests.
-* :func:`evaluate_on_ray` - the examples split into chunks, one Ray task each;
-  the program travels as its JSON state.
+* :func:`evaluate_on_ray` - the examples split into chunks, one per worker of
+  a :class:`~optimize.workers.WorkerPool`; the program travels as its JSON state.
 * :class:`RayEvaluate` - a ``dspy.Evaluate`` whose calls go to
   :func:`evaluate_on_ray`; :func:`ray_evaluation` installs it inside DSPy's
   ``BootstrapFewShotWithRandomSearch`` and ``COPRO`` for the length of a compile.
@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from optimize.data import PipelineSpec
 from optimize.metric import EvalSummary, ExampleScore, PipelineMetric, SummaryJudge, score_prediction
 from stages.config import EndpointSettings
+
+if TYPE_CHECKING:
+    from optimize.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +107,6 @@ def module_from_state(program: str, state: dict[str, Any]) -> dspy.Module:
     return module
 
 
-def _evaluate_state_task(state: dict[str, Any], examples: list[dspy.Example], ctx: EvalContext) -> list[ExampleScore]:
-    lm, judge = build_lms(ctx)
-    program = module_from_state(ctx.spec.program, state)
-    return evaluate_program(program, examples, ctx.spec, lm=lm, judge=judge, threads=ctx.threads)
-
-
 def chunked(items: list, n: int) -> list[list]:
     """``items`` in at most ``n`` contiguous chunks of near-equal size."""
     n = max(1, min(n, len(items)))
@@ -122,16 +119,12 @@ def chunked(items: list, n: int) -> list[list]:
     return out
 
 
-def evaluate_on_ray(
-    program: dspy.Module, examples: list[dspy.Example], ctx: EvalContext, *, workers: int
-) -> list[ExampleScore]:
-    """Evaluate on ``workers`` Ray tasks at once (each with ``ctx.threads`` threads); results in example order."""
-    import ray
-
-    task = ray.remote(num_cpus=ctx.num_cpus, max_retries=2)(_evaluate_state_task)
+def evaluate_on_ray(program: dspy.Module, examples: list[dspy.Example], pool: WorkerPool) -> list[ExampleScore]:
+    """Evaluate on every worker of ``pool`` at once (a chunk each); results in example order."""
     state = program.dump_state()
-    refs = [task.remote(state, chunk, ctx) for chunk in chunked(examples, workers)]
-    return [score for part in ray.get(refs) for score in part]
+    parts = chunked(examples, pool.size)
+    done = pool.map([(i, "evaluate_state", (state, part)) for i, part in enumerate(parts)])
+    return [score for i in range(len(parts)) for score in done[i]]
 
 
 # -- inside DSPy's own optimizers ----------------------------------------------------
@@ -173,9 +166,9 @@ class RayEvaluate(dspy.Evaluate):
     runs in the tasks); judge failures seen in the tasks are added to its tally.
     """
 
-    def __init__(self, *, ctx: EvalContext, workers: int, log: EvalLog, **kwargs):
+    def __init__(self, *, ctx: EvalContext, pool: WorkerPool, log: EvalLog, **kwargs):
         super().__init__(**kwargs)
-        self.ctx, self.workers, self.log = ctx, workers, log
+        self.ctx, self.pool, self.log = ctx, pool, log
 
     def __call__(self, program, metric=None, devset=None, *args, **kwargs):
         metric = metric if metric is not None else self.metric
@@ -183,7 +176,7 @@ class RayEvaluate(dspy.Evaluate):
         if not isinstance(metric, PipelineMetric):
             raise TypeError(f"RayEvaluate scores with the pipeline metric; got {metric!r}")
         start = time.perf_counter()
-        scores = evaluate_on_ray(program, list(devset), self.ctx, workers=self.workers)
+        scores = evaluate_on_ray(program, list(devset), self.pool)
         summary = EvalSummary.of(scores, self.ctx.spec.label_fields)
         with metric._lock:
             metric.tally.calls += len(scores)
@@ -196,7 +189,7 @@ class RayEvaluate(dspy.Evaluate):
 
 
 @contextlib.contextmanager
-def ray_evaluation(ctx: EvalContext, workers: int, log: EvalLog):
+def ray_evaluation(ctx: EvalContext, pool: WorkerPool, log: EvalLog):
     """Within the block, DSPy's random-search and COPRO optimizers evaluate on Ray."""
     from unittest import mock
 
@@ -204,7 +197,7 @@ def ray_evaluation(ctx: EvalContext, workers: int, log: EvalLog):
     import dspy.teleprompt.random_search as random_search
 
     def factory(*args, **kwargs):
-        return RayEvaluate(*args, ctx=ctx, workers=workers, log=log, **kwargs)
+        return RayEvaluate(*args, ctx=ctx, pool=pool, log=log, **kwargs)
 
     with mock.patch.object(random_search, "Evaluate", factory), mock.patch.object(copro, "Evaluate", factory):
         yield

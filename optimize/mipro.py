@@ -14,7 +14,8 @@ The algorithm is MIPROv2's (``dspy/teleprompt/mipro_optimizer_v2.py``):
 
 What changes is how it runs.  The driver asks the study for up to W trials at
 once (``TPESampler(constant_liar=True)`` keeps concurrent asks apart) and each
-runs as a Ray task: a pure function from (candidate indices, minibatch ids) to a
+runs on one of W Ray actors (:class:`~optimize.workers.WorkerPool`): a pure
+function from (candidate indices, minibatch ids) to a
 :class:`~optimize.trial.TrialResult`.  Full evaluations are split into W chunks
 so they occupy every worker too.  The study (optuna journal) and the candidate
 set live in a :class:`~optimize.storage.RunStorage`; every finished trial is
@@ -30,6 +31,7 @@ drawn from the trial number, so a re-run unfinished trial sees the same examples
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import uuid
@@ -45,7 +47,8 @@ from optimize.config import ResolvedBudget, SearchSettings
 from optimize.data import PipelineSpec
 from optimize.evaluation import EvalContext, chunked
 from optimize.storage import RunStorage
-from optimize.trial import TrialRequest, TrialResult, merge_chunks, trial_task
+from optimize.trial import TrialRequest, TrialResult, merge_chunks
+from optimize.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -106,18 +109,18 @@ class ParallelMIPROv2:
         *,
         workers: int,
         storage: RunStorage,
-        candidate_concurrency: int | None = None,
+        pool: WorkerPool | None = None,
         on_event: Callable[[str], None] | None = None,
     ):
         self.spec, self.search, self.budget, self.ctx = spec, search, budget, ctx
         self.workers = workers
         self.storage = storage
-        self.candidate_concurrency = candidate_concurrency or max(1, workers * ctx.threads)
+        self.pool = pool
         self.on_event = on_event or (lambda line: logger.info("%s", line))
 
     # -- step 1: candidates -------------------------------------------------------
 
-    def candidates(self, trainset: list[dspy.Example], rng: random.Random) -> CandidateSet:
+    def candidates(self, trainset: list[dspy.Example], rng: random.Random, pool: WorkerPool) -> CandidateSet:
         saved = self.storage.read_json("candidates.json")
         if saved is not None:
             self.on_event("candidates: loaded from the run directory")
@@ -133,8 +136,7 @@ class ParallelMIPROv2:
             num_instruct_candidates=b.num_instruct_candidates,
             max_bootstrapped_demos=self.search.max_bootstrapped_demos,
             max_labeled_demos=self.search.max_labeled_demos,
-            settings=self.search, lm_settings=self.ctx.lm,
-            max_concurrency=self.candidate_concurrency, num_cpus=self.ctx.num_cpus,
+            settings=self.search, lm_settings=self.ctx.lm, pool=pool,
         )
         self.storage.write_json("candidates.json", candidates.model_dump())
         return candidates
@@ -149,8 +151,10 @@ class ParallelMIPROv2:
             # MIPROv2 draws its valset sample from the same RNG first; drawing it here too keeps the
             # candidate draws that follow identical to DSPy's.
             valset = create_minibatch(valset, batch_size=self.budget.val_size, rng=rng)
-        candidates = self.candidates(trainset, rng)
-        return self._search(candidates, valset)
+        with contextlib.ExitStack() as stack:
+            pool = self.pool or stack.enter_context(WorkerPool(self.ctx, self.workers))
+            candidates = self.candidates(trainset, rng, pool)
+            return self._search(candidates, valset, pool)
 
     def _open_study(self):
         import optuna
@@ -177,7 +181,7 @@ class ParallelMIPROv2:
             state.full[result.full_eval] = result
         return state
 
-    def _search(self, candidates: CandidateSet, valset: list[dspy.Example]) -> MiproResult:
+    def _search(self, candidates: CandidateSet, valset: list[dspy.Example], pool: WorkerPool) -> MiproResult:
         import optuna
         import ray
         from optuna.trial import TrialState
@@ -194,11 +198,9 @@ class ParallelMIPROv2:
         full_evals_planned = (b.num_trials // steps + (1 if b.num_trials % steps else 0)) if b.minibatch else 0
         mb_size = b.minibatch_size if b.minibatch else len(val_ids)
 
-        task = ray.remote(num_cpus=self.ctx.num_cpus, max_retries=2)(trial_task)
         candidates_ref = ray.put(candidates)
         examples_ref = ray.put(examples_by_id)
         queue: collections.deque[TrialRequest] = collections.deque()
-        pending: dict = {}
         full_chunks: dict[int, list[TrialResult]] = {}
         full_in_progress: dict[int, int] = {}  # seq -> number of chunks
         evaluated_now: list[int] = []
@@ -269,12 +271,12 @@ class ParallelMIPROv2:
             enqueue_full(len(state.full), params)
 
         def submit(request: TrialRequest) -> None:
-            pending[task.remote(request, candidates_ref, examples_ref, self.ctx)] = request
+            pool.submit(request, "trial", request, candidates_ref, examples_ref)
 
         # -- the loop ----------------------------------------------------------------------
         while True:
             next_full_eval()
-            while len(pending) < self.workers:
+            while pool.has_idle():
                 if queue:
                     submit(queue.popleft())
                 elif asked < b.num_trials:
@@ -284,14 +286,12 @@ class ParallelMIPROv2:
                                         example_ids=minibatch_ids(val_ids, mb_size, self.search.seed, trial.number)))
                 else:
                     break
-            if not pending:
+            if not pool.busy:
                 break
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            request = pending.pop(ref)
             try:
-                result: TrialResult = ray.get(ref)
+                request, result = pool.wait_one()
             except ray.exceptions.RayError as exc:
-                raise SearchError(f"trial {request.number} ({request.kind}) failed: {exc}") from exc
+                raise SearchError(f"a trial failed on its worker after retries: {exc}") from exc
             if result.summary.n and result.summary.lm_failures == result.summary.n:
                 first = next(s.program_error for s in result.scores if s.program_error)
                 raise SearchError(f"every LM call of trial {request.number} failed ({first}); "

@@ -42,6 +42,7 @@ from optimize.evaluation import EvalContext, EvalLog, evaluate_on_ray, module_fr
 from optimize.metric import EvalSummary, ExampleScore, PipelineMetric, SummaryJudge
 from optimize.report import TrajectoryPoint, plot_trajectory, score_table
 from optimize.storage import RunStorage
+from optimize.workers import WorkerPool
 from stages.config import EndpointSettings
 
 logger = logging.getLogger(__name__)
@@ -145,13 +146,13 @@ def eval_context(cfg: OptimizeConfig, spec: PipelineSpec, lm: EndpointSettings, 
 
 
 def dev_summary(storage: RunStorage, name: str, program: dspy.Module, dev: list[dspy.Example],
-                ctx: EvalContext, workers: int) -> EvalSummary:
+                ctx: EvalContext, pool: WorkerPool) -> EvalSummary:
     """Score ``program`` on the dev set once per run (stored under dev/<name>.json)."""
     saved = storage.read_json(f"dev/{name}.json")
     if saved is not None and saved.get("state") == program.dump_state():
         scores = [ExampleScore.model_validate(s) for s in saved["scores"]]
         return EvalSummary.of(scores, ctx.spec.label_fields)
-    scores = evaluate_on_ray(program, dev, ctx, workers=workers)
+    scores = evaluate_on_ray(program, dev, pool)
     summary = EvalSummary.of(scores, ctx.spec.label_fields)
     if summary.n and summary.lm_failures == summary.n:
         first = next(s.program_error for s in scores if s.program_error)
@@ -174,11 +175,10 @@ class SearchOutcome:
 
 
 def run_miprov2(cfg: OptimizeConfig, spec: PipelineSpec, budget: ResolvedBudget, ctx: EvalContext,
-                storage: RunStorage, trainset: list[dspy.Example], valset: list[dspy.Example]) -> SearchOutcome:
+                pool: WorkerPool, storage: RunStorage, trainset: list[dspy.Example], valset: list[dspy.Example]) -> SearchOutcome:
     from optimize.mipro import ParallelMIPROv2
 
-    optimizer = ParallelMIPROv2(spec, cfg.search, budget, ctx, workers=cfg.workers, storage=storage,
-                                candidate_concurrency=max(1, min(cfg.workers * ctx.threads, ctx.lm.max_in_flight)),
+    optimizer = ParallelMIPROv2(spec, cfg.search, budget, ctx, workers=cfg.workers, storage=storage, pool=pool,
                                 on_event=_say)
     result = optimizer.compile(trainset, valset)
     # Plot positions: each evaluation at the number of minibatch trials finished before it finished.
@@ -193,10 +193,10 @@ def run_miprov2(cfg: OptimizeConfig, spec: PipelineSpec, budget: ResolvedBudget,
 
 
 def run_dspy_optimizer(cfg: OptimizeConfig, spec: PipelineSpec, budget: ResolvedBudget, ctx: EvalContext,
-                       storage: RunStorage, trainset: list[dspy.Example], valset: list[dspy.Example]) -> SearchOutcome:
+                       pool: WorkerPool, storage: RunStorage, trainset: list[dspy.Example], valset: list[dspy.Example]) -> SearchOutcome:
     """BootstrapFewShot, BootstrapFewShotWithRandomSearch, COPRO and GEPA through DSPy's own ``compile``.
 
-    Their evaluations (``dspy.Evaluate``) run on Ray tasks (:func:`ray_evaluation`);
+    Their evaluations (``dspy.Evaluate``) run on the Ray worker pool (:func:`ray_evaluation`);
     the compiled program is stored, so a resumed run does not compile again.
     GEPA evaluates through its own adapter in driver threads, bounded by the same budget.
     """
@@ -222,7 +222,7 @@ def run_dspy_optimizer(cfg: OptimizeConfig, spec: PipelineSpec, budget: Resolved
     threads = max(1, ctx.threads * cfg.workers)
     lm = build_lm(ctx.lm)
     _say(f"{cfg.optimizer}: compiling with DSPy on {len(trainset)} train / {len(valset)} val examples")
-    with dspy.context(lm=lm, adapter=CachingJSONAdapter()), ray_evaluation(ctx, cfg.workers, log):
+    with dspy.context(lm=lm, adapter=CachingJSONAdapter()), ray_evaluation(ctx, pool, log):
         if cfg.optimizer == "bootstrap":
             compiled = BootstrapFewShot(metric=metric, max_bootstrapped_demos=s.max_bootstrapped_demos,
                                         max_labeled_demos=s.max_labeled_demos).compile(student, trainset=trainset)
@@ -309,10 +309,11 @@ def run_optimization(
         ctx = eval_context(cfg, spec, lm, judge)
         from programs.loading import load_program
 
-        baseline = dev_summary(storage, "baseline", load_program(spec.program), dev, ctx, cfg.workers)
-        _say(f"baseline dev score: {baseline.score:.3f} on {baseline.n} examples")
-        outcome = OPTIMIZERS[cfg.optimizer](cfg, spec, budget, ctx, storage, trainset, valset)
-        optimized = dev_summary(storage, "optimized", outcome.program, dev, ctx, cfg.workers)
+        with WorkerPool(ctx, cfg.workers) as pool:
+            baseline = dev_summary(storage, "baseline", load_program(spec.program), dev, ctx, pool)
+            _say(f"baseline dev score: {baseline.score:.3f} on {baseline.n} examples")
+            outcome = OPTIMIZERS[cfg.optimizer](cfg, spec, budget, ctx, pool, storage, trainset, valset)
+            optimized = dev_summary(storage, "optimized", outcome.program, dev, ctx, pool)
 
     model = lm.model if not lm_settings.embedded else "embedded-smollm2"
     metadata = ArtifactMetadata(

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from optimize.candidates import CandidateSet
 from optimize.data import PipelineSpec
-from optimize.evaluation import EvalContext, build_lms, evaluate_program
+from optimize.evaluation import evaluate_program
 from optimize.metric import EvalSummary, ExampleScore, SummaryJudge
 
 TrialKind = Literal["minibatch", "full"]
@@ -88,12 +88,6 @@ def run_trial(
         worker_pid=os.getpid(),
         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     )
-
-
-def trial_task(request: TrialRequest, candidates: CandidateSet, examples_by_id: dict, ctx: EvalContext) -> TrialResult:
-    """The Ray task body: build the LMs from settings, then the pure trial."""
-    lm, judge = build_lms(ctx)
-    return run_trial(request, candidates, examples_by_id, ctx.spec, lm=lm, judge=judge, threads=ctx.threads)
 
 
 def merge_chunks(parts: list[TrialResult], label_fields: tuple[str, ...]) -> TrialResult:

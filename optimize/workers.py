@@ -1,0 +1,116 @@
+"""W long-lived Ray actors that do an optimization run's LM work: candidates, trials, evaluations.
+
+Why actors and not tasks: a worker process imports DSPy and builds its LM
+clients once (seconds of CPU on a small machine) and keeps them, with their
+connection pools, for the whole run.  Ray keeps only about ``num_cpus`` idle
+task workers alive, so with tasks a run with more workers than CPUs would
+restart processes between phases and pay the imports again and again.
+
+An actor that dies (its node preempted) is restarted by Ray and the call it was
+running is retried (``max_restarts``/``max_task_retries``); the calls are pure
+functions of their arguments, so a retry is harmless.
+
+    >>> pool = WorkerPool(ctx, size=4)                                 # doctest: +SKIP
+    >>> results = pool.map([("a", "call", (fn, 1)), ("b", "call", (fn, 2))])   # doctest: +SKIP
+    >>> pool.shutdown()                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from optimize.evaluation import EvalContext
+
+
+class EvalWorker:
+    """The actor body: LMs built once, then any number of calls."""
+
+    def __init__(self, ctx: EvalContext):
+        from optimize.evaluation import build_lms
+
+        self.ctx = ctx
+        self.lm, self.judge = build_lms(ctx)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a pure function (candidate generation steps) in this worker."""
+        return fn(*args)
+
+    def trial(self, request, candidates, examples_by_id):
+        from optimize.trial import run_trial
+
+        return run_trial(request, candidates, examples_by_id, self.ctx.spec, lm=self.lm, judge=self.judge,
+                         threads=self.ctx.threads)
+
+    def evaluate_state(self, state: dict[str, Any], examples: list) -> list:
+        from optimize.evaluation import evaluate_program, module_from_state
+
+        program = module_from_state(self.ctx.spec.program, state)
+        return evaluate_program(program, examples, self.ctx.spec, lm=self.lm, judge=self.judge,
+                                threads=self.ctx.threads)
+
+    def ready(self) -> bool:
+        return True
+
+
+class WorkerPool:
+    """``size`` EvalWorker actors and the calls running on them (one per actor at a time)."""
+
+    def __init__(self, ctx: EvalContext, size: int):
+        import ray
+
+        actor = ray.remote(EvalWorker).options(num_cpus=ctx.num_cpus, max_restarts=3, max_task_retries=3)
+        self.size = size
+        self.actors = [actor.remote(ctx) for _ in range(size)]
+        self.idle = list(self.actors)
+        self.pending: dict[Any, tuple[Any, Hashable]] = {}  # ObjectRef -> (actor, tag)
+        self._map_lock = threading.Lock()  # DSPy's optimizers may evaluate from several threads
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def busy(self) -> int:
+        return len(self.pending)
+
+    def has_idle(self) -> bool:
+        return bool(self.idle)
+
+    def submit(self, tag: Hashable, method: str, *args: Any) -> None:
+        """Start ``method(*args)`` on an idle actor; ``tag`` comes back with its result."""
+        if not self.idle:
+            raise RuntimeError("no idle worker: wait for one first")
+        actor = self.idle.pop()
+        self.pending[getattr(actor, method).remote(*args)] = (actor, tag)
+
+    def wait_one(self) -> tuple[Hashable, Any]:
+        """(tag, result) of the next call to finish; a failed call raises its Ray error."""
+        import ray
+
+        [ref], _ = ray.wait(list(self.pending), num_returns=1)
+        actor, tag = self.pending.pop(ref)
+        self.idle.append(actor)
+        return tag, ray.get(ref)
+
+    def map(self, calls: Iterable[tuple[Hashable, str, tuple]]) -> dict[Hashable, Any]:
+        """Run every (tag, method, args) on the pool, at most ``size`` at once; tag -> result."""
+        with self._map_lock:
+            queue, results = list(calls), {}
+            while queue or self.pending:
+                while queue and self.idle:
+                    tag, method, args = queue.pop(0)
+                    self.submit(tag, method, *args)
+                tag, result = self.wait_one()
+                results[tag] = result
+            return results
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.idle, self.pending = [], [], {}
