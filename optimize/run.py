@@ -44,6 +44,7 @@ from optimize.report import TrajectoryPoint, plot_trajectory, score_table
 from optimize.storage import RunStorage
 from optimize.workers import WorkerPool
 from stages.config import EndpointSettings
+from stages.discovery import discover_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -293,19 +294,23 @@ def run_optimization(
     if cfg.max_calls is not None and estimate.total > cfg.max_calls:
         raise TooManyCalls(f"estimated {estimate.total:,} LM calls exceed --max-calls {cfg.max_calls:,}; "
                            f"lower --auto/--num-trials/--num-candidates or raise --max-calls")
+    if cfg.judge and judge_settings is None:
+        judge_settings = EndpointSettings()  # unset: discovery below, else the target judges
+    init_ray()
+    # On a cluster, the Serve LLM app's target and judge fill whatever LM_/JUDGE_BASE_URL leave unset.
+    lm_settings, judge_settings = discover_endpoints(lm_settings, judge_settings if cfg.judge else None)
     data_hash = dataset_hash(trainset, valset, dev)
     fingerprint = cfg.fingerprint(data_hash, lm_settings.model)
     storage = open_run(cfg, fingerprint)
     _say(f"run directory: {storage.uri}" + (" (resuming)" if storage.exists("run.json") else ""))
 
-    with endpoints(lm_settings, judge_settings if cfg.judge else None) as (lm, judge):
+    with endpoints(lm_settings, judge_settings) as (lm, judge):
         if not storage.exists("run.json"):
             storage.write_json("run.json", {
                 "fingerprint": fingerprint, "config": cfg.public(), "dataset_hash": data_hash,
                 "lm": redacted_settings(lm), "judge": redacted_settings(judge) if judge else None,
                 "estimate": estimate.lines, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })
-        init_ray()
         ctx = eval_context(cfg, spec, lm, judge)
         from programs.loading import load_program
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pipelines.inputs import InputError, InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, DSPyStage
 from stages.config import EndpointSettings, dotenv_runtime_env
+from stages.discovery import discover_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,9 @@ def run_pipeline(
     resumed = table.num_rows - todo.num_rows
     start = time.perf_counter()
     if todo.num_rows:
+        init_ray()
+        lm_settings, _ = discover_endpoints(lm_settings)  # the cluster's Serve LLM app when LM_BASE_URL is unset
         with endpoint(lm_settings) as settings:
-            init_ray()
             ray.data.DataContext.get_current().enable_progress_bars = True
             ds = to_dataset(todo, rows_per_block=4 * max(stage.batch_size for stage in stages))
             budget = per_actor_budget(stages, settings)

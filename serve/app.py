@@ -116,7 +116,10 @@ class ProgramServer:
         from stages.predict import ProgramRunner
 
         self.options = ServeOptions(**options)
-        self.settings = EndpointSettings.resolve("LM", flags=self.options.lm)
+        from stages.discovery import discover_endpoints
+
+        # An unset LM_BASE_URL is filled from the cluster's Serve LLM app (serve/llm.py), if one runs.
+        self.settings, _ = discover_endpoints(EndpointSettings.resolve("LM", flags=self.options.lm))
         self.metrics = ServeMetrics(self.options.program)
         self.lm = build_lm(self.settings)
         self.lm.usage_hook = self.metrics.record_usage

@@ -148,7 +148,10 @@ class DriftMonitor:
         self.options = ServeOptions(**options)
         self.policy = DriftPolicy(**(policy or {}))
         self.store = SampleStore(self.options.drift_db)
-        judge = EndpointSettings.resolve("JUDGE", flags={"temperature": 0.0, **self.options.judge})
+        from stages.discovery import discover_endpoints
+
+        _, judge = discover_endpoints(None, EndpointSettings.resolve("JUDGE", flags={"temperature": 0.0,
+                                                                                  **self.options.judge}))
         self.judge_lm = build_lm(judge)
         self.adapter = CachingJSONAdapter()
         self.judge = dspy.Predict(JudgeVerdict)
