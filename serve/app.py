@@ -137,9 +137,11 @@ class ProgramServer:
 
     # Serve calls this with user_config on deploy and on every config change.
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from serve.artifacts import resolve_and_load
+        from programs.artifacts import load_artifact
 
-        program, info = resolve_and_load(self.options.program, user_config.get("artifact"), self.options.artifact_dir)
+        loaded = load_artifact(user_config.get("artifact"), self.options.program, self.options.artifact_dir)
+        program = loaded.program
+        info = {"artifact": loaded.path, "metadata": loaded.metadata.model_dump() if loaded.metadata else {}}
         # One assignment: a request that already read self.program keeps its version.
         self.program, self.artifact_info = program, info
         self.version += 1

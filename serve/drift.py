@@ -46,6 +46,8 @@ class DriftPolicy(BaseModel):
         description="Re-optimization command; {program}, {artifact_dir}, {samples} are filled in",
     )
     job_address: str | None = Field(None, description="Ray job API address (default: the current cluster)")
+    job_runtime_env: dict[str, Any] | None = Field(
+        None, description="runtime_env of the job (e.g. env_vars with LM_BASE_URL); secrets belong in the cluster's env")
 
 
 class JudgeVerdict(dspy.Signature):
@@ -163,9 +165,10 @@ class DriftMonitor:
         self.refresh_baseline()
 
     def refresh_baseline(self) -> None:
-        from serve.artifacts import artifact_metadata
+        from programs.artifacts import read_metadata
 
-        self.baseline = artifact_metadata(self.active_artifact).get("dev_score")
+        metadata = read_metadata(self.active_artifact) if self.active_artifact else None
+        self.baseline = metadata.dev_score if metadata else None
 
     async def record(self, inputs: dict, outputs: dict, artifact: str | None) -> Decision:
         try:
@@ -213,7 +216,7 @@ class DriftMonitor:
                 f.write(json.dumps(row) + "\n")
         entrypoint = self.policy.job_entrypoint.format(
             program=self.options.program, artifact_dir=self.options.artifact_dir, samples=samples)
-        job_id = self._client().submit_job(entrypoint=entrypoint)
+        job_id = self._client().submit_job(entrypoint=entrypoint, runtime_env=self.policy.job_runtime_env)
         self.store.set_job(job_id, "RUNNING")
         return job_id
 
@@ -231,10 +234,11 @@ class DriftMonitor:
         self._adopt_best(job_id)
 
     def _adopt_best(self, job_id: str) -> None:
-        from serve.artifacts import artifact_metadata, best_artifact
+        from programs.artifacts import best_artifact
 
-        candidate = best_artifact(self.options.program, self.options.artifact_dir)
-        score = artifact_metadata(candidate).get("dev_score") if candidate else None
+        record = best_artifact(self.options.artifact_dir, self.options.program)
+        candidate = str(record.path) if record else None
+        score = record.metadata.dev_score if record else None
         baseline = self.baseline if self.baseline is not None else float("-inf")
         if candidate is None or score is None or score <= baseline or candidate == self.active_artifact:
             self.store.log("kept", job_id=job_id, candidate=candidate, score=score, baseline=self.baseline)

@@ -36,7 +36,7 @@ import dspy
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from programs import load_program
+from programs.artifacts import load_artifact
 from stages.config import EndpointSettings
 from stages.lm import build_lm
 from stages.predict import ProgramRunner
@@ -78,7 +78,7 @@ class DSPyStageUDF:
         self.settings = EndpointSettings(**lm_settings)
         self.lm = lm_factory(self.settings)  # configured once per actor, used via dspy.context per call
         self.runner = ProgramRunner(
-            load_program(program, program_path),
+            load_artifact(program_path, program).program,  # the one loader: sidecar and signature checked
             self.lm,
             output_fields=self.output_fields,
             refine_attempts=refine_attempts,

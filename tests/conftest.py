@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +38,68 @@ def fake_llm():
 
     with FakeLLM() as fake:
         yield fake
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class JobHead:
+    """A throwaway loopback Ray head with the job API, apart from the session's own Ray."""
+
+    def __init__(self, address: str, env: dict[str, str]):
+        self.address, self.env = address, env
+        self.ray_bin = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_job_head():
+    """A second local Ray cluster with the dashboard's job API, for `ray job submit` and JobSubmissionClient.
+
+    Token auth is off for it (the head and the clients agree through RAY_AUTH_MODE);
+    its own temp dir keeps it from becoming the machine's "current cluster" for a
+    later ``ray.init()``; ``--block`` keeps it in this process group, so exactly this
+    cluster is stopped afterwards (``ray stop`` would stop the session's Ray too).
+    """
+    import urllib.error
+    import urllib.request
+
+    port, dash, agent = _free_port(), _free_port(), _free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--temp-dir", temp_dir, "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(dash),
+                             # the session's own Ray already holds the agent's default port (52365)
+                             "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # the job API answers a little before the head's job agent is ready: run a no-op job
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head's job API did not come up"
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                    pass
+            except OSError:
+                time.sleep(1)
+                continue
+            proc = subprocess.run([ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"],
+                                  env=env, capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                break
+            time.sleep(2)
+        yield JobHead(address, env)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)

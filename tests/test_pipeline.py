@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -145,72 +142,17 @@ def test_end_to_end_on_embedded_llamacpp_model(ray_local, tmp_path):
         assert r["priority"] in PRIORITIES and r["category"] in CATEGORIES
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_same_module_runs_under_ray_job_submit(tmp_path):
-    """`ray job submit --working-dir . -- python -m pipelines.triage` against a head this test starts."""
+def test_same_module_runs_under_ray_job_submit(ray_job_head, tmp_path):
+    """`ray job submit --working-dir . -- python -m pipelines.triage` against a head of its own."""
     src = write_calls(tmp_path / "calls.jsonl", 30)
     out = tmp_path / "out"
-    port, dash, agent = _free_port(), _free_port(), _free_port()
-    # A throwaway loopback cluster: Ray's token auth is switched off for it (the head and the CLI agree).
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    # --block keeps the head in this process group, so the test can stop exactly this cluster
-    # (`ray stop` would also stop the session's own local Ray).
-    # Its own temp dir, so this head does not become the machine's "current cluster" for later ray.init().
-    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                             "--temp-dir", temp_dir,
-                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             # the session's own Ray already holds the agent's default port (52365)
-                             "--dashboard-agent-listen-port", str(agent),
-                             "--disable-usage-stats"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_jobs_api(dash, head)
-        with FakeLLM() as fake:
-            cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                   "--", sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
-                   "--lm-base-url", fake.base_url, "--num-actors", "1"]
-            for _ in range(30):  # the job API answers a little before the head's job agent is ready
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-                if "No available agent" not in proc.stdout + proc.stderr:
-                    break
-                time.sleep(2)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout
-        ids = read_output(out).column("id").to_pylist()
-        assert sorted(ids) == sorted(f"call-{i:05d}" for i in range(30))
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_jobs_api(port: int, head: subprocess.Popen, timeout: float = 180) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert head.poll() is None, "ray start --head exited"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
-                return
-        except urllib.error.HTTPError as e:
-            if e.code == 401:  # up, and asking for Ray's auth token (the CLI sends it)
-                return
-            time.sleep(1)
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("Ray head's job API did not come up")
+    with FakeLLM() as fake:
+        cmd = [ray_job_head.ray_bin, "job", "submit", "--address", ray_job_head.address, "--working-dir", str(ROOT),
+               "--", sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
+               "--lm-base-url", fake.base_url, "--num-actors", "1"]
+        proc = subprocess.run(cmd, env=ray_job_head.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    ids = read_output(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"call-{i:05d}" for i in range(30))

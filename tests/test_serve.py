@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -179,6 +180,13 @@ def test_decision_rule():
     assert decide(0.80, 20, 0.9, policy, True).kind == "busy"
 
 
+def _artifact(artifact_dir: Path, score: float, when: str) -> Path:
+    from programs.artifacts import ArtifactMetadata, save_artifact
+
+    return save_artifact(load_program("triage"), artifact_dir,
+                         ArtifactMetadata(program="triage", model="fake-model", dev_score=score, created_at=when))
+
+
 class _JobClient:
     """Stands in for Ray's JobSubmissionClient: the 'job' writes a better artifact and succeeds."""
 
@@ -187,11 +195,9 @@ class _JobClient:
     def __init__(self, artifact_dir: Path):
         self.artifact_dir = artifact_dir
 
-    def submit_job(self, entrypoint: str) -> str:
+    def submit_job(self, entrypoint: str, runtime_env=None) -> str:
         self.submitted.append(entrypoint)
-        path = self.artifact_dir / "triage_fake-model_20261124_0.95.json"
-        load_program("triage").save(str(path))
-        path.with_suffix(".meta.json").write_text(json.dumps({"dev_score": 0.95}))
+        _artifact(self.artifact_dir, 0.95, "2026-11-24T00:00:00+00:00")
         return f"job-{len(self.submitted)}"
 
     def get_job_status(self, job_id: str) -> str:
@@ -202,10 +208,7 @@ def test_drift_trigger_fires_once_and_new_artifact_is_adopted(tmp_path):
     import asyncio
 
     artifact_dir = tmp_path / "artifacts"
-    artifact_dir.mkdir()
-    base = artifact_dir / "triage_fake-model_20261101_0.90.json"
-    load_program("triage").save(str(base))
-    base.with_suffix(".meta.json").write_text(json.dumps({"dev_score": 0.90}))
+    base = _artifact(artifact_dir, 0.90, "2026-11-01T00:00:00+00:00")
     _JobClient.submitted = []
     with FakeLLM(field_overrides={"score": 0.92}) as judge:
         monitor = DriftMonitor(
@@ -225,11 +228,56 @@ def test_drift_trigger_fires_once_and_new_artifact_is_adopted(tmp_path):
     kinds = [d.kind for d in dropped]
     assert kinds.count("trigger") == 1, kinds  # exactly once
     assert len(_JobClient.submitted) == 1 and "--extra-train" in _JobClient.submitted[0]
-    assert monitor.current_artifact().endswith("_0.95.json")  # adopted after the job succeeded
+    assert monitor.current_artifact().endswith("_0.950.json")  # adopted after the job succeeded
     logged = [k for k, _ in monitor.decisions()]
     assert "trigger" in logged and "deployed" in logged
     store = SampleStore(str(tmp_path / "d.sqlite"))
     assert store.rolling(3600)[1] == 26
+
+
+def test_drift_runs_a_real_reoptimization_job_and_deploys_its_artifact(ray_job_head, tmp_path, monkeypatch):
+    """The whole loop: judge scores drop -> one Ray job runs `python -m optimize` -> its artifact is deployed."""
+    import asyncio
+
+    from programs.artifacts import load_artifact
+    from tests.gold import triage_gold
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the throwaway head runs without token auth
+    artifact_dir = tmp_path / "artifacts"
+    base = _artifact(artifact_dir, 0.25, "2026-11-01T00:00:00+00:00")  # about what the zero-shot program scores
+    transcripts = [json.loads(line)["transcript"]
+                   for line in (Path(__file__).resolve().parents[1] / "data/triage_dev.jsonl").read_text().splitlines()]
+    with FakeLLM(gold=triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"])) as target, \
+            FakeLLM(field_overrides={"score": 0.3}) as judge:
+        entrypoint = (f"{sys.executable} -m optimize --pipeline {{program}} --optimizer miprov2 --auto none "
+                      f"--num-candidates 3 --num-trials 4 --val-size 30 --train-limit 60 --dev-limit 30 "
+                      f"--workers 2 --out {{artifact_dir}} --extra-train {{samples}} --lm-base-url {target.base_url} "
+                      f"--lm-model fake-model --max-calls 2000")
+        monitor = DriftMonitor(
+            ServeOptions(artifact=str(base), artifact_dir=str(artifact_dir), drift_db=str(tmp_path / "d.sqlite"),
+                         judge={"base_url": judge.base_url, "model": "judge"}).model_dump(),
+            policy={"min_samples": 10, "drop_points": 5, "job_address": ray_job_head.address,
+                    "job_entrypoint": entrypoint},
+        )
+
+        async def sample(texts):
+            return [await monitor.record({"transcript": t}, {"priority": "urgent", "category": "crime"}, str(base))
+                    for t in texts]
+
+        assert [d.kind for d in asyncio.run(sample(transcripts[:12]))][-1] == "ok"
+        judge.configure(field_overrides={"score": 0.05})  # live quality collapses
+        kinds = [d.kind for d in asyncio.run(sample(transcripts[12:30]))]
+        assert kinds.count("trigger") == 1, kinds
+        deadline = time.monotonic() + 420
+        while monitor.current_artifact() == str(base):
+            assert time.monotonic() < deadline, monitor.decisions()
+            asyncio.run(sample(transcripts[30:31]))  # traffic keeps coming; every sample polls the job
+            time.sleep(2)
+    logged = [k for k, _ in monitor.decisions()]
+    assert logged.count("trigger") == 1 and "deployed" in logged, monitor.decisions()
+    new = load_artifact(monitor.current_artifact())
+    assert new.metadata.optimizer == "miprov2" and new.metadata.dev_score > 0.25
+    assert new.path != str(base)
 
 
 def test_serve_config_yaml_is_valid_for_serve_deploy():
