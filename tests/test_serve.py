@@ -85,6 +85,31 @@ def test_predict_batch_info_docs(serve_http, fake):
     assert http("GET", f"{serve_http}/healthz")[0] == 200
 
 
+def test_metrics_reach_rays_prometheus_export(serve_http, fake):
+    """Requests, latency histogram and LM token counters appear on the node's Prometheus endpoint."""
+    import ray
+
+    deploy(fake)
+    for i in range(3):
+        assert http("POST", f"{serve_http}/triage/predict", {"transcript": f"metrics call {i}"})[0] == 200
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = {"ray_dspy_serve_requests_total", "ray_dspy_serve_request_latency_seconds_bucket",
+              "ray_dspy_serve_lm_calls_total", "ray_dspy_serve_lm_tokens_total"}
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while set(found) != wanted:
+        assert time.monotonic() < deadline, f"missing {sorted(wanted - set(found))}"
+        time.sleep(2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = {}  # one scrape's totals
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and 'program="triage"' in line:
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    assert found["ray_dspy_serve_requests_total"] >= 3 and found["ray_dspy_serve_lm_calls_total"] >= 3
+    assert found["ray_dspy_serve_lm_tokens_total"] > 0
+
+
 def test_bad_body_is_422_naming_the_field(serve_http, fake):
     deploy(fake)
     status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcrpt": "typo"})
