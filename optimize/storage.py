@@ -23,7 +23,6 @@ driver persists them), so numbering needs no lock.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -31,20 +30,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from optuna.storages.journal import BaseJournalBackend
 
-
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, NotImplementedError):  # ArrowInvalid / ArrowNotImplementedError: not a pyarrow scheme
-        pass
-    import fsspec
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return PyFileSystem(FSSpecHandler(fs)), path
+from stages.fs import filesystem_for
 
 
 class RunStorage:

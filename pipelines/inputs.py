@@ -153,7 +153,51 @@ def _column(values: list[Any]) -> pa.Array:
 
 
 def load_corpus(spec: InputSpec) -> pa.Table:
-    """Read, validate and normalize the input; raises InputError for file-level problems."""
+    """Read, validate and normalize the input; raises InputError for file-level problems.
+
+    An object-store URI (``s3://bucket/calls/``) is copied to a local temporary
+    folder first (the corpus is read on the driver either way); messages name the URI.
+    """
+    from stages.fs import is_uri
+
+    if not is_uri(spec.path):
+        return _load_local(spec)
+    import dataclasses
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="corpus-") as tmp:
+        local = stage_uri(spec.path, tmp)
+        try:
+            return _load_local(dataclasses.replace(spec, path=local))
+        except InputError as exc:
+            raise InputError(str(exc).replace(local, spec.path.rstrip("/"))) from None
+
+
+def stage_uri(uri: str, tmp: str) -> str:
+    """Copy a file or folder at ``uri`` into ``tmp``; the local path that mirrors it."""
+    import pyarrow.fs as pafs
+
+    from stages.fs import filesystem_for
+
+    try:
+        fs, path = filesystem_for(uri)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{uri}: cannot open ({' '.join(str(exc).split())[:300]})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {uri}")
+    name = info.base_name or "corpus"
+    local = str(Path(tmp) / name)
+    try:
+        if info.type == pafs.FileType.Directory:
+            Path(local).mkdir()
+        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot read ({' '.join(str(exc).split())[:300]})") from None
+    return local
+
+
+def _load_local(spec: InputSpec) -> pa.Table:
     fmt, files, root = discover(spec.path)
     rows: list[_Row] = []
     for row in _rows(fmt, files, root, spec):

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.inputs import InputError, InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, DSPyStage
 from stages.config import EndpointSettings, dotenv_runtime_env
 from stages.discovery import discover_endpoints
+from stages.fs import filesystem_for, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -68,29 +70,41 @@ class RunResult:
 # -- resume -----------------------------------------------------------------
 
 
-def written_ids(output: Path) -> set[str]:
+def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+
+
+def written_ids(output: str) -> set[str]:
     """Ids already in ``output``'s parquet files; unreadable (half-written) files are set aside."""
+    fs, root = filesystem_for(output)
     done: set[str] = set()
-    if not output.exists():
-        return done
-    for path in sorted(output.glob("*.parquet")):
+    for path in _parquet_files(fs, root):
         try:
-            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
         except Exception as exc:  # noqa: BLE001 - a killed writer leaves truncated files
-            quarantine = output / QUARANTINE_DIR
-            quarantine.mkdir(exist_ok=True)
-            path.rename(quarantine / path.name)
-            logger.warning("set aside unreadable output file %s (%s); its rows will be redone", path.name, exc)
+            quarantine = f"{root.rstrip('/')}/{QUARANTINE_DIR}"
+            fs.create_dir(quarantine, recursive=True)
+            name = path.rsplit("/", 1)[-1]
+            fs.move(path, f"{quarantine}/{name}")
+            logger.warning("set aside unreadable output file %s (%s); its rows will be redone", name, exc)
             continue
         done.update(ids)
     return done
 
 
-def prepare_output(output: Path, resume: bool) -> set[str]:
-    if output.exists() and not output.is_dir():
+def prepare_output(output: str, resume: bool) -> set[str]:
+    """Check the output location (a folder or an object-store prefix) and return the ids already there."""
+    try:
+        fs, root = filesystem_for(output)
+        kind = fs.get_file_info(root).type
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"output {output}: cannot open ({' '.join(str(exc).split())[:300]})") from None
+    if kind == pafs.FileType.File:
         raise OutputError(f"output {output} exists and is not a directory")
-    has_results = output.exists() and any(output.glob("*.parquet"))
-    if has_results and not resume:
+    if _parquet_files(fs, root) and not resume:
         raise OutputError(
             f"output {output} already holds results; pass --resume to continue that run, or choose a new --output"
         )
@@ -143,7 +157,7 @@ def run_pipeline(
 ) -> RunResult:
     import ray
 
-    out = Path(output)
+    out = output if is_uri(output) else str(Path(output).resolve())
     done = prepare_output(out, resume)
     table = load_corpus(spec)  # every input problem is reported here, before any LM call
     todo = table.filter(pa.compute.invert(pa.compute.is_in(table.column("id"), pa.array(sorted(done), pa.string()))))
@@ -158,17 +172,19 @@ def run_pipeline(
             budget = per_actor_budget(stages, settings)
             for stage in stages:
                 ds = stage.apply(ds, settings, max_in_flight=budget)
-            ds.write_parquet(str(out))
+            ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
     seconds = time.perf_counter() - start
     return summarize(out, todo.num_rows, resumed, seconds, summary_columns)
 
 
-def summarize(out: Path, rows_this_run: int, resumed: int, seconds: float, columns: tuple[str, ...]) -> RunResult:
-    files = sorted(out.glob("*.parquet"))
+def summarize(out: str, rows_this_run: int, resumed: int, seconds: float, columns: tuple[str, ...]) -> RunResult:
+    fs, root = filesystem_for(out)
     wanted = ["id", ERRORS_COLUMN, *columns]
-    tables = [pq.read_table(f, columns=[c for c in wanted if c in pq.read_schema(f).names]) for f in files]
-    result = RunResult(str(out), 0, rows_this_run, resumed, seconds)
-    for t in tables:
+    result = RunResult(out, 0, rows_this_run, resumed, seconds)
+    for path in _parquet_files(fs, root):
+        with fs.open_input_file(path) as f:
+            names = pq.read_schema(f).names
+        t = pq.read_table(path, columns=[c for c in wanted if c in names], filesystem=fs)
         result.rows_total += t.num_rows
         if ERRORS_COLUMN in t.column_names:
             result.rows_with_errors += sum(1 for e in t.column(ERRORS_COLUMN).to_pylist() if e)
@@ -186,8 +202,9 @@ def summarize(out: Path, rows_this_run: int, resumed: int, seconds: float, colum
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of .txt")
-    io.add_argument("--output", required=True, help="output folder (parquet dataset)")
+    io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of .txt; "
+                                                       "a local path or s3://, gs://, file:// URI")
+    io.add_argument("--output", required=True, help="output folder or object-store prefix (parquet dataset)")
     io.add_argument("--text-column", default="transcript", help="column holding the text (default: transcript)")
     io.add_argument("--id-column", default="id", help="column holding row ids (default: id; generated if absent)")
     io.add_argument("--limit", type=int, default=None, help="process only the first N rows")

@@ -97,6 +97,36 @@ def test_resume_after_kill_redoes_nothing_written(ray_local, tmp_path):
     assert len(stats["inputs"]) == 2 * (n - len(done))
 
 
+def test_object_store_uris_for_input_and_output(ray_local, tmp_path):
+    """Input and output given as URIs go through pyarrow filesystems (file:// here; s3:// the same way)."""
+    from pipelines.inputs import InputError, load_corpus
+    from pipelines.runner import OutputError
+
+    (tmp_path / "in").mkdir()
+    src = write_calls(tmp_path / "in" / "calls.jsonl", 20)
+    out_uri = f"file://{tmp_path}/out"
+    with FakeLLM() as fake:
+        settings = EndpointSettings(base_url=fake.base_url, model="fake-model")
+        result = run_pipeline(InputSpec(f"file://{src.parent}"), out_uri, [TriageStage(num_actors=1)], settings,
+                              summary_columns=("priority",))
+        assert result.rows_total == 20 and result.output == out_uri
+        with pytest.raises(OutputError, match="already holds results"):
+            run_pipeline(InputSpec(f"file://{src}"), out_uri, [TriageStage(num_actors=1)], settings)
+        again = run_pipeline(InputSpec(f"file://{src}"), out_uri, [TriageStage(num_actors=1)], settings, resume=True)
+    assert again.rows_resumed == 20 and again.rows_this_run == 0
+    assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == sorted(f"call-{i:05d}" for i in range(20))
+
+    # Problems are reported with the URI the user gave, not the local staging copy.
+    import fsspec
+
+    with fsspec.open("memory://corpus/bad.jsonl", "w") as f:
+        f.write('{"id": "a", "transcript": "x"}\nnot json\n')
+    with pytest.raises(InputError, match=r"memory://corpus/bad.jsonl line 2: invalid JSON"):
+        load_corpus(InputSpec("memory://corpus/bad.jsonl"))
+    with pytest.raises(InputError, match="input not found: memory://nowhere"):
+        load_corpus(InputSpec("memory://nowhere/calls.jsonl"))
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path):
     bad = tmp_path / "calls.jsonl"
     bad.write_text('{"id": 1, "transcript": "fire"}\n{"id": 2, "transcript": \n')

@@ -1,0 +1,38 @@
+"""Local paths and object-store URIs behind one interface (``pyarrow.fs``, with fsspec as fallback).
+
+    >>> fs, path = filesystem_for("/tmp/out")
+    >>> type(fs).__name__, path
+    ('LocalFileSystem', '/tmp/out')
+    >>> is_uri("s3://bucket/calls/"), is_uri("calls/")
+    (True, False)
+
+``s3://``, ``gs://``, ``hdfs://`` and ``file://`` go through pyarrow's own
+filesystems (credentials from the usual environment / instance role); any other
+fsspec URL (``memory://`` in tests) through ``fsspec``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or URI."""
+    uri = str(uri)
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, NotImplementedError):  # ArrowInvalid / ArrowNotImplementedError: not a pyarrow scheme
+        pass
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
