@@ -99,7 +99,7 @@ def _num_predictors(spec: PipelineSpec) -> int:
 
 
 def default_run_dir(cfg: OptimizeConfig, fingerprint: str) -> str:
-    return str(Path(cfg.out) / "runs" / f"{cfg.pipeline}-{cfg.optimizer}-{fingerprint}")
+    return f"{cfg.out.rstrip('/')}/runs/{cfg.pipeline}-{cfg.optimizer}-{fingerprint}"
 
 
 def open_run(cfg: OptimizeConfig, fingerprint: str) -> RunStorage:
@@ -333,11 +333,11 @@ def run_optimization(
     last = max([p.step for p in outcome.points] + [1])
     dev_points = [TrajectoryPoint(step=0, score=baseline.score, kind="dev", n=baseline.n),
                   TrajectoryPoint(step=last, score=optimized.score, kind="dev", n=optimized.n)]
-    plot = plot_trajectory(outcome.points + dev_points, artifact.with_name(artifact.name[: -len(".json")] + ".trajectory.png"),
-                           title=f"{cfg.pipeline}: {cfg.optimizer} ({cfg.workers} workers), dev "
-                                 f"{baseline.score:.3f} -> {optimized.score:.3f}")
+    plot = save_plot(outcome.points + dev_points, artifact[: -len(".json")] + ".trajectory.png",
+                     title=f"{cfg.pipeline}: {cfg.optimizer} ({cfg.workers} workers), dev "
+                           f"{baseline.score:.3f} -> {optimized.score:.3f}")
     result = OptimizeResult(
-        artifact=str(artifact), plot=str(plot), run_dir=storage.uri, baseline=baseline, optimized=optimized,
+        artifact=artifact, plot=plot, run_dir=storage.uri, baseline=baseline, optimized=optimized,
         estimate=estimate, seconds=time.perf_counter() - start, trials_evaluated_this_run=outcome.evaluated_now,
         judge_errors_during_search=outcome.judge_errors,
     )
@@ -346,6 +346,22 @@ def run_optimization(
     if cfg.mlflow:
         log_to_mlflow(cfg, result, metadata)
     return result
+
+
+def save_plot(points: list[TrajectoryPoint], path: str, *, title: str) -> str:
+    """The trajectory PNG next to the artifact (uploaded when the artifact directory is a URI)."""
+    from stages.fs import filesystem_for, is_uri
+
+    if not is_uri(path):
+        return str(plot_trajectory(points, path, title=title))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="plot-") as tmp:
+        local = plot_trajectory(points, Path(tmp) / "trajectory.png", title=title)
+        fs, inner = filesystem_for(path)
+        with fs.open_output_stream(inner) as f:
+            f.write(local.read_bytes())
+    return path
 
 
 def log_to_mlflow(cfg: OptimizeConfig, result: OptimizeResult, metadata: Any) -> bool:

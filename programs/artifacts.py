@@ -34,9 +34,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import dspy
+import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
 from programs.loading import ProgramLoadError, load_program, read_program_json, resolve_program_class
+from stages.fs import filesystem_for, is_uri
 
 SIDECAR_SUFFIX = ".meta.json"
 ALIASES = ("latest", "best")
@@ -166,6 +168,27 @@ def artifact_filename(program: str, model: str, score: float | None, when: dt.da
     return f"{_slug(program)}_{_slug(model.rsplit('/', 1)[-1])}_{when.strftime('%Y%m%dT%H%M%S')}_{score_text}.json"
 
 
+def _sidecar_name(name: str) -> str:
+    return name[: -len(".json")] + SIDECAR_SUFFIX if name.endswith(".json") else name + SIDECAR_SUFFIX
+
+
+def _read_text(path: str | os.PathLike) -> str | None:
+    """A local or object-store file's text; None when it does not exist."""
+    if not is_uri(path):
+        p = Path(path)
+        return p.read_text(encoding="utf-8") if p.is_file() else None
+    fs, inner = filesystem_for(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            return None
+        raise
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(path.name[: -len(".json")] + SIDECAR_SUFFIX) if path.name.endswith(".json") else path.with_name(
@@ -173,11 +196,31 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     )
 
 
-def save_artifact(module: dspy.Module, out_dir: str | os.PathLike, metadata: ArtifactMetadata) -> Path:
-    """Write the program JSON and its sidecar; return the program file's path.
+def save_artifact(module: dspy.Module, out_dir: str | os.PathLike, metadata: ArtifactMetadata) -> str:
+    """Write the program JSON and its sidecar; return the program file's path (or URI).
 
     The signature fields of ``metadata`` are filled in from ``module`` itself.
+    ``out_dir`` may be an object-store URI (``s3://bucket/artifacts``): both files
+    are written locally first and then uploaded, the sidecar last, so a listing
+    never sees a program without its metadata.
     """
+    if is_uri(out_dir):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
+            local = Path(save_artifact(module, tmp, metadata))
+            fs, root = filesystem_for(out_dir)
+            fs.create_dir(root, recursive=True)
+            existing = {r.path.rsplit("/", 1)[-1] for r in list_artifacts(out_dir)}
+            name = local.name
+            n = 2
+            while name in existing:
+                name = local.name.replace(".json", f"-{n}.json")
+                n += 1
+            for src, dst in ((local, name), (sidecar_path(local), _sidecar_name(name))):
+                with fs.open_output_stream(f"{root.rstrip('/')}/{dst}") as f:
+                    f.write(src.read_bytes())
+            return f"{str(out_dir).rstrip('/')}/{name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     overall, per_predictor = signature_hashes(module)
@@ -207,43 +250,54 @@ def save_artifact(module: dspy.Module, out_dir: str | os.PathLike, metadata: Art
     side_tmp = side.with_name(side.name + ".part")
     side_tmp.write_text(metadata.model_dump_json(indent=2) + "\n", encoding="utf-8")
     os.replace(side_tmp, side)
-    return path
+    return str(path)
 
 
 # -- registry ---------------------------------------------------------------------
 
 
 def read_metadata(path: str | os.PathLike) -> ArtifactMetadata | None:
-    """The sidecar of the artifact at ``path``, or None when it has none."""
-    side = sidecar_path(path)
-    if not side.is_file():
+    """The sidecar of the artifact at ``path`` (a local path or URI), or None when it has none."""
+    side = f"{str(path).rsplit('/', 1)[0]}/{_sidecar_name(str(path).rsplit('/', 1)[-1])}" if is_uri(path) \
+        else sidecar_path(path)
+    text = _read_text(side)
+    if text is None:
         return None
     try:
-        return ArtifactMetadata.model_validate_json(side.read_text(encoding="utf-8"))
+        return ArtifactMetadata.model_validate_json(text)
     except ValueError as exc:
         raise ProgramLoadError(f"{side}: unreadable artifact metadata ({exc})") from None
 
 
 @dataclass(frozen=True)
 class ArtifactRecord:
-    path: Path
+    path: Path | str  # a str for object-store URIs
     metadata: ArtifactMetadata
 
 
-def list_artifacts(artifact_dir: str | os.PathLike, program: str | None = None) -> list[ArtifactRecord]:
-    """Artifacts (with a sidecar) in ``artifact_dir``, oldest first; only ``program``'s when given."""
-    root = Path(artifact_dir)
-    if not root.is_dir():
+def _program_files(artifact_dir: str | os.PathLike) -> list[Path | str]:
+    if not is_uri(artifact_dir):
+        root = Path(artifact_dir)
+        return sorted(root.glob("*.json")) if root.is_dir() else []
+    fs, inner = filesystem_for(artifact_dir)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
         return []
+    base = str(artifact_dir).rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    return sorted(f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json"))
+
+
+def list_artifacts(artifact_dir: str | os.PathLike, program: str | None = None) -> list[ArtifactRecord]:
+    """Artifacts (with a sidecar) in ``artifact_dir`` (a folder or URI), oldest first; only ``program``'s when given."""
     records = []
-    for path in sorted(root.glob("*.json")):
-        if path.name.endswith(SIDECAR_SUFFIX):
+    for path in _program_files(artifact_dir):
+        if str(path).endswith(SIDECAR_SUFFIX):
             continue
         meta = read_metadata(path)
         if meta is None or (program is not None and meta.program != program):
             continue
         records.append(ArtifactRecord(path, meta))
-    return sorted(records, key=lambda r: (r.metadata.created_at, r.path.name))
+    return sorted(records, key=lambda r: (r.metadata.created_at, str(r.path)))
 
 
 def latest_artifact(artifact_dir: str | os.PathLike, program: str) -> ArtifactRecord | None:
@@ -256,7 +310,7 @@ def best_artifact(artifact_dir: str | os.PathLike, program: str) -> ArtifactReco
     scored = [r for r in list_artifacts(artifact_dir, program) if r.metadata.dev_score is not None]
     if not scored:
         return None
-    return max(scored, key=lambda r: (r.metadata.dev_score, r.metadata.created_at, r.path.name))
+    return max(scored, key=lambda r: (r.metadata.dev_score, r.metadata.created_at, str(r.path)))
 
 
 # -- loading ----------------------------------------------------------------------
@@ -285,7 +339,8 @@ def check_signatures(module: dspy.Module, metadata: ArtifactMetadata, source: st
         )
 
 
-def resolve_artifact(path_or_alias: str | os.PathLike, program: str | None, artifact_dir: str | os.PathLike) -> Path:
+def resolve_artifact(path_or_alias: str | os.PathLike, program: str | None,
+                     artifact_dir: str | os.PathLike) -> Path | str:
     if str(path_or_alias) in ALIASES:
         if not program:
             raise ProgramLoadError(f"artifact {path_or_alias!r} needs a program name to look up")
@@ -294,7 +349,7 @@ def resolve_artifact(path_or_alias: str | os.PathLike, program: str | None, arti
         if record is None:
             raise ProgramLoadError(f"no {program} artifact in {artifact_dir} for {path_or_alias!r}")
         return record.path
-    return Path(path_or_alias)
+    return str(path_or_alias) if is_uri(path_or_alias) else Path(path_or_alias)
 
 
 def load_artifact(
@@ -317,6 +372,8 @@ def load_artifact(
             raise ProgramLoadError("load_artifact(None) needs a program")
         return LoadedArtifact(load_program(program), None, None)
     path = resolve_artifact(path_or_alias, program_name, artifact_dir)
+    if is_uri(path):
+        return _load_remote(str(path), program)
     if not path.is_file():
         raise ProgramLoadError(f"{path}: artifact not found")
     metadata = read_metadata(path)
@@ -330,3 +387,20 @@ def load_artifact(
         read_program_json(path)  # pickles and broken JSON are refused with the loader's own message first
         check_signatures(resolve_program_class(program)(), metadata, str(path))
     return LoadedArtifact(load_program(program, path), str(path), metadata)
+
+
+def _load_remote(uri: str, program: str | type[dspy.Module] | None) -> LoadedArtifact:
+    """Download the program and its sidecar next to each other, load locally, report the URI."""
+    import tempfile
+
+    text = _read_text(uri)
+    if text is None:
+        raise ProgramLoadError(f"{uri}: artifact not found")
+    metadata = read_metadata(uri)
+    with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
+        local = Path(tmp) / uri.rsplit("/", 1)[-1]
+        local.write_text(text, encoding="utf-8")
+        if metadata is not None:
+            sidecar_path(local).write_text(metadata.model_dump_json(), encoding="utf-8")
+        loaded = load_artifact(local, program)
+    return LoadedArtifact(loaded.program, uri, loaded.metadata)

@@ -262,10 +262,10 @@ def test_artifact_round_trip_registry_and_signature_mismatch(tmp_path):
                                                              lm={"api_key": "***"}))
     newer = save_artifact(CallTriager(), tmp_path, ArtifactMetadata(program="triage", model="org/Model-7B",
                                                                    dev_score=0.5))
-    assert older.name == "triage_Model-7B_20261101T000000_0.900.json"
-    assert [r.path for r in list_artifacts(tmp_path, "triage")] == [older, newer]
-    assert load_artifact("best", program="triage", artifact_dir=tmp_path).path == str(older)
-    assert load_artifact("latest", program="triage", artifact_dir=tmp_path).path == str(newer)
+    assert Path(older).name == "triage_Model-7B_20261101T000000_0.900.json"
+    assert [str(r.path) for r in list_artifacts(tmp_path, "triage")] == [older, newer]
+    assert load_artifact("best", program="triage", artifact_dir=tmp_path).path == older
+    assert load_artifact("latest", program="triage", artifact_dir=tmp_path).path == newer
 
     loaded = load_artifact(older)
     assert loaded.program.triage.signature.instructions == "Triage carefully."
@@ -275,9 +275,30 @@ def test_artifact_round_trip_registry_and_signature_mismatch(tmp_path):
     with pytest.raises(ArtifactMismatchError) as info:
         load_artifact(older, program=ChangedTriager)
     message = str(info.value)
-    assert str(older) in message and "'triage'" in message and "one_liner" in message
+    assert older in message and "'triage'" in message and "one_liner" in message
     with pytest.raises(ProgramLoadError, match="no triage artifact"):
         load_artifact("best", program="triage", artifact_dir=tmp_path / "empty")
+
+
+def test_artifacts_and_optimization_on_an_object_store_uri(ray_local, gold_llm):
+    """--out s3://... works the same: the artifact, its sidecar and plot, the run state, the registry."""
+    import fsspec
+
+    from optimize.run import run_optimization
+
+    out = "memory://bucket/artifacts"
+    cfg = OptimizeConfig(pipeline="triage", optimizer="bootstrap", workers=2, threads_per_worker=4, out=out,
+                         train_limit=40, dev_limit=10, search=SearchSettings(val_size=10))
+    result = run_optimization(cfg, _settings(gold_llm))
+    assert result.artifact.startswith(out + "/triage_fake-model_") and result.run_dir.startswith(out + "/runs/")
+    fs = fsspec.filesystem("memory")
+    assert fs.exists(result.plot.removeprefix("memory://"))
+    assert SECRET not in fs.cat(result.artifact.removeprefix("memory://")[: -len(".json")] + ".meta.json").decode()
+    best = load_artifact("best", program="triage", artifact_dir=out)
+    assert best.path == result.artifact and best.metadata.optimizer == "bootstrap"
+    assert best.program.triage.demos  # the compiled program, loaded from the store
+    with pytest.raises(ArtifactMismatchError):
+        load_artifact(result.artifact, program=ChangedTriager)
 
 
 def test_run_storage_on_an_object_store_uri():
