@@ -167,6 +167,45 @@ def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
     assert result.optimized.score > result.baseline.score
 
 
+def test_a_worker_lost_midway_is_replaced_and_the_search_completes(ray_local, gold, tmp_path):
+    """A trial worker dies mid-run (its node preempted): Ray restarts it, its trial is retried, nothing is lost."""
+    import threading
+
+    import ray
+
+    from optimize.config import resolve_budget
+    from optimize.data import load_pipeline_data, split_train_val
+    from optimize.evaluation import EvalContext
+    from optimize.mipro import ParallelMIPROv2
+    from optimize.storage import RunStorage
+    from optimize.workers import WorkerPool
+
+    spec = PIPELINES["triage"]
+    train, _ = load_pipeline_data(spec, train_limit=80)
+    search = SearchSettings(auto=None, num_candidates=3, num_trials=10, minibatch_size=15, val_size=30)
+    budget = resolve_budget(search, 1, len(train))
+    trainset, valset = split_train_val(train, budget.val_size, search.seed)
+    with FakeLLM(gold=gold, latency=0.1) as fake:
+        ctx = EvalContext(spec=spec, lm=_settings(fake), threads=4, num_cpus=0.01)
+        storage = RunStorage(str(tmp_path / "run"))
+        with WorkerPool(ctx, 2) as pool:
+            optimizer = ParallelMIPROv2(spec, search, budget, ctx, workers=2, storage=storage, pool=pool,
+                                        on_event=lambda line: None)
+            outcome: dict = {}
+            thread = threading.Thread(target=lambda: outcome.update(result=optimizer.compile(trainset, valset)))
+            thread.start()
+            deadline = time.monotonic() + 120
+            while len(storage.list("trials")) < 2:
+                assert time.monotonic() < deadline and thread.is_alive(), "no trials finished"
+                time.sleep(0.05)
+            ray.kill(pool.actors[0], no_restart=False)  # the process dies; Ray may restart the actor
+            thread.join(timeout=300)
+    result = outcome["result"]
+    numbers = [t.number for t in result.trials]
+    assert len(numbers) == len(set(numbers)) == 10
+    assert result.best_score >= result.baseline_score
+
+
 def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(ray_local, gold_llm, tmp_path):
     from optimize.run import OptimizeError, run_optimization
 
