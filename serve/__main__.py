@@ -27,7 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=4)
     parser.add_argument("--target-ongoing-requests", type=float, default=32)
-    parser.add_argument("--drift-sample-rate", type=float, default=0.02)
+    drift = parser.add_argument_group("drift monitor (on when a judge endpoint is set)")
+    drift.add_argument("--judge-base-url", default=None, help="judge LM endpoint (env JUDGE_BASE_URL)")
+    drift.add_argument("--judge-model", default=None, help="judge model id (env JUDGE_MODEL)")
+    drift.add_argument("--drift-sample-rate", type=float, default=0.02, help="share of requests judged (0.02)")
+    drift.add_argument("--drift-window-days", type=float, default=7.0, help="rolling window (7 days)")
+    drift.add_argument("--drift-drop-points", type=float, default=5.0,
+                       help="re-optimize when the rolling score is this many points below the dev score (5)")
+    drift.add_argument("--drift-min-samples", type=int, default=50, help="samples needed before deciding (50)")
+    drift.add_argument("--auto-deploy", action=argparse.BooleanOptionalAction, default=True,
+                       help="deploy a better re-optimized artifact (--no-auto-deploy: only register it)")
     args = parser.parse_args(argv)
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV) and not args.insecure_public:
@@ -38,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     options = ServeOptions(program=args.program, artifact=args.artifact, artifact_dir=args.artifact_dir, lm=lm,
                            min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                            target_ongoing_requests=args.target_ongoing_requests,
-                           drift_sample_rate=args.drift_sample_rate)
+                           drift_sample_rate=args.drift_sample_rate,
+                           judge={k: v for k, v in {"base_url": args.judge_base_url,
+                                                    "model": args.judge_model}.items() if v},
+                           drift_policy={"window_s": args.drift_window_days * 86400,
+                                         "drop_points": args.drift_drop_points,
+                                         "min_samples": args.drift_min_samples, "auto_deploy": args.auto_deploy})
 
     import ray
     from ray import serve
