@@ -320,6 +320,13 @@ def run_optimization(
             outcome = OPTIMIZERS[cfg.optimizer](cfg, spec, budget, ctx, pool, storage, trainset, valset)
             optimized = dev_summary(storage, "optimized", outcome.program, dev, ctx, pool)
 
+    done = storage.read_json("result.json")
+    if done is not None:  # a resumed run that had already finished: same artifact, no second copy
+        _say(f"the run had finished: artifact {done['artifact']}")
+        return OptimizeResult(artifact=done["artifact"], plot=done["plot"], run_dir=storage.uri, baseline=baseline,
+                              optimized=optimized, estimate=estimate, seconds=time.perf_counter() - start,
+                              trials_evaluated_this_run=outcome.evaluated_now,
+                              judge_errors_during_search=outcome.judge_errors)
     model = lm.model if not lm_settings.embedded else "embedded-smollm2"
     metadata = ArtifactMetadata(
         program=spec.program, model=model, lm=redacted_settings(lm),

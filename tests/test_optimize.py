@@ -221,6 +221,7 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(ray_local,
     again = run_optimization(cfg.model_copy(update={"resume": True}), _settings(gold_llm))
     assert gold_llm.stats()["requests"] == 0
     assert again.optimized.n == 30
+    assert len(list_artifacts(cfg.out, "triage")) == 1  # the finished run's artifact, not a second copy
 
 
 @pytest.mark.parametrize("optimizer", ["bootstrap_rs", "copro"])
