@@ -114,6 +114,24 @@ def test_estimate_over_max_calls_stops_before_any_lm_call(gold_llm, tmp_path, ca
     assert not list(tmp_path.iterdir())
 
 
+def test_mlflow_logs_params_metrics_and_the_artifact(ray_local, gold_llm, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    from optimize.run import run_optimization
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # no database in a test (skinny has no SQLAlchemy)
+    cfg = _config(tmp_path, optimizer="bootstrap", mlflow=True)
+    result = run_optimization(cfg, _settings(gold_llm))
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["optimizer"] == "bootstrap"
+    assert run.data.metrics["dev_score"] == pytest.approx(result.optimized.score)
+    assert run.data.metrics["baseline_dev_score"] == pytest.approx(result.baseline.score)
+    logged = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id)} if hasattr(
+        mlflow.artifacts, "list_artifacts") else {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert Path(result.artifact).name in logged and Path(result.plot).name in logged
+    assert SECRET not in _all_text(tmp_path / "mlruns")
+
+
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     from optimize.__main__ import main
 
