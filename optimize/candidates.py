@@ -5,7 +5,7 @@ DSPy's MIPROv2 makes them one after another from one RNG
 are sequential; the LM work behind each draw is independent.  So the driver
 replays DSPy's draws in DSPy's order (:func:`plan_demo_sets`,
 :func:`plan_proposals`) and each demo set, the dataset summary and each
-instruction proposal runs as its own Ray task.  With a deterministic LM the
+instruction proposal runs as its own call on the run's Ray workers.  With a deterministic LM the
 result is the candidate set DSPy's own ``MIPROv2.compile`` would search
 (``benchmarks/optimize_speedup.py`` checks this).
 

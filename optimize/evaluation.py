@@ -1,4 +1,4 @@
-"""Evaluating a program on examples: in threads, in Ray tasks, or inside DSPy's own optimizers.
+"""Evaluating a program on examples: in threads, on the Ray worker pool, or inside DSPy's own optimizers.
 
 Three layers, each a thin wrapper over the one below:
 
@@ -158,7 +158,7 @@ class EvalLog:
 
 
 class RayEvaluate(dspy.Evaluate):
-    """``dspy.Evaluate`` that scores on Ray tasks with the pipeline's metric.
+    """``dspy.Evaluate`` that scores on the Ray worker pool with the pipeline's metric.
 
     DSPy's optimizers build ``Evaluate(devset=..., metric=..., num_threads=...)``
     themselves; :func:`ray_evaluation` makes that name resolve to this class.  The

@@ -3,7 +3,7 @@
 The algorithm is MIPROv2's (``dspy/teleprompt/mipro_optimizer_v2.py``):
 
 1. make candidates once - few-shot demo sets and instructions per predictor
-   (:mod:`optimize.candidates`, fanned out as Ray tasks);
+   (:mod:`optimize.candidates`, fanned out over the Ray workers);
 2. score the unoptimized program on the whole valset (the baseline);
 3. search: optuna's TPE proposes a combination (instruction index and demo-set
    index per predictor), scored on a minibatch; every ``full_eval_steps``
@@ -128,7 +128,7 @@ class ParallelMIPROv2:
         b = self.budget
         self.on_event(
             f"candidates: bootstrapping {b.num_fewshot_candidates} demo sets and proposing "
-            f"{b.num_instruct_candidates} instructions per predictor (Ray tasks)"
+            f"{b.num_instruct_candidates} instructions per predictor (on the Ray workers)"
         )
         candidates = generate_candidates(
             self.spec, trainset, rng=rng,
