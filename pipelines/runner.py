@@ -220,6 +220,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
     run.add_argument("--refine-attempts", type=int, default=3, help="dspy.Refine attempts on invalid output")
     run.add_argument("--program-dir", default=None, help="folder with optimized <program>.json files to load")
+    run.add_argument("--artifact-dir", default=None,
+                     help="artifact registry (folder or URI, what `python -m optimize --out` wrote): each stage "
+                          "loads its program's --artifact from it")
+    run.add_argument("--artifact", default="best", choices=["best", "latest"],
+                     help="with --artifact-dir: the best-scoring or the newest artifact (default: best)")
 
 
 def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
@@ -232,12 +237,24 @@ def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
 
 def stage_overrides(args: argparse.Namespace, program: str) -> dict:
     path = Path(args.program_dir) / f"{program}.json" if args.program_dir else None
+    program_path = str(path) if path and path.exists() else None
+    if getattr(args, "artifact_dir", None):
+        from programs.artifacts import best_artifact, latest_artifact
+
+        record = (best_artifact if args.artifact == "best" else latest_artifact)(args.artifact_dir, program)
+        if record is None:
+            print(f"no {program} artifact in {args.artifact_dir}: the {program} stage runs unoptimized",
+                  file=sys.stderr)
+        else:
+            print(f"{program}: {args.artifact} artifact {record.path} (dev score {record.metadata.dev_score})",
+                  file=sys.stderr)
+            program_path = str(record.path)
     return {
         "num_actors": args.num_actors,
         "max_in_flight_per_actor": args.concurrency,
         "batch_size": args.batch_size,
         "refine_attempts": args.refine_attempts,
-        "program_path": str(path) if path and path.exists() else None,
+        "program_path": program_path,
     }
 
 

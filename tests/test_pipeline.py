@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.inputs import InputSpec
-from pipelines.runner import run_pipeline, written_ids
+from pipelines.runner import add_common_args, run_pipeline, written_ids
 from stages import EndpointSettings, ExtractDetailsStage, TriageStage
 from tests.fake_llm import FakeLLM
+from tests.gold import triage_gold
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIORITIES = {"urgent", "non_urgent", "not_an_emergency"}
@@ -125,6 +127,42 @@ def test_object_store_uris_for_input_and_output(ray_local, tmp_path):
         load_corpus(InputSpec("memory://corpus/bad.jsonl"))
     with pytest.raises(InputError, match="input not found: memory://nowhere"):
         load_corpus(InputSpec("memory://nowhere/calls.jsonl"))
+
+
+def test_stages_load_the_best_artifact_from_a_registry(ray_local, tmp_path, capsys):
+    """--artifact-dir: each stage loads its program's best artifact (through the one loader) or runs unoptimized."""
+    import dspy
+
+    from pipelines.triage import build_stages
+    from programs import load_program
+    from programs.artifacts import ArtifactMetadata, save_artifact
+
+    registry = tmp_path / "artifacts"
+    tuned = load_program("triage")
+    tuned.triage.signature = tuned.triage.signature.with_instructions("Triage the call; GOLDEN-RULES apply.")
+    tuned.triage.demos = [dspy.Example(transcript="smoke everywhere", priority="urgent", category="fire",
+                                       summary="Smoke.")]
+    best = save_artifact(tuned, registry, ArtifactMetadata(program="triage", model="fake-model", dev_score=0.8))
+    save_artifact(load_program("triage"), registry, ArtifactMetadata(program="triage", model="fake-model",
+                                                                     dev_score=0.3))
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    args = parser.parse_args(["--input", "x", "--output", "y", "--artifact-dir", str(registry), "--num-actors", "1"])
+    triage, extract = build_stages(args)
+    assert triage.program_path == best and extract.program_path is None
+    assert "extract_details stage runs unoptimized" in capsys.readouterr().err
+
+    # The fake answers these labels only to a prompt whose instruction has the keyword: the tuned artifact's.
+    src = write_calls(tmp_path / "calls.jsonl", 6)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({**json.loads(line), "priority": "not_an_emergency", "category": "noise"})
+                                + "\n" for line in src.read_text().splitlines()))
+    with FakeLLM(gold=triage_gold([labelled]), gold_keyword="GOLDEN-RULES") as fake:
+        result = run_pipeline(InputSpec(str(src)), str(tmp_path / "out"), [triage],
+                              EndpointSettings(base_url=fake.base_url, model="fake-model"),
+                              summary_columns=("priority", "category"))
+    assert result.rows_total == 6 and result.rows_with_errors == 0
+    assert result.label_counts == {"priority": {"not_an_emergency": 6}, "category": {"noise": 6}}
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):
