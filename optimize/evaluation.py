@@ -9,7 +9,7 @@ Three layers, each a thin wrapper over the one below:
   a :class:`~optimize.workers.WorkerPool`; the program travels as its JSON state.
 * :class:`RayEvaluate` - a ``dspy.Evaluate`` whose calls go to
   :func:`evaluate_on_ray`; :func:`ray_evaluation` installs it inside DSPy's
-  ``BootstrapFewShotWithRandomSearch`` and ``COPRO`` for the length of a compile.
+  ``BootstrapFewShotWithRandomSearch``, ``COPRO`` and GEPA for the length of a compile.
 """
 
 from __future__ import annotations
@@ -190,14 +190,18 @@ class RayEvaluate(dspy.Evaluate):
 
 @contextlib.contextmanager
 def ray_evaluation(ctx: EvalContext, pool: WorkerPool, log: EvalLog):
-    """Within the block, DSPy's random-search and COPRO optimizers evaluate on Ray."""
+    """Within the block, DSPy's random-search, COPRO and GEPA optimizers evaluate on Ray."""
     from unittest import mock
 
     import dspy.teleprompt.copro_optimizer as copro
+    import dspy.teleprompt.gepa.gepa_utils as gepa_utils
     import dspy.teleprompt.random_search as random_search
 
     def factory(*args, **kwargs):
         return RayEvaluate(*args, ctx=ctx, pool=pool, log=log, **kwargs)
 
-    with mock.patch.object(random_search, "Evaluate", factory), mock.patch.object(copro, "Evaluate", factory):
+    # GEPA's plain evaluations (the valset ones) go to Ray; those that capture traces for reflection
+    # stay in the driver, since the traces are Python objects of this process.
+    with mock.patch.object(random_search, "Evaluate", factory), mock.patch.object(copro, "Evaluate", factory), \
+            mock.patch.object(gepa_utils, "Evaluate", factory):
         yield

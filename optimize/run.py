@@ -199,7 +199,8 @@ def run_dspy_optimizer(cfg: OptimizeConfig, spec: PipelineSpec, budget: Resolved
 
     Their evaluations (``dspy.Evaluate``) run on the Ray worker pool (:func:`ray_evaluation`);
     the compiled program is stored, so a resumed run does not compile again.
-    GEPA evaluates through its own adapter in driver threads, bounded by the same budget.
+    GEPA's valset evaluations go to Ray too; its trace-capturing minibatch evaluations (the input
+    to reflection) run in driver threads, bounded by the same budget.
     """
     from dspy.teleprompt import COPRO, BootstrapFewShot, BootstrapFewShotWithRandomSearch
 

@@ -242,15 +242,18 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(ray_local,
     assert len(list_artifacts(cfg.out, "triage")) == 1  # the finished run's artifact, not a second copy
 
 
-@pytest.mark.parametrize("optimizer", ["bootstrap_rs", "copro"])
+@pytest.mark.parametrize("optimizer", ["bootstrap_rs", "copro", "gepa"])
 def test_dspy_optimizers_run_with_evaluation_on_ray(ray_local, gold_llm, tmp_path, optimizer):
     from optimize.run import run_optimization
 
     cfg = _config(tmp_path, optimizer=optimizer, search={"num_candidates": 3, "breadth": 2, "depth": 1,
-                                                         "val_size": 20})
+                                                         "val_size": 20, "num_trials": 4})
     result = run_optimization(cfg, _settings(gold_llm))
     assert load_artifact(result.artifact).metadata.optimizer == optimizer
     assert result.optimized.n == 30
+    # Their full-valset evaluations ran on the Ray workers (RayEvaluate records each one).
+    points = json.loads((Path(result.run_dir) / "compiled.json").read_text())["points"]
+    assert any(p["kind"] == "full" and p["n"] == 20 for p in points), points
     if optimizer == "bootstrap_rs":
         assert result.optimized.score > result.baseline.score
 
