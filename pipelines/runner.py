@@ -131,9 +131,9 @@ def endpoint(settings: EndpointSettings):
 
     print("no LM endpoint configured (LM_BASE_URL): starting the embedded llama.cpp model", file=sys.stderr)
     with EmbeddedLM.start() as server:
-        yield server.settings(
-            **{k: v for k, v in settings.model_dump().items() if k in ("temperature", "max_tokens", "max_attempts")}
-        )
+        # Only what the user set (flags, environment, .env) overrides the embedded server's own defaults.
+        chosen = settings.model_fields_set & {"temperature", "max_tokens", "max_attempts"}
+        yield server.settings(**{k: getattr(settings, k) for k in chosen})
 
 
 def init_ray() -> None:
@@ -168,7 +168,11 @@ def run_pipeline(
         lm_settings, _ = discover_endpoints(lm_settings)  # the cluster's Serve LLM app when LM_BASE_URL is unset
         with endpoint(lm_settings) as settings:
             ray.data.DataContext.get_current().enable_progress_bars = True
-            ds = to_dataset(todo, rows_per_block=4 * max(stage.batch_size for stage in stages))
+            # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
+            # actor (and, streaming, every stage) busy at once.
+            actors = max(stage.num_actors for stage in stages)
+            per_block = min(4 * max(stage.batch_size for stage in stages), -(-todo.num_rows // (2 * actors)))
+            ds = to_dataset(todo, rows_per_block=max(1, per_block))
             budget = per_actor_budget(stages, settings)
             for stage in stages:
                 ds = stage.apply(ds, settings, max_in_flight=budget)

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("no LM endpoint configured (LM_BASE_URL): starting the embedded llama.cpp model", file=sys.stderr)
         embedded = EmbeddedLM.start()
-        options.lm.update(embedded.settings().model_dump(include={"base_url", "model", "max_in_flight", "timeout_s"}))
+        options.lm.update(embedded.settings().model_dump(
+            include={"base_url", "model", "max_in_flight", "timeout_s", "max_tokens"}))
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(options), name=args.program, route_prefix="/")
     print(f"serving {args.program} at http://{args.host}:{args.port}/{args.program}/predict (docs: /docs)")

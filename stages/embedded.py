@@ -69,6 +69,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
+EMBEDDED_MAX_TOKENS = 192
+
+
 class EmbeddedLM:
     """A llama.cpp server child process bound to 127.0.0.1."""
 
@@ -81,7 +84,10 @@ class EmbeddedLM:
 
     def settings(self, **overrides) -> EndpointSettings:
         # A 2-core CPU server: more concurrent requests than slots only queue.
-        values = {"base_url": self.base_url, "model": MODEL_ALIAS, "max_in_flight": 8, "timeout_s": 120.0}
+        # The 135M model now and then repeats itself inside a string until the token limit; its real
+        # answers here stay under ~100 tokens, so a lower limit bounds what a loop costs (LM_MAX_TOKENS wins).
+        values = {"base_url": self.base_url, "model": MODEL_ALIAS, "max_in_flight": 8, "timeout_s": 120.0,
+                  "max_tokens": EMBEDDED_MAX_TOKENS}
         return EndpointSettings(**{**values, **overrides})
 
     @classmethod
