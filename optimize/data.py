@@ -65,19 +65,17 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a JSONL file (a local path, repository-relative, or an object-store URI)."""
-    from stages.fs import filesystem_for, is_uri
+    from stages.fs import filesystem_for, is_uri, read_bytes
 
     rows = []
     p = str(path) if is_uri(path) else resolve_path(path)
     try:
-        if is_uri(p):
-            fs, inner = filesystem_for(p)
-            with fs.open_input_stream(inner) as f:
-                lines = f.read().decode("utf-8").splitlines()
-        else:
-            lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{p}: dataset file not found") from None
+        data = read_bytes(*filesystem_for(p))
+    except OSError as exc:
+        raise DatasetError(f"{p}: cannot read ({exc})") from None
+    if data is None:
+        raise DatasetError(f"{p}: dataset file not found")
+    lines = data.decode("utf-8").splitlines()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -358,7 +358,7 @@ def run_optimization(
 
 def save_plot(points: list[TrajectoryPoint], path: str, *, title: str) -> str:
     """The trajectory PNG next to the artifact (uploaded when the artifact directory is a URI)."""
-    from stages.fs import filesystem_for, is_uri
+    from stages.fs import filesystem_for, is_uri, write_bytes
 
     if not is_uri(path):
         return str(plot_trajectory(points, path, title=title))
@@ -366,9 +366,7 @@ def save_plot(points: list[TrajectoryPoint], path: str, *, title: str) -> str:
 
     with tempfile.TemporaryDirectory(prefix="plot-") as tmp:
         local = plot_trajectory(points, Path(tmp) / "trajectory.png", title=title)
-        fs, inner = filesystem_for(path)
-        with fs.open_output_stream(inner) as f:
-            f.write(local.read_bytes())
+        write_bytes(*filesystem_for(path), local.read_bytes())
     return path
 
 

@@ -23,14 +23,13 @@ driver persists them), so numbering needs no lock.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import pyarrow.fs as pafs
 from optuna.storages.journal import BaseJournalBackend
 
-from stages.fs import filesystem_for
+from stages.fs import filesystem_for, read_bytes, write_bytes
 
 
 class RunStorage:
@@ -53,26 +52,15 @@ class RunStorage:
 
     def write_json(self, rel: str, obj: Any) -> None:
         """Write ``obj`` as JSON atomically (temporary name, then rename)."""
-        path = self._path(rel)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         data = (json.dumps(obj, indent=None, separators=(",", ":"), default=str) + "\n").encode()
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        write_bytes(self.fs, self._path(rel), data)
 
     def read_json(self, rel: str) -> Any | None:
-        path = self._path(rel)
         try:
-            with self.fs.open_input_stream(path) as f:
-                return json.loads(f.read().decode())
-        except FileNotFoundError:
-            return None
+            data = read_bytes(self.fs, self._path(rel))
         except OSError as exc:
-            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return None
             raise OSError(f"{self.uri}/{rel}: cannot read ({exc})") from exc
+        return None if data is None else json.loads(data.decode())
 
     def list(self, rel: str) -> list[str]:
         """Names of the finished files in ``rel`` (temporary files excluded), sorted."""

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
 from programs.loading import ProgramLoadError, load_program, read_program_json, resolve_program_class
-from stages.fs import filesystem_for, is_uri
+from stages.fs import filesystem_for, is_uri, read_bytes, write_bytes
 
 SIDECAR_SUFFIX = ".meta.json"
 ALIASES = ("latest", "best")
@@ -174,26 +174,13 @@ def _sidecar_name(name: str) -> str:
 
 def _read_text(path: str | os.PathLike) -> str | None:
     """A local or object-store file's text; None when it does not exist."""
-    if not is_uri(path):
-        p = Path(path)
-        return p.read_text(encoding="utf-8") if p.is_file() else None
-    fs, inner = filesystem_for(path)
-    try:
-        with fs.open_input_stream(inner) as f:
-            return f.read().decode("utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError:
-        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-            return None
-        raise
+    data = read_bytes(*filesystem_for(path))
+    return None if data is None else data.decode("utf-8")
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    return path.with_name(path.name[: -len(".json")] + SIDECAR_SUFFIX) if path.name.endswith(".json") else path.with_name(
-        path.name + SIDECAR_SUFFIX
-    )
+    return path.with_name(_sidecar_name(path.name))
 
 
 def save_artifact(module: dspy.Module, out_dir: str | os.PathLike, metadata: ArtifactMetadata) -> str:
@@ -210,16 +197,14 @@ def save_artifact(module: dspy.Module, out_dir: str | os.PathLike, metadata: Art
         with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
             local = Path(save_artifact(module, tmp, metadata))
             fs, root = filesystem_for(out_dir)
-            fs.create_dir(root, recursive=True)
-            existing = {r.path.rsplit("/", 1)[-1] for r in list_artifacts(out_dir)}
+            existing = {str(p).rsplit("/", 1)[-1] for p in _program_files(out_dir)}
             name = local.name
             n = 2
             while name in existing:
                 name = local.name.replace(".json", f"-{n}.json")
                 n += 1
             for src, dst in ((local, name), (sidecar_path(local), _sidecar_name(name))):
-                with fs.open_output_stream(f"{root.rstrip('/')}/{dst}") as f:
-                    f.write(src.read_bytes())
+                write_bytes(fs, f"{root.rstrip('/')}/{dst}", src.read_bytes())
             return f"{str(out_dir).rstrip('/')}/{name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

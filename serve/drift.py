@@ -210,17 +210,14 @@ class DriftMonitor:
         return JobSubmissionClient(self.policy.job_address)
 
     def _submit_job(self) -> str:
-        from stages.fs import filesystem_for, is_uri
+        from stages.fs import filesystem_for, is_uri, write_bytes
 
         name = f"drift_samples_{int(time.time())}.jsonl"
         # The job may run on another node: with an object-store registry the samples go there too.
         samples = (f"{self.options.artifact_dir.rstrip('/')}/drift/{name}" if is_uri(self.options.artifact_dir)
                    else str(Path(self.options.drift_db).resolve().with_name(name)))
-        fs, inner = filesystem_for(samples)
-        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(inner) as f:
-            for row in self.store.recent_inputs():
-                f.write((json.dumps(row) + "\n").encode())
+        rows = "".join(json.dumps(row) + "\n" for row in self.store.recent_inputs())
+        write_bytes(*filesystem_for(samples), rows.encode())
         entrypoint = self.policy.job_entrypoint.format(
             program=self.options.program, artifact_dir=self.options.artifact_dir, samples=samples)
         job_id = self._client().submit_job(entrypoint=entrypoint, runtime_env=self.policy.job_runtime_env)

@@ -36,3 +36,30 @@ def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
     fs, path = fsspec.core.url_to_fs(uri)
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """A file's or object's bytes; None when it does not exist (other failures raise OSError).
+
+    ``read_bytes(*filesystem_for(uri))`` for a URI."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:  # some filesystems raise a bare OSError
+            return None
+        raise
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file or object whole: under a temporary name, then renamed, so readers never see part of it."""
+    import uuid
+
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
