@@ -149,8 +149,9 @@ def eval_context(cfg: OptimizeConfig, spec: PipelineSpec, lm: EndpointSettings, 
 def dev_summary(storage: RunStorage, name: str, program: dspy.Module, dev: list[dspy.Example],
                 ctx: EvalContext, pool: WorkerPool) -> EvalSummary:
     """Score ``program`` on the dev set once per run (stored under dev/<name>.json)."""
+    state = program.dump_state()
     saved = storage.read_json(f"dev/{name}.json")
-    if saved is not None and saved.get("state") == program.dump_state():
+    if saved is not None and saved.get("state") == state:
         scores = [ExampleScore.model_validate(s) for s in saved["scores"]]
         return EvalSummary.of(scores, ctx.spec.label_fields)
     scores = evaluate_on_ray(program, dev, pool)
@@ -159,7 +160,7 @@ def dev_summary(storage: RunStorage, name: str, program: dspy.Module, dev: list[
         first = next(s.program_error for s in scores if s.program_error)
         raise OptimizeError(f"every LM call of the {name} dev evaluation failed ({first}); "
                             f"fix the endpoint and run again with --resume")
-    storage.write_json(f"dev/{name}.json", {"state": program.dump_state(),
+    storage.write_json(f"dev/{name}.json", {"state": state,
                                               "scores": [s.model_dump() for s in scores]})
     return summary
 
