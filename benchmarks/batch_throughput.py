@@ -33,10 +33,16 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import dspy  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from programs import CallTriager  # noqa: E402
-from stages import EndpointSettings, TriageStage  # noqa: E402
+from core.lm import build_lm  # noqa: E402
+from core.settings import EndpointSettings  # noqa: E402
+from programs.triage import CallTriager  # noqa: E402
 from stages.base import DSPyStageUDF  # noqa: E402
+from tasks import get_task  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
+
+
+def triage_stage(**overrides):
+    return get_task("triage").stages[0].model_copy(update=overrides)
 
 
 def unique_rows(n: int, tag: str) -> list[dict]:
@@ -96,7 +102,7 @@ def run_framework(base_url: str, n: int, in_flight: int, batch_size: int = 32, b
     import ray
 
     settings = EndpointSettings(base_url=base_url, model="fake-model", max_in_flight=in_flight)
-    stage = TriageStage(num_actors=2, batch_size=batch_size, max_in_flight_per_actor=in_flight // 2)
+    stage = triage_stage(num_actors=2, batch_size=batch_size, max_in_flight_per_actor=in_flight // 2)
     table = pa.Table.from_pylist([{**r, "errors": []} for r in unique_rows(n, "fw")],
                                  schema=pa.schema([("id", pa.string()), ("transcript", pa.string()),
                                                    ("errors", pa.list_(pa.string()))]))
@@ -117,8 +123,6 @@ def run_framework(base_url: str, n: int, in_flight: int, batch_size: int = 32, b
 
 def cpu_bare_predict(base_url: str, n: int) -> dict[str, float]:
     """CPU seconds per call of a sequential dspy.Predict loop, with and without a provider declaration."""
-    from stages.lm import build_lm
-
     results = {}
     module = CallTriager()
     variants = {
@@ -139,7 +143,7 @@ def cpu_bare_predict(base_url: str, n: int) -> dict[str, float]:
 
 def cpu_framework_row(base_url: str, n: int) -> float:
     """CPU seconds per row of the stage UDF (adapter, retries, Refine hand-off, arrow merge)."""
-    stage = TriageStage(max_in_flight_per_actor=32)
+    stage = triage_stage(max_in_flight_per_actor=32)
     settings = EndpointSettings(base_url=base_url, model="fake-model")
     udf = DSPyStageUDF(**stage.udf_kwargs(settings))
     rows = unique_rows(n, "cpu")

@@ -44,23 +44,25 @@ def main() -> None:
     import ray
     from dspy.teleprompt import MIPROv2
 
+    from core.json_adapter import CachingJSONAdapter
+    from core.lm import build_lm
+    from core.loading import load_program
+    from core.scoring import DSPyMetric, EvalSummary
+    from core.settings import EndpointSettings
     from optimize.config import SearchSettings, resolve_budget
-    from optimize.data import PIPELINES, load_pipeline_data, split_train_val
-    from optimize.evaluation import EvalContext, evaluate_program
-    from optimize.metric import EvalSummary, PipelineMetric
+    from optimize.data import split_train_val
+    from optimize.evaluation import EvalContext, EvalRuntime
     from optimize.mipro import ParallelMIPROv2
     from optimize.storage import RunStorage
     from optimize.workers import WorkerPool
-    from programs.loading import load_program
-    from stages.adapter import CachingJSONAdapter
-    from stages.config import EndpointSettings
-    from stages.lm import build_lm
+    from tasks import get_task
+    from tasks.examples import load_task_data
     from tests.fake_llm import FakeLLM
     from tests.gold import triage_gold
 
     logging.getLogger("dspy").setLevel(logging.ERROR)
-    spec = PIPELINES["triage"]
-    train, dev = load_pipeline_data(spec, train_limit=args.train)
+    task = get_task("triage")
+    train, dev = load_task_data(task.data, train_limit=args.train)
     search = SearchSettings(auto=None, num_candidates=args.candidates, num_trials=args.trials, val_size=100)
     budget = resolve_budget(search, 1, len(train))
     trainset, valset = split_train_val(train, budget.val_size, search.seed)
@@ -69,8 +71,8 @@ def main() -> None:
           f"full eval every {search.full_eval_steps}; {args.threads} threads per evaluator", flush=True)
 
     def dev_score(fake, program) -> float:
-        lm = build_lm(EndpointSettings(base_url=fake.base_url, model="fake-model"))
-        return EvalSummary.of(evaluate_program(program, dev, spec, lm=lm, threads=32), spec.label_fields).score
+        ctx = EvalContext(task=task, lm=EndpointSettings(base_url=fake.base_url, model="fake-model"), threads=32)
+        return EvalSummary.of(EvalRuntime(ctx).evaluate(program, dev), task.metric).score
 
     with FakeLLM(gold=triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"]), latency=args.latency) as fake:
         settings = EndpointSettings(base_url=fake.base_url, model="fake-model", max_in_flight=256)
@@ -85,13 +87,13 @@ def main() -> None:
 
         MIPROv2._propose_instructions = capture
         dspy_lm = build_lm(settings)
-        teleprompter = MIPROv2(metric=PipelineMetric(spec), prompt_model=dspy_lm, task_model=dspy_lm, auto=None, num_candidates=args.candidates,
+        teleprompter = MIPROv2(metric=DSPyMetric(task.metric, name=task.name), prompt_model=dspy_lm, task_model=dspy_lm, auto=None, num_candidates=args.candidates,
                                num_threads=args.threads, seed=search.seed, verbose=False)
         fake.reset_stats()
         start = time.perf_counter()
         with dspy.context(lm=dspy_lm, adapter=CachingJSONAdapter()), \
                 contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            best = teleprompter.compile(load_program("triage"), trainset=trainset, valset=valset,
+            best = teleprompter.compile(load_program(task.program).program, trainset=trainset, valset=valset,
                                         num_trials=args.trials, minibatch_size=budget.minibatch_size,
                                         minibatch_full_eval_steps=search.full_eval_steps,
                                         requires_permission_to_run=False)
@@ -106,13 +108,13 @@ def main() -> None:
         # -- this framework, W workers ---------------------------------------------------------------
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         for workers in args.workers:
-            ctx = EvalContext(spec=spec, lm=settings, threads=args.threads, num_cpus=0.01)
+            ctx = EvalContext(task=task, lm=settings, threads=args.threads, num_cpus=0.01)
             start = time.perf_counter()
             pool = WorkerPool(ctx, workers)
             ray.get([actor.ready.remote() for actor in pool.actors])
             startup = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as run_dir, pool:
-                optimizer = ParallelMIPROv2(spec, search, budget, ctx, workers=workers, storage=RunStorage(run_dir),
+                optimizer = ParallelMIPROv2(search, budget, ctx, workers=workers, storage=RunStorage(run_dir),
                                             pool=pool, on_event=lambda line: None)
                 fake.reset_stats()
                 start = time.perf_counter()
@@ -123,7 +125,8 @@ def main() -> None:
             same = "yes" if ours == theirs else "NO"
             calls = fake.stats()["requests"]  # before the dev evaluation below adds its own
             rows.append((f"parallel MIPROv2, W={workers}", seconds, dspy_s / seconds, result.best_score,
-                         dev_score(fake, result.program), calls, same, startup))
+                         dev_score(fake, result.candidates.apply(load_program(task.program).program,
+                                                                 result.best_params)), calls, same, startup))
             print(f"  W={workers} done in {seconds:.1f} s (+{startup:.1f} s starting its workers)", flush=True)
         ray.shutdown()
 

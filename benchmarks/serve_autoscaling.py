@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from core.settings import EndpointSettings  # noqa: E402
 from serve.app import ServeOptions, build_app  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
 
@@ -67,10 +68,11 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     timeline: list[tuple[float, int, int]] = []
     with FakeLLM(latency=0.5) as fake:
-        options = ServeOptions(lm={"base_url": fake.base_url, "model": "fake"}, min_replicas=1, max_replicas=4,
+        options = ServeOptions(program="triage", min_replicas=1, max_replicas=4,
                                target_ongoing_requests=4, upscale_delay_s=2, downscale_delay_s=8,
                                max_ongoing_requests=8)
-        serve.run(build_app(options), name="triage", route_prefix="/")
+        serve.run(build_app(options, EndpointSettings(base_url=fake.base_url, model="fake")), name="triage",
+                  route_prefix="/")
         url = f"http://127.0.0.1:{port}/triage/predict"
         start = time.monotonic()
         for clients in STEPS:

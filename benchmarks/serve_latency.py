@@ -31,12 +31,15 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import http.client  # noqa: E402
 
-from programs import load_program  # noqa: E402
+from core.lm import build_lm  # noqa: E402
+from core.loading import load_program  # noqa: E402
+from core.runner import ProgramRunner  # noqa: E402
+from core.settings import EndpointSettings  # noqa: E402
 from serve.app import ServeOptions, build_app  # noqa: E402
-from stages.config import EndpointSettings  # noqa: E402
-from stages.lm import build_lm  # noqa: E402
-from stages.predict import ProgramRunner  # noqa: E402
+from tasks import get_task  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
+
+TASK = get_task("triage")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -44,8 +47,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def direct_latencies(base_url: str, n: int) -> list[float]:
-    runner = ProgramRunner(load_program("triage"), build_lm(EndpointSettings(base_url=base_url, model="fake")),
-                           output_fields=("priority", "category", "summary"))
+    runner = ProgramRunner(load_program(TASK.program).program,
+                           build_lm(EndpointSettings(base_url=base_url, model="fake")),
+                           output_fields=TASK.output_fields(), refine_attempts=TASK.refine_attempts)
 
     async def run() -> list[float]:
         out = []
@@ -128,12 +132,13 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = ServeOptions(lm={"base_url": fake.base_url, "model": "fake"}, min_replicas=1, max_replicas=1,
+        options = ServeOptions(program="triage", min_replicas=1, max_replicas=1,
                                max_ongoing_requests=256, max_queued_requests=2048)
+        lm = EndpointSettings(base_url=fake.base_url, model="fake")
         serve.run(echo_app(), name="echo", route_prefix="/")
         floor = http_latencies(port, args.requests, "echo")
         serve.delete("echo")
-        serve.run(build_app(options), name="triage", route_prefix="/")
+        serve.run(build_app(options, lm), name="triage", route_prefix="/")
         served = http_latencies(port, args.requests, "serve")
         rates = {c: sustained(port, c, args.load_s) for c in (8, 32)}
         serve.shutdown()

@@ -22,16 +22,11 @@ import contextlib
 import io
 import logging
 import random
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterator
+from typing import Any, Literal, Protocol
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
-
-from optimize.data import PipelineSpec
-from stages.config import EndpointSettings
-
-if TYPE_CHECKING:
-    from optimize.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +51,7 @@ class CandidateSet(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    program: str = Field(..., description="Program name in programs.PROGRAMS")
+    program: str = Field(..., description="Name of the program the candidates are for")
     predictors: list[PredictorCandidates] = Field(..., description="Candidates per predictor, in program order")
     search_demos: bool = Field(True, description="False in zero-shot runs: demo sets only informed proposals")
 
@@ -89,11 +84,8 @@ class CandidateSet(BaseModel):
     def combo_key(self, params: dict[str, int]) -> str:
         return ",".join(f"{name}={params[name]}" for name in self.choices())
 
-    def build(self, params: dict[str, int]) -> dspy.Module:
-        """A fresh program with the chosen instruction and demo set in every predictor."""
-        from programs.loading import load_program
-
-        program = load_program(self.program)
+    def apply(self, program: dspy.Module, params: dict[str, int]) -> dspy.Module:
+        """``program`` (a fresh one) with the chosen instruction and demo set in every predictor."""
         for i, (name, predictor) in enumerate(program.named_predictors()):
             cand = self.predictors[i]
             if cand.name != name:
@@ -171,14 +163,11 @@ def plan_proposals(
 
 
 def make_demo_set(
-    plan: DemoSetPlan, program: str, trainset: list[dspy.Example], metric, max_errors: int | None = None
+    plan: DemoSetPlan, student: dspy.Module, trainset: list[dspy.Example], metric, max_errors: int | None = None
 ) -> list[list[dict[str, Any]]]:
-    """Demos per predictor for one plan; call under ``dspy.context(lm=..., adapter=...)``."""
+    """Demos per predictor for one plan (``student``: a fresh program); call under ``dspy.context(lm=...)``."""
     from dspy.teleprompt.bootstrap import BootstrapFewShot, LabeledFewShot
 
-    from programs.loading import load_program
-
-    student = load_program(program)
     ordered = [trainset[i] for i in plan.order]
     if plan.kind == "zeroshot":
         compiled = student.reset_copy()
@@ -223,7 +212,7 @@ class _PresetDraw:
 
 def propose_instruction(
     plan: ProposalPlan,
-    program: str,
+    student: dspy.Module,
     demo_candidates: dict[int, list[list[dict[str, Any]]]] | None,
     data_summary: str | None,
     settings: MiproCandidateSettings,
@@ -232,9 +221,6 @@ def propose_instruction(
     """One instruction, exactly as ``GroundedProposer.propose_instruction_for_predictor`` makes it."""
     from dspy.propose.grounded_proposer import GroundedProposer
 
-    from programs.loading import load_program
-
-    student = load_program(program)
     demos = (
         {i: [[dspy.Example(**d) for d in s] for s in sets] for i, sets in demo_candidates.items()}
         if demo_candidates else None
@@ -278,49 +264,32 @@ class MiproCandidateSettings(BaseModel):
     init_temperature: float = Field(1.0, ge=0, description="Proposer sampling temperature")
 
 
-# -- Ray orchestration ---------------------------------------------------------------
+# -- orchestration -----------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def _lm_context(settings: EndpointSettings):
-    """The endpoint as DSPy's default LM, with DSPy's progress bars and prints kept out of the worker logs."""
-    from stages.adapter import CachingJSONAdapter
-    from stages.lm import build_lm
-
+def quiet_dspy(lm: dspy.BaseLM, adapter: dspy.Adapter) -> Iterator[None]:
+    """``lm`` as DSPy's LM, with DSPy's progress bars and prints kept out of the worker logs."""
     dspy_logger = logging.getLogger("dspy")
     level = dspy_logger.level
     dspy_logger.setLevel(logging.ERROR)  # e.g. its own proposer passes fields its signatures lack
     try:
-        with dspy.context(lm=build_lm(settings), adapter=CachingJSONAdapter()), \
+        with dspy.context(lm=lm, adapter=adapter), \
                 contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         dspy_logger.setLevel(level)
 
 
-def _demo_set_task(plan, program, trainset, spec, lm_settings, max_errors):
-    from optimize.metric import PipelineMetric
+class CandidatePool(Protocol):
+    """What generation needs from the worker pool: run named worker methods, ``size`` at a time."""
 
-    with _lm_context(lm_settings):
-        return plan.index, make_demo_set(plan, program, trainset, PipelineMetric(spec), max_errors)
-
-
-def _summary_task(trainset, view_data_batch_size, lm_settings):
-    from stages.lm import build_lm
-
-    with _lm_context(lm_settings):
-        return summarize_dataset(trainset, view_data_batch_size, build_lm(lm_settings))
-
-
-def _proposal_task(plan, program, demo_candidates, data_summary, settings, lm_settings):
-    from stages.lm import build_lm
-
-    with _lm_context(lm_settings):
-        return plan, propose_instruction(plan, program, demo_candidates, data_summary, settings, build_lm(lm_settings))
+    def map(self, calls) -> dict: ...
 
 
 def generate_candidates(
-    spec: PipelineSpec,
+    predictors: list[tuple[str, str]],
+    program_name: str,
     trainset: list[dspy.Example],
     *,
     rng: random.Random,
@@ -329,18 +298,18 @@ def generate_candidates(
     max_bootstrapped_demos: int,
     max_labeled_demos: int,
     settings: MiproCandidateSettings,
-    lm_settings: EndpointSettings,
-    pool: WorkerPool,
+    pool: CandidatePool,
     max_errors: int | None = None,
 ) -> CandidateSet:
-    """Bootstrap demo sets and propose instructions on the pool's workers; ``rng`` is MIPROv2's seeded RNG."""
+    """Bootstrap demo sets and propose instructions on the pool's workers; ``rng`` is MIPROv2's seeded RNG.
+
+    ``predictors``: (name, original instructions) of each predictor, in program
+    order; the workers' ``demo_set``, ``summary`` and ``propose`` methods do the LM work.
+    """
     import ray
 
-    from programs.loading import load_program
-
     zeroshot = max_bootstrapped_demos == 0 and max_labeled_demos == 0
-    student = load_program(spec.program)
-    names = [name for name, _ in student.named_predictors()]
+    names = [name for name, _ in predictors]
     plans = plan_demo_sets(
         len(trainset), num_fewshot_candidates,
         BOOTSTRAPPED_FEWSHOT_EXAMPLES_IN_CONTEXT if zeroshot else max_bootstrapped_demos,
@@ -349,26 +318,20 @@ def generate_candidates(
     )
     train_ref = ray.put(trainset)
     # The summary depends only on the trainset: it runs while the demo sets are bootstrapped.
-    calls = [("summary", "call", (_summary_task, train_ref, settings.view_data_batch_size, lm_settings))] \
-        if settings.data_aware_proposer else []
-    calls += [(("demos", p.index), "call", (_demo_set_task, p, spec.program, train_ref, spec, lm_settings, max_errors))
-              for p in plans]
+    calls = [("summary", "summary", (train_ref, settings.view_data_batch_size))] if settings.data_aware_proposer else []
+    calls += [(("demos", p.index), "demo_set", (p, train_ref, max_errors)) for p in plans]
     done = pool.map(calls)
-    demo_sets = {p.index: done[("demos", p.index)][1] for p in plans}
+    demo_sets = {p.index: done[("demos", p.index)] for p in plans}
     demo_candidates = {i: [demo_sets[p.index][i] for p in plans] for i in range(len(names))}
     data_summary = done.get("summary")
 
     proposals = plan_proposals(len(names), len(plans), num_instruct_candidates, rng, settings.tip_aware_proposer)
     needed = [p for p in proposals if p.needed]
     demo_ref = ray.put(demo_candidates)
-    done = pool.map([((p.pred_i, p.demo_set_i), "call",
-                      (_proposal_task, p, spec.program, demo_ref, data_summary, settings, lm_settings))
-                     for p in needed])
-    proposed = {key: text for key, (_, text) in done.items()}
-    predictors = []
-    for i, (name, predictor) in enumerate(student.named_predictors()):
-        texts = [predictor.signature.instructions]  # MIPROv2 puts the original first, in place of proposal 0
-        texts += [proposed[(p.pred_i, p.demo_set_i)] for p in proposals if p.pred_i == i and p.needed]
-        predictors.append(PredictorCandidates(name=name, instructions=texts,
-                                              demo_sets=[] if zeroshot else demo_candidates[i]))
-    return CandidateSet(program=spec.program, predictors=predictors, search_demos=not zeroshot)
+    done = pool.map([((p.pred_i, p.demo_set_i), "propose", (p, demo_ref, data_summary, settings)) for p in needed])
+    made = []
+    for i, (name, instructions) in enumerate(predictors):
+        texts = [instructions]  # MIPROv2 puts the original first, in place of proposal 0
+        texts += [done[(p.pred_i, p.demo_set_i)] for p in proposals if p.pred_i == i and p.needed]
+        made.append(PredictorCandidates(name=name, instructions=texts, demo_sets=[] if zeroshot else demo_candidates[i]))
+    return CandidateSet(program=program_name, predictors=made, search_demos=not zeroshot)

@@ -91,7 +91,7 @@ class OptimizeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pipeline: str = Field("triage", description="Pipeline name in optimize.data.PIPELINES")
+    pipeline: str = Field(..., description="Task to optimize: a built-in name or 'package.module[:ATTR]'")
     optimizer: OptimizerName = Field("miprov2", description="Optimizer")
     search: SearchSettings = Field(default_factory=SearchSettings, description="Budget and candidate settings")
     workers: int = Field(4, ge=1, description="Ray workers evaluating trials at once")
@@ -109,18 +109,43 @@ class OptimizeConfig(BaseModel):
     dev_limit: int | None = Field(None, ge=1, description="Use only the first N dev rows")
     extra_train: str | None = Field(None, description="Extra training JSONL (gold rows or judged drift samples)")
     extra_train_min_score: float = Field(0.8, description="Judge score a drift sample needs to be used")
+    resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. index path)")
 
-    def fingerprint(self, dataset_hash: str, model: str) -> str:
-        """What determines a run's candidates and trials; a resumed run must match it."""
-        keep = {
+    def fingerprint_fields(self, dataset_hash: str, model: str) -> dict[str, Any]:
+        """What determines a run's candidates and trials; a resumed run must match every one."""
+        return {
             "pipeline": self.pipeline,
             "optimizer": self.optimizer,
-            "search": self.search.model_dump(),
+            **{f"search.{k}": v for k, v in self.search.model_dump().items()},
             "judge": self.judge,
+            "resources": self.resources,
             "dataset": dataset_hash,
             "model": model,
         }
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+    def fingerprint(self, dataset_hash: str, model: str) -> str:
+        fields = self.fingerprint_fields(dataset_hash, model)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def command(self) -> str:
+        """The ``python -m optimize`` command line for these settings (recorded in the artifact's sidecar)."""
+        import shlex
+
+        args = ["python", "-m", "optimize", "--pipeline", self.pipeline, "--optimizer", self.optimizer,
+                "--auto", self.search.auto or "none", "--workers", str(self.workers), "--out", self.out]
+        defaults = SearchSettings()
+        for name in ("num_candidates", "num_trials", "minibatch_size", "full_eval_steps", "max_bootstrapped_demos",
+                     "max_labeled_demos", "seed", "val_size", "breadth", "depth"):
+            value = getattr(self.search, name)
+            if value is not None and value != getattr(defaults, name):
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        flags = {"--train": self.train_path, "--dev": self.dev_path, "--train-limit": self.train_limit,
+                 "--dev-limit": self.dev_limit, "--extra-train": self.extra_train}
+        args += [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
+        args += [item for name, value in self.resources.items() for item in (f"--{name.replace('_', '-')}", value)]
+        if self.judge:
+            args.append("--judge")
+        return shlex.join(args)
 
     def public(self) -> dict[str, Any]:
         """Settings to record in artifacts and run.json (no endpoint secrets live here)."""

@@ -1,10 +1,12 @@
 """Evaluating a program on examples: in threads, on the Ray worker pool, or inside DSPy's own optimizers.
 
-Three layers, each a thin wrapper over the one below:
+Every example runs through :class:`core.runner.ProgramRunner` - the same call,
+retries and Refine policy as batch and Serve - and is scored by the task's
+metric (:func:`core.scoring.score_prediction`), so the score an artifact
+records is the score its users get.
 
-* :func:`evaluate_program` - one program, many examples, a bounded thread pool,
-  every example scored by :func:`optimize.metric.score_prediction`; the LM and
-  judge are passed in, so it runs without Ray in tests.
+* :func:`evaluate_program` - one program, many examples, a bounded thread pool;
+  the runner and judge are passed in, so it runs without Ray in tests.
 * :func:`evaluate_on_ray` - the examples split into chunks, one per worker of
   a :class:`~optimize.workers.WorkerPool`; the program travels as its JSON state.
 * :class:`RayEvaluate` - a ``dspy.Evaluate`` whose calls go to
@@ -15,96 +17,85 @@ Three layers, each a thin wrapper over the one below:
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimize.data import PipelineSpec
-from optimize.metric import EvalSummary, ExampleScore, PipelineMetric, SummaryJudge, score_prediction
-from stages.config import EndpointSettings
-
-if TYPE_CHECKING:
-    from optimize.workers import WorkerPool
-
-logger = logging.getLogger(__name__)
+from core.lm import build_lm
+from core.loading import load_program
+from core.runner import ProgramRunner
+from core.scoring import DSPyMetric, EvalSummary, ExampleScore, FieldJudge, TaskMetric, score_prediction
+from core.settings import EndpointSettings
+from tasks.base import Task
 
 
 class EvalContext(BaseModel):
-    """Everything an evaluation task needs besides the program and the examples."""
+    """Everything an evaluation needs besides the program and the examples (sent to every worker)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
-    spec: PipelineSpec = Field(..., description="Pipeline: program name and scored fields")
+    task: Task = Field(..., description="The task: program, metric, refine policy")
     lm: EndpointSettings = Field(..., description="Target endpoint")
     judge: EndpointSettings | None = Field(None, description="Judge endpoint (temperature 0); None = no judge")
-    threads: int = Field(8, ge=1, description="Examples in flight per task (its share of the endpoint budget)")
-    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per evaluation task (the work is I/O bound)")
+    resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. an index path)")
+    threads: int = Field(8, ge=1, description="Examples in flight per worker (its share of the endpoint budget)")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per worker (the work is I/O bound)")
 
 
-def build_lms(ctx: EvalContext, lm_factory=None) -> tuple[dspy.BaseLM, SummaryJudge | None]:
-    from stages.lm import build_lm
+class EvalRuntime:
+    """What one process needs to evaluate: LMs and resources built once, fresh programs on demand."""
 
-    factory = lm_factory or build_lm
-    judge = SummaryJudge(factory(ctx.judge)) if ctx.judge is not None else None
-    return factory(ctx.lm), judge
+    def __init__(self, ctx: EvalContext, lm_factory=build_lm):
+        self.ctx = ctx
+        self.task = ctx.task
+        self.lm = lm_factory(ctx.lm)
+        self.judge = FieldJudge(lm_factory(ctx.judge)) if ctx.judge is not None else None
+        self.resources = ctx.task.program.open_resources(ctx.resources)
+
+    def fresh_program(self, state: dict[str, Any] | None = None) -> dspy.Module:
+        return load_program(self.task.program, resources=self.resources, state=state).program
+
+    def runner(self, program: dspy.Module) -> ProgramRunner:
+        return ProgramRunner(program, self.lm, output_fields=self.task.output_fields(),
+                             refine_attempts=self.task.refine_attempts, reward_fn=self.task.program.reward,
+                             max_in_flight=self.ctx.threads)
+
+    def evaluate(self, program: dspy.Module, examples: list[dspy.Example]) -> list[ExampleScore]:
+        return evaluate_program(program, examples, self.task.metric, runner=self.runner(program), judge=self.judge,
+                                threads=self.ctx.threads)
 
 
 def evaluate_program(
     program: dspy.Module,
     examples: list[dspy.Example],
-    spec: PipelineSpec,
+    metric: TaskMetric,
     *,
-    lm: dspy.BaseLM,
-    judge: SummaryJudge | None = None,
+    runner: ProgramRunner,
+    judge: FieldJudge | None = None,
     threads: int = 8,
-    adapter: dspy.Adapter | None = None,
 ) -> list[ExampleScore]:
     """Score ``program`` on every example, ``threads`` at a time; one ExampleScore per example, in order.
 
     Failures are data: an example whose program call fails scores 0 with
-    ``program_error`` set.  Misconfiguration (bad key, unknown model) is raised,
-    since every example would fail the same way.
+    ``program_error`` set.  Misconfiguration (bad key, unknown model) is raised
+    by the runner, since every example would fail the same way.
     """
-    from dspy.utils.exceptions import LMError
-
-    from stages.adapter import CachingJSONAdapter
-    from stages.predict import FATAL_ERRORS, describe
-
-    adapter = adapter or CachingJSONAdapter()
 
     def one(example: dspy.Example) -> ExampleScore:
-        example_id = str(example.get("id", ""))
-        try:
-            with dspy.context(lm=lm, adapter=adapter):
-                prediction = program(**example.inputs())
-        except FATAL_ERRORS:
-            raise
-        except LMError as exc:
-            return ExampleScore(example_id=example_id, program_error=f"LM call failed: {describe(exc)}", lm_failure=True)
-        except Exception as exc:  # noqa: BLE001 - unparseable output is this candidate's failure
-            return ExampleScore(example_id=example_id, program_error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        return score_prediction(example, prediction, spec, judge)
+        outcome = runner.run(dict(example.inputs()), program)
+        if outcome.prediction is None:
+            return ExampleScore(example_id=str(example.get("id", "")), lm_failure=outcome.lm_failure,
+                                program_error=outcome.errors[0] if outcome.errors else "no output")
+        return score_prediction(example, outcome.prediction, metric, judge)
 
     if not examples:
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(examples))), thread_name_prefix="eval") as pool:
         return list(pool.map(one, examples))
-
-
-def module_from_state(program: str, state: dict[str, Any]) -> dspy.Module:
-    """A fresh ``program`` with ``state`` (``dump_state()`` JSON) loaded, checked like a file would be."""
-    from programs.loading import check_state_fits, resolve_program_class
-
-    module = resolve_program_class(program)()
-    state = {k: v for k, v in state.items() if k != "metadata"}
-    check_state_fits(module, state, f"{program} state")
-    module.load_state(state)
-    return module
 
 
 def chunked(items: list, n: int) -> list[list]:
@@ -119,7 +110,13 @@ def chunked(items: list, n: int) -> list[list]:
     return out
 
 
-def evaluate_on_ray(program: dspy.Module, examples: list[dspy.Example], pool: WorkerPool) -> list[ExampleScore]:
+class Pool(Protocol):
+    size: int
+
+    def map(self, calls) -> dict: ...
+
+
+def evaluate_on_ray(program: dspy.Module, examples: list[dspy.Example], pool: Pool) -> list[ExampleScore]:
     """Evaluate on every worker of ``pool`` at once (a chunk each); results in example order."""
     state = program.dump_state()
     parts = chunked(examples, pool.size)
@@ -146,7 +143,6 @@ class EvalLog:
     def __init__(self, full_size: int):
         self.full_size = full_size
         self.points: list[EvalPoint] = []
-        self.summaries: list[EvalSummary] = []
         self._lock = threading.Lock()
 
     def add(self, summary: EvalSummary, seconds: float) -> None:
@@ -154,30 +150,29 @@ class EvalLog:
             kind = "full" if summary.n >= self.full_size else "minibatch"
             self.points.append(EvalPoint(step=len(self.points), score=summary.score, n=summary.n, kind=kind,
                                          seconds=seconds))
-            self.summaries.append(summary)
 
 
 class RayEvaluate(dspy.Evaluate):
-    """``dspy.Evaluate`` that scores on the Ray worker pool with the pipeline's metric.
+    """``dspy.Evaluate`` that scores on the Ray worker pool with the task's metric.
 
     DSPy's optimizers build ``Evaluate(devset=..., metric=..., num_threads=...)``
     themselves; :func:`ray_evaluation` makes that name resolve to this class.  The
-    metric they pass must be the run's :class:`PipelineMetric` (the same scoring
-    runs in the tasks); judge failures seen in the tasks are added to its tally.
+    metric they pass must be the run's :class:`~core.scoring.DSPyMetric` (the same
+    scoring runs on the workers); judge failures seen there are added to its tally.
     """
 
-    def __init__(self, *, ctx: EvalContext, pool: WorkerPool, log: EvalLog, **kwargs):
+    def __init__(self, *, metric_of: TaskMetric, pool: Pool, log: EvalLog, **kwargs):
         super().__init__(**kwargs)
-        self.ctx, self.pool, self.log = ctx, pool, log
+        self.task_metric, self.pool, self.log = metric_of, pool, log
 
     def __call__(self, program, metric=None, devset=None, *args, **kwargs):
         metric = metric if metric is not None else self.metric
         devset = devset if devset is not None else self.devset
-        if not isinstance(metric, PipelineMetric):
-            raise TypeError(f"RayEvaluate scores with the pipeline metric; got {metric!r}")
+        if not isinstance(metric, DSPyMetric):
+            raise TypeError(f"RayEvaluate scores with the task metric; got {metric!r}")
         start = time.perf_counter()
         scores = evaluate_on_ray(program, list(devset), self.pool)
-        summary = EvalSummary.of(scores, self.ctx.spec.label_fields)
+        summary = EvalSummary.of(scores, self.task_metric)
         with metric._lock:
             metric.tally.calls += len(scores)
             metric.tally.judge_errors += summary.judge_errors
@@ -189,7 +184,7 @@ class RayEvaluate(dspy.Evaluate):
 
 
 @contextlib.contextmanager
-def ray_evaluation(ctx: EvalContext, pool: WorkerPool, log: EvalLog):
+def ray_evaluation(metric: TaskMetric, pool: Pool, log: EvalLog):
     """Within the block, DSPy's random-search, COPRO and GEPA optimizers evaluate on Ray."""
     from unittest import mock
 
@@ -198,7 +193,7 @@ def ray_evaluation(ctx: EvalContext, pool: WorkerPool, log: EvalLog):
     import dspy.teleprompt.random_search as random_search
 
     def factory(*args, **kwargs):
-        return RayEvaluate(*args, ctx=ctx, pool=pool, log=log, **kwargs)
+        return RayEvaluate(*args, metric_of=metric, pool=pool, log=log, **kwargs)
 
     # GEPA's plain evaluations (the valset ones) go to Ray; those that capture traces for reflection
     # stay in the driver, since the traces are Python objects of this process.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from optimize.metric import EvalSummary
+from core.scoring import EvalSummary
 
 
 class TrajectoryPoint(BaseModel):
@@ -28,9 +28,11 @@ def score_table(baseline: EvalSummary, optimized: EvalSummary) -> str:
     for name in optimized.field_accuracy or baseline.field_accuracy:
         rows.append((f"  {name} accuracy", f"{baseline.field_accuracy.get(name, 0):.3f}",
                      f"{optimized.field_accuracy.get(name, 0):.3f}"))
-    if baseline.judge_mean is not None or optimized.judge_mean is not None:
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append(("  judge mean (summary)", fmt(baseline.judge_mean), fmt(optimized.judge_mean)))
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name in {**baseline.judged_mean, **optimized.judged_mean}:
+        rows.append((f"  {name} (judged)", fmt(baseline.judged_mean.get(name)), fmt(optimized.judged_mean.get(name))))
+    for name in {**baseline.check_mean, **optimized.check_mean}:
+        rows.append((f"  {name}", fmt(baseline.check_mean.get(name)), fmt(optimized.check_mean.get(name))))
     rows.append(("examples", str(baseline.n), str(optimized.n)))
     rows.append(("program errors (scored 0)", str(baseline.program_errors), str(optimized.program_errors)))
     rows.append(("  of which LM failures", str(baseline.lm_failures), str(optimized.lm_failures)))

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from optuna.storages.journal import BaseJournalBackend
 
-from stages.fs import filesystem_for, read_bytes, write_bytes
+from core.fs import filesystem_for, read_bytes, write_bytes
 
 
 class RunStorage:
@@ -70,12 +70,16 @@ class RunStorage:
         infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".tmp-"))
 
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """Names of the folders in ``rel``, sorted."""
+        path = self._path(rel)
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     def read_all(self, rel: str) -> list[Any]:
         return [self.read_json(f"{rel}/{name}") for name in self.list(rel)]
-
-    def delete_all(self) -> None:
-        if self.exists():
-            self.fs.delete_dir_contents(self.root)
 
     def journal(self) -> ObjectJournalBackend:
         return ObjectJournalBackend(self, "journal")

@@ -7,7 +7,7 @@ at any point and the trial is simply run again.
 
     >>> request = TrialRequest(number=7, kind="minibatch", params={"0_predictor_instruction": 2,
     ...                        "0_predictor_demos": 1}, example_ids=["call-1", "call-2"])
-    >>> result = run_trial(request, candidates, examples_by_id, spec, lm=lm)   # doctest: +SKIP
+    >>> result = run_trial(request, candidates, examples_by_id, runtime)       # doctest: +SKIP
     >>> result.summary.score, result.summary.field_accuracy                    # doctest: +SKIP
 """
 
@@ -21,10 +21,9 @@ from typing import Literal
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.scoring import EvalSummary, ExampleScore, TaskMetric
 from optimize.candidates import CandidateSet
-from optimize.data import PipelineSpec
-from optimize.evaluation import evaluate_program
-from optimize.metric import EvalSummary, ExampleScore, SummaryJudge
+from optimize.evaluation import EvalRuntime
 
 TrialKind = Literal["minibatch", "full"]
 
@@ -65,17 +64,13 @@ def run_trial(
     request: TrialRequest,
     candidates: CandidateSet,
     examples_by_id: dict[str, dspy.Example],
-    spec: PipelineSpec,
-    *,
-    lm: dspy.BaseLM,
-    judge: SummaryJudge | None = None,
-    threads: int = 8,
+    runtime: EvalRuntime,
 ) -> TrialResult:
     """Build the candidate program and score it; depends only on its arguments (and the LM's answers)."""
     start = time.perf_counter()
-    program = candidates.build(request.params)
+    program = candidates.apply(runtime.fresh_program(), request.params)
     examples = [examples_by_id[i] for i in request.example_ids]
-    scores = evaluate_program(program, examples, spec, lm=lm, judge=judge, threads=threads)
+    scores = runtime.evaluate(program, examples)
     return TrialResult(
         number=request.number,
         kind=request.kind,
@@ -83,14 +78,14 @@ def run_trial(
         full_eval=request.full_eval,
         chunk=request.chunk,
         scores=scores,
-        summary=EvalSummary.of(scores, spec.label_fields),
+        summary=EvalSummary.of(scores, runtime.task.metric),
         seconds=time.perf_counter() - start,
         worker_pid=os.getpid(),
         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     )
 
 
-def merge_chunks(parts: list[TrialResult], label_fields: tuple[str, ...]) -> TrialResult:
+def merge_chunks(parts: list[TrialResult], metric: TaskMetric) -> TrialResult:
     """One full-evaluation result from its chunks (any order)."""
     parts = sorted(parts, key=lambda r: r.chunk)
     scores = [s for p in parts for s in p.scores]
@@ -98,7 +93,7 @@ def merge_chunks(parts: list[TrialResult], label_fields: tuple[str, ...]) -> Tri
     return first.model_copy(update={
         "chunk": 0,
         "scores": scores,
-        "summary": EvalSummary.of(scores, label_fields),
+        "summary": EvalSummary.of(scores, metric),
         "seconds": max(p.seconds for p in parts),
         "finished_at": max(p.finished_at for p in parts),
     })

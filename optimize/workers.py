@@ -10,45 +10,68 @@ An actor that dies (its node preempted) is restarted by Ray and the call it was
 running is retried (``max_restarts``/``max_task_retries``); the calls are pure
 functions of their arguments, so a retry is harmless.
 
-    >>> pool = WorkerPool(ctx, size=4)                                 # doctest: +SKIP
-    >>> results = pool.map([("a", "call", (fn, 1)), ("b", "call", (fn, 2))])   # doctest: +SKIP
-    >>> pool.shutdown()                                                # doctest: +SKIP
+    >>> pool = WorkerPool(ctx, size=4)                                         # doctest: +SKIP
+    >>> results = pool.map([("a", "evaluate_state", (state, examples))])       # doctest: +SKIP
+    >>> pool.shutdown()                                                        # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
-from optimize.evaluation import EvalContext
+import dspy
+
+from core.json_adapter import CachingJSONAdapter
+from core.scoring import DSPyMetric
+from optimize.candidates import (
+    CandidateSet,
+    DemoSetPlan,
+    MiproCandidateSettings,
+    ProposalPlan,
+    make_demo_set,
+    propose_instruction,
+    quiet_dspy,
+    summarize_dataset,
+)
+from optimize.evaluation import EvalContext, EvalRuntime
+from optimize.trial import TrialRequest, TrialResult, run_trial
 
 
 class EvalWorker:
-    """The actor body: LMs built once, then any number of calls."""
+    """The actor body: LMs and resources built once (:class:`EvalRuntime`), then any number of calls."""
 
     def __init__(self, ctx: EvalContext):
-        from optimize.evaluation import build_lms
+        self.runtime = EvalRuntime(ctx)
 
-        self.ctx = ctx
-        self.lm, self.judge = build_lms(ctx)
+    def trial(self, request: TrialRequest, candidates: CandidateSet,
+              examples_by_id: dict[str, dspy.Example]) -> TrialResult:
+        return run_trial(request, candidates, examples_by_id, self.runtime)
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a pure function (candidate generation steps) in this worker."""
-        return fn(*args)
+    def evaluate_state(self, state: dict[str, Any], examples: list[dspy.Example]) -> list:
+        return self.runtime.evaluate(self.runtime.fresh_program(state), examples)
 
-    def trial(self, request, candidates, examples_by_id):
-        from optimize.trial import run_trial
+    # -- MIPROv2's candidates (optimize.candidates) -------------------------------------
 
-        return run_trial(request, candidates, examples_by_id, self.ctx.spec, lm=self.lm, judge=self.judge,
-                         threads=self.ctx.threads)
+    def predictors(self) -> list[tuple[str, str]]:
+        """(name, original instructions) of each predictor of a fresh program."""
+        return [(name, p.signature.instructions) for name, p in self.runtime.fresh_program().named_predictors()]
 
-    def evaluate_state(self, state: dict[str, Any], examples: list) -> list:
-        from optimize.evaluation import evaluate_program, module_from_state
+    def demo_set(self, plan: DemoSetPlan, trainset: list[dspy.Example], max_errors: int | None):
+        metric = DSPyMetric(self.runtime.task.metric, name=self.runtime.task.name)
+        with quiet_dspy(self.runtime.lm, CachingJSONAdapter()):
+            return make_demo_set(plan, self.runtime.fresh_program(), trainset, metric, max_errors)
 
-        program = module_from_state(self.ctx.spec.program, state)
-        return evaluate_program(program, examples, self.ctx.spec, lm=self.lm, judge=self.judge,
-                                threads=self.ctx.threads)
+    def summary(self, trainset: list[dspy.Example], view_data_batch_size: int) -> str | None:
+        with quiet_dspy(self.runtime.lm, CachingJSONAdapter()):
+            return summarize_dataset(trainset, view_data_batch_size, self.runtime.lm)
+
+    def propose(self, plan: ProposalPlan, demo_candidates, data_summary: str | None,
+                settings: MiproCandidateSettings) -> str:
+        with quiet_dspy(self.runtime.lm, CachingJSONAdapter()):
+            return propose_instruction(plan, self.runtime.fresh_program(), demo_candidates, data_summary, settings,
+                                       self.runtime.lm)
 
     def ready(self) -> bool:
         return True

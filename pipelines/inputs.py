@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from core.fs import filesystem_for, is_uri
+
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
            ".txt": "txt"}
 ID, ERRORS = "id", "errors"
@@ -35,7 +37,7 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class InputSpec:
     path: str
-    text_column: str = "transcript"
+    text_column: str = "text"
     id_column: str = "id"
     limit: int | None = None
     max_chars: int = 20_000  # longer texts are truncated, and the row's errors say so
@@ -158,8 +160,6 @@ def load_corpus(spec: InputSpec) -> pa.Table:
     An object-store URI (``s3://bucket/calls/``) is copied to a local temporary
     folder first (the corpus is read on the driver either way); messages name the URI.
     """
-    from stages.fs import is_uri
-
     if not is_uri(spec.path):
         return _load_local(spec)
     import dataclasses
@@ -176,8 +176,6 @@ def load_corpus(spec: InputSpec) -> pa.Table:
 def stage_uri(uri: str, tmp: str) -> str:
     """Copy a file or folder at ``uri`` into ``tmp``; the local path that mirrors it."""
     import pyarrow.fs as pafs
-
-    from stages.fs import filesystem_for
 
     try:
         fs, path = filesystem_for(uri)

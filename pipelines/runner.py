@@ -1,22 +1,18 @@
-"""What every batch pipeline shares: endpoint setup, Ray, resume, writing, the summary.
+"""What every batch run shares: output checks, resume, Ray, the stage chain, writing, the summary.
 
-A pipeline is a list of stages plus a CLI (see :mod:`pipelines.triage`)::
+A run is a task's stage chain over a corpus (the CLI is :mod:`pipelines.cli`)::
 
     result = run_pipeline(
-        InputSpec("data/sample_calls.jsonl"), "out/triage",
-        [TriageStage(), ExtractDetailsStage()], lm_settings=EndpointSettings.resolve("LM"),
+        InputSpec("data/sample_calls.jsonl", text_column="transcript"), "out/triage",
+        get_task("triage").stages_for(), lm_settings=resolve_settings("LM"),
     )
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
-import os
-import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +21,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.inputs import InputError, InputSpec, load_corpus, to_dataset
+from core.endpoints import open_endpoints
+from core.fs import filesystem_for, is_uri
+from core.ray_runtime import init_ray
+from core.settings import EndpointSettings
+from pipelines.inputs import InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, DSPyStage
-from stages.config import EndpointSettings, dotenv_runtime_env
-from stages.discovery import discover_endpoints
-from stages.fs import filesystem_for, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +105,21 @@ def prepare_output(output: str, resume: bool) -> set[str]:
         raise OutputError(
             f"output {output} already holds results; pass --resume to continue that run, or choose a new --output"
         )
+    check_writable(output, fs, root)
     return written_ids(output) if resume else set()
+
+
+def check_writable(output: str, fs: pafs.FileSystem, root: str) -> None:
+    """Create the output folder and write (then delete) a probe file, so a read-only target fails before any LM call."""
+    probe = f"{root.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+        raise OutputError(f"output {output} is not writable ({reason})") from None
 
 
 # -- running ----------------------------------------------------------------
@@ -119,31 +130,6 @@ def per_actor_budget(stages: list[DSPyStage], settings: EndpointSettings) -> int
     actors = sum(stage.num_actors for stage in stages)
     per_actor = max(1, settings.max_in_flight // actors)
     return min(per_actor, max(stage.max_in_flight_per_actor for stage in stages))
-
-
-@contextlib.contextmanager
-def endpoint(settings: EndpointSettings):
-    """The configured endpoint, or the embedded llama.cpp server for the duration of the run."""
-    if not settings.embedded:
-        yield settings
-        return
-    from stages.embedded import EmbeddedLM
-
-    print("no LM endpoint configured (LM_BASE_URL): starting the embedded llama.cpp model", file=sys.stderr)
-    with EmbeddedLM.start() as server:
-        # Only what the user set (flags, environment, .env) overrides the embedded server's own defaults.
-        chosen = settings.model_fields_set & {"temperature", "max_tokens", "max_attempts"}
-        yield server.settings(**{k: getattr(settings, k) for k in chosen})
-
-
-def init_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = dotenv_runtime_env()
-    # Under `ray job submit` RAY_ADDRESS is set and this attaches to that cluster.
-    ray.init(runtime_env=runtime_env or None, log_to_driver=True)
 
 
 def run_pipeline(
@@ -165,8 +151,8 @@ def run_pipeline(
     start = time.perf_counter()
     if todo.num_rows:
         init_ray()
-        lm_settings, _ = discover_endpoints(lm_settings)  # the cluster's Serve LLM app when LM_BASE_URL is unset
-        with endpoint(lm_settings) as settings:
+        with open_endpoints(lm=lm_settings) as endpoints:
+            settings = endpoints.lm
             ray.data.DataContext.get_current().enable_progress_bars = True
             # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
             # actor (and, streaming, every stage) busy at once.
@@ -199,84 +185,3 @@ def summarize(out: str, rows_this_run: int, resumed: int, seconds: float, column
                     key = "null" if value is None else str(value)
                     counts[key] = counts.get(key, 0) + n
     return result
-
-
-# -- CLI helpers ------------------------------------------------------------
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of .txt; "
-                                                       "a local path or s3://, gs://, file:// URI")
-    io.add_argument("--output", required=True, help="output folder or object-store prefix (parquet dataset)")
-    io.add_argument("--text-column", default="transcript", help="column holding the text (default: transcript)")
-    io.add_argument("--id-column", default="id", help="column holding row ids (default: id; generated if absent)")
-    io.add_argument("--limit", type=int, default=None, help="process only the first N rows")
-    io.add_argument("--resume", action="store_true", help="continue a killed run: skip ids already in --output")
-    io.add_argument("--max-chars", type=int, default=20_000, help="truncate longer texts (noted in errors)")
-    lm = parser.add_argument_group("LM endpoint (flags > environment > .env; none = embedded llama.cpp model)")
-    lm.add_argument("--lm-base-url", default=None, help="OpenAI-compatible base URL (env LM_BASE_URL)")
-    lm.add_argument("--lm-model", default=None, help="model id (env LM_MODEL)")
-    lm.add_argument("--lm-max-in-flight", type=int, default=None, help="global concurrent requests (LM_MAX_IN_FLIGHT)")
-    run = parser.add_argument_group("execution")
-    run.add_argument("--num-actors", type=int, default=2, help="actors per stage (default: 2)")
-    run.add_argument("--concurrency", type=int, default=64, help="requests in flight per actor (default: 64)")
-    run.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
-    run.add_argument("--refine-attempts", type=int, default=3, help="dspy.Refine attempts on invalid output")
-    run.add_argument("--program-dir", default=None, help="folder with optimized <program>.json files to load")
-    run.add_argument("--artifact-dir", default=None,
-                     help="artifact registry (folder or URI, what `python -m optimize --out` wrote): each stage "
-                          "loads its program's --artifact from it")
-    run.add_argument("--artifact", default="best", choices=["best", "latest"],
-                     help="with --artifact-dir: the best-scoring or the newest artifact (default: best)")
-
-
-def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
-    # The key is read from LM_API_KEY / .env only: a flag would land in shell history and `ps`.
-    return EndpointSettings.resolve(
-        "LM",
-        flags={"base_url": args.lm_base_url, "model": args.lm_model, "max_in_flight": args.lm_max_in_flight},
-    )
-
-
-def stage_overrides(args: argparse.Namespace, program: str) -> dict:
-    path = Path(args.program_dir) / f"{program}.json" if args.program_dir else None
-    program_path = str(path) if path and path.exists() else None
-    if getattr(args, "artifact_dir", None):
-        from programs.artifacts import best_artifact, latest_artifact
-
-        record = (best_artifact if args.artifact == "best" else latest_artifact)(args.artifact_dir, program)
-        if record is None:
-            print(f"no {program} artifact in {args.artifact_dir}: the {program} stage runs unoptimized",
-                  file=sys.stderr)
-        else:
-            print(f"{program}: {args.artifact} artifact {record.path} (dev score {record.metadata.dev_score})",
-                  file=sys.stderr)
-            program_path = str(record.path)
-    return {
-        "num_actors": args.num_actors,
-        "max_in_flight_per_actor": args.concurrency,
-        "batch_size": args.batch_size,
-        "refine_attempts": args.refine_attempts,
-        "program_path": program_path,
-    }
-
-
-def main_guard(fn) -> int:
-    """Turn expected errors into one clear line on stderr and exit code 2."""
-    from programs import ProgramLoadError
-
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
-    try:
-        fn()
-        return 0
-    except (InputError, OutputError, ProgramLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def print_result(result: RunResult) -> None:
-    print(f"results: {result.output}")
-    print(result.summary())
-    if os.environ.get("PIPELINE_JSON_SUMMARY"):
-        print(json.dumps({**result.__dict__, "rows_per_s": result.rows_per_s}))

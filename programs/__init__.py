@@ -1,10 +1,5 @@
-"""Pure DSPy programs and the one loader that batch, optimize and serve share.
+"""Pure DSPy programs: signatures and modules, no Ray, no retries, no I/O.
 
-    >>> program = load_program("triage")            # a fresh CallTriager
-    >>> program = load_program(CallTriager, "artifacts/triage.json")  # doctest: +SKIP
+The framework runs them (batch, optimize, serve) through the task registry
+(``tasks/``); loading and artifacts live in :mod:`core.loading`.
 """
-
-from programs.loading import PROGRAMS, ProgramLoadError, load_program, resolve_program_class
-from programs.triage import CallTriager, DetailExtractor
-
-__all__ = ["PROGRAMS", "CallTriager", "DetailExtractor", "ProgramLoadError", "load_program", "resolve_program_class"]

@@ -1,83 +1,117 @@
-"""Run a program server locally: ``python -m serve --program triage [--artifact PATH|latest]``.
+"""Serve a task's program over HTTP on a local Ray: ``python -m serve --program TASK [--artifact PATH|best|latest]``.
 
-Without ``SERVE_API_TOKEN`` the server listens on 127.0.0.1 only; binding
-another address needs a token, or ``--insecure-public`` to say you mean it.
+Endpoints resolve as in batch and optimize: flags > environment > .env >
+cluster discovery > the embedded model (said on stderr and in /<task>/info).
+Set SERVE_API_TOKEN (environment or .env) to require ``Authorization: Bearer
+<token>``; without a token the server listens on 127.0.0.1 only (binding
+another address needs a token, or --insecure-public to say you mean it).
+Stops cleanly on SIGINT (Ctrl-C) or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
-import time
+import threading
 
+from core.settings import read_dotenv, resolve_settings
 from serve.app import TOKEN_ENV, ServeOptions, build_app
+from tasks import TaskError, get_task, task_names
+
+_OPTION = ServeOptions.model_fields
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--program", required=True, metavar="TASK",
+                   help=f"task whose program is served: {', '.join(task_names())}, or 'package.module[:ATTR]'")
+    p.add_argument("--artifact", default=None, help="optimized program JSON (path or URI), 'latest' or 'best'")
+    p.add_argument("--artifact-dir", default="artifacts", help="artifact registry for 'latest'/'best'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--insecure-public", action="store_true", help=f"allow a non-local --host without {TOKEN_ENV}")
+    p.add_argument("--lm-base-url", default=None, help="target LM endpoint (env LM_BASE_URL)")
+    p.add_argument("--lm-model", default=None, help="target model id (env LM_MODEL)")
+    scaling = p.add_argument_group("replicas (Ray Serve autoscaling on queue depth)")
+    for name in ("min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+                 "max_queued_requests"):
+        info = _OPTION[name]
+        scaling.add_argument(f"--{name.replace('_', '-')}", type=type(info.default), default=info.default,
+                             help=info.description)
+    drift = p.add_argument_group("drift monitor (on when a judge endpoint is set)")
+    drift.add_argument("--judge-base-url", default=None, help="judge LM endpoint (env JUDGE_BASE_URL)")
+    drift.add_argument("--judge-model", default=None, help="judge model id (env JUDGE_MODEL)")
+    drift.add_argument("--drift-sample-rate", type=float, default=_OPTION["drift_sample_rate"].default,
+                       help="share of requests judged")
+    drift.add_argument("--drift-window-days", type=float, default=7.0, help="rolling window in days")
+    drift.add_argument("--drift-drop-points", type=float, default=5.0,
+                       help="re-optimize when the rolling score is this many points below the dev score")
+    drift.add_argument("--drift-min-samples", type=int, default=50, help="samples needed before deciding")
+    drift.add_argument("--auto-deploy", action=argparse.BooleanOptionalAction, default=True,
+                       help="deploy a better re-optimized artifact (--no-auto-deploy: only register it)")
+    return p
+
+
+def stop_event() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (also when the shell started us with SIGINT ignored)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--program", default="triage", help="program name (default: triage)")
-    parser.add_argument("--artifact", default=None, help="optimized program JSON, 'latest' or 'best'")
-    parser.add_argument("--artifact-dir", default="artifacts", help="artifact registry folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--insecure-public", action="store_true", help="allow a non-local host without a token")
-    parser.add_argument("--lm-base-url", default=None, help="target LM endpoint (env LM_BASE_URL)")
-    parser.add_argument("--lm-model", default=None, help="target model id (env LM_MODEL)")
-    parser.add_argument("--min-replicas", type=int, default=1)
-    parser.add_argument("--max-replicas", type=int, default=4)
-    parser.add_argument("--target-ongoing-requests", type=float, default=32)
-    drift = parser.add_argument_group("drift monitor (on when a judge endpoint is set)")
-    drift.add_argument("--judge-base-url", default=None, help="judge LM endpoint (env JUDGE_BASE_URL)")
-    drift.add_argument("--judge-model", default=None, help="judge model id (env JUDGE_MODEL)")
-    drift.add_argument("--drift-sample-rate", type=float, default=0.02, help="share of requests judged (0.02)")
-    drift.add_argument("--drift-window-days", type=float, default=7.0, help="rolling window (7 days)")
-    drift.add_argument("--drift-drop-points", type=float, default=5.0,
-                       help="re-optimize when the rolling score is this many points below the dev score (5)")
-    drift.add_argument("--drift-min-samples", type=int, default=50, help="samples needed before deciding (50)")
-    drift.add_argument("--auto-deploy", action=argparse.BooleanOptionalAction, default=True,
-                       help="deploy a better re-optimized artifact (--no-auto-deploy: only register it)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    import os
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV) and not args.insecure_public:
+    token = os.environ.get(TOKEN_ENV) or read_dotenv().get(TOKEN_ENV) or None
+    if args.host not in _LOCAL_HOSTS and not token and not args.insecure_public:
         print(f"error: refusing to listen on {args.host} without {TOKEN_ENV}; set a token or pass --insecure-public",
               file=sys.stderr)
         return 2
-    lm = {k: v for k, v in {"base_url": args.lm_base_url, "model": args.lm_model}.items() if v}
-    options = ServeOptions(program=args.program, artifact=args.artifact, artifact_dir=args.artifact_dir, lm=lm,
-                           min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                           target_ongoing_requests=args.target_ongoing_requests,
-                           drift_sample_rate=args.drift_sample_rate,
-                           judge={k: v for k, v in {"base_url": args.judge_base_url,
-                                                    "model": args.judge_model}.items() if v},
-                           drift_policy={"window_s": args.drift_window_days * 86400,
-                                         "drop_points": args.drift_drop_points,
-                                         "min_samples": args.drift_min_samples, "auto_deploy": args.auto_deploy})
+    try:
+        task = get_task(args.program)
+    except TaskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        program=args.program, artifact=args.artifact, artifact_dir=args.artifact_dir,
+        **{k: getattr(args, k) for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
+                                         "max_ongoing_requests", "max_queued_requests", "drift_sample_rate")},
+        drift_policy={"window_s": args.drift_window_days * 86400, "drop_points": args.drift_drop_points,
+                      "min_samples": args.drift_min_samples, "auto_deploy": args.auto_deploy})
+    lm = resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model})
+    judge = resolve_settings("JUDGE", flags={"base_url": args.judge_base_url, "model": args.judge_model})
+    return run(task.name, options, lm, judge if judge.base_url else None, token, args.host, args.port)
 
+
+def run(name, options, lm, judge, token, host, port) -> int:
     import ray
     from ray import serve
 
-    from stages.config import dotenv_runtime_env
+    from core.endpoints import open_endpoints
+    from core.ray_runtime import init_ray
 
-    ray.init(runtime_env=dotenv_runtime_env() or None)
-    embedded = None
-    if not (lm.get("base_url") or os.environ.get("LM_BASE_URL")):
-        from stages.embedded import EmbeddedLM
-
-        print("no LM endpoint configured (LM_BASE_URL): starting the embedded llama.cpp model", file=sys.stderr)
-        embedded = EmbeddedLM.start()
-        options.lm.update(embedded.settings().model_dump(
-            include={"base_url", "model", "max_in_flight", "timeout_s", "max_tokens"}))
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(options), name=args.program, route_prefix="/")
-    print(f"serving {args.program} at http://{args.host}:{args.port}/{args.program}/predict (docs: /docs)")
+    init_ray()
+    stop = stop_event()  # after ray.init, which installs a SIGTERM handler of its own that exits at once
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        if embedded:
-            embedded.stop()
+        with open_endpoints(lm=lm, judge=judge) as endpoints:
+            if endpoints.lm.origin == "embedded":
+                print(f"serving {name} with the embedded model ({endpoints.lm.model}); set LM_BASE_URL for a real one",
+                      file=sys.stderr)
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build_app(options, endpoints.lm, endpoints.judge, token), name=name, route_prefix="/")
+            print(f"serving {name} at http://{host}:{port}/{name}/predict (docs: /docs); Ctrl-C or SIGTERM stops it",
+                  flush=True)
+            stop.wait()
+            print("stopping", file=sys.stderr, flush=True)
+            serve.shutdown()
+    finally:
+        ray.shutdown()
     return 0
 
 

@@ -2,11 +2,14 @@
 
 One monitor per app (a single-replica Serve deployment) so decisions are made
 once.  Replicas send it a sampled (inputs, outputs) pair fire-and-forget; the
-monitor scores it with the judge LM, stores it in SQLite, and compares the
-rolling score over the window with the artifact's recorded dev score.  When the
-rolling score is at least ``drop_points`` below it, with enough samples, it
-submits one re-optimization Ray job (recent samples + original trainset) and
-will not submit another while that one runs.  When the job finishes with a
+monitor rates it with the task's live judge (:class:`core.scoring.LiveJudge`:
+the judge LM and the task's ``live_rubric``, 0..1), stores it in SQLite, and
+compares the rolling score over the window with the same judge's score of the
+same program on the task's dev inputs (measured once per artifact and stored):
+like with like, on one scale.  When the rolling score is at least
+``drop_points`` below that baseline, with enough samples, it submits one
+re-optimization Ray job (recent samples + original trainset) and will not
+submit another while that one runs.  When the job finishes with a
 better score, the new artifact is deployed (or only registered when
 ``auto_deploy`` is off).  Every decision is logged and stored in ``decisions``.
 
@@ -27,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dspy
 from pydantic import BaseModel, ConfigDict, Field
+
+from serve.options import ServeOptions
 
 logger = logging.getLogger("serve.drift")
 
@@ -40,22 +44,15 @@ class DriftPolicy(BaseModel):
     drop_points: float = Field(5.0, gt=0, description="Trigger when rolling score is this many points below dev")
     min_samples: int = Field(50, ge=1, description="Samples needed in the window before any decision")
     auto_deploy: bool = Field(True, description="Deploy a better re-optimized artifact, or only register it")
+    calibration_examples: int = Field(50, ge=1, description="Dev examples the baseline is measured on")
     job_entrypoint: str = Field(
-        "python -m optimize --pipeline {program} --optimizer miprov2 --auto light --out {artifact_dir} "
-        "--extra-train {samples}",
-        description="Re-optimization command; {program}, {artifact_dir}, {samples} are filled in",
+        "python -m optimize --pipeline {task} --optimizer miprov2 --auto light --out {artifact_dir} "
+        "--extra-train {samples}{resource_flags}",
+        description="Re-optimization command; {task}, {artifact_dir}, {samples}, {resource_flags} are filled in",
     )
     job_address: str | None = Field(None, description="Ray job API address (default: the current cluster)")
     job_runtime_env: dict[str, Any] | None = Field(
         None, description="runtime_env of the job (e.g. env_vars with LM_BASE_URL); secrets belong in the cluster's env")
-
-
-class JudgeVerdict(dspy.Signature):
-    """Judge whether a 911-call triage output is correct and useful for a dispatcher."""
-
-    call_input: str = dspy.InputField(desc="the request the program received (JSON)")
-    program_output: str = dspy.InputField(desc="what the program answered (JSON)")
-    score: float = dspy.OutputField(desc="quality from 0.0 (wrong) to 1.0 (fully correct)")
 
 
 class SampleStore:
@@ -71,6 +68,8 @@ class SampleStore:
                             "score REAL, error TEXT, artifact TEXT)")
             self.db.execute("CREATE TABLE IF NOT EXISTS decisions (ts REAL, kind TEXT, detail TEXT)")
             self.db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, ts REAL, status TEXT)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS baselines (artifact TEXT PRIMARY KEY, score REAL, n INTEGER, "
+                            "ts REAL)")
 
     def add(self, inputs: dict, outputs: dict, score: float | None, error: str | None,
             artifact: str | None = None) -> None:
@@ -111,6 +110,15 @@ class SampleStore:
         with self.lock, self.db:
             self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)", (job_id, time.time(), status))
 
+    def baseline(self, artifact: str | None) -> float | None:
+        with self.lock:
+            row = self.db.execute("SELECT score FROM baselines WHERE artifact = ?", (artifact or "",)).fetchone()
+        return row[0] if row else None
+
+    def set_baseline(self, artifact: str | None, score: float, n: int) -> None:
+        with self.lock, self.db:
+            self.db.execute("INSERT OR REPLACE INTO baselines VALUES (?, ?, ?, ?)", (artifact or "", score, n, time.time()))
+
     def running_job(self) -> str | None:
         with self.lock:
             row = self.db.execute("SELECT job_id FROM jobs WHERE status = 'RUNNING' ORDER BY ts DESC").fetchone()
@@ -127,9 +135,7 @@ class Decision:
 
 def decide(rolling: float | None, samples: int, baseline: float | None, policy: DriftPolicy,
            job_running: bool) -> Decision:
-    """Pure decision rule (scores in 0..1, baseline as recorded in the artifact, 0..1 or 0..100)."""
-    if baseline is not None and baseline > 1:
-        baseline = baseline / 100
+    """Pure decision rule: the live judge's rolling score against its dev baseline, both 0..1."""
     if rolling is None or baseline is None or samples < policy.min_samples:
         return Decision("wait", rolling, samples, baseline)
     if (baseline - rolling) * 100 < policy.drop_points:
@@ -140,41 +146,28 @@ def decide(rolling: float | None, samples: int, baseline: float | None, policy: 
 class DriftMonitor:
     """Serve deployment (one replica): judges samples, decides, runs and adopts re-optimizations."""
 
-    def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None = None, job_client_factory=None):
-        from serve.app import ServeOptions
+    def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None, lm: dict[str, Any],
+                 judge: dict[str, Any], job_client_factory=None):
+        from core.lm import build_lm
+        from core.scoring import LiveJudge
+        from core.settings import EndpointSettings
         from serve.metrics import JudgeMetrics
-        from stages.adapter import CachingJSONAdapter
-        from stages.config import EndpointSettings
-        from stages.lm import build_lm
+        from tasks import get_task
 
         self.options = ServeOptions(**options)
         self.policy = DriftPolicy(**(policy or {}))
+        self.task = get_task(self.options.program)
         self.store = SampleStore(self.options.drift_db)
-        from stages.discovery import discover_endpoints
-
-        _, judge = discover_endpoints(None, EndpointSettings.resolve("JUDGE", flags={"temperature": 0.0,
-                                                                                  **self.options.judge}))
-        self.judge_lm = build_lm(judge)
-        self.adapter = CachingJSONAdapter()
-        self.judge = dspy.Predict(JudgeVerdict)
-        self.metrics = JudgeMetrics(self.options.program)
+        self.lm_settings = EndpointSettings(**lm)
+        self.judge = LiveJudge(build_lm(EndpointSettings(**judge)), self.task.metric.live_rubric)
+        self.metrics = JudgeMetrics(self.task.name)
         # Ray's JobSubmissionClient by default; injectable so the decision loop is testable.
         self._job_client_factory = job_client_factory
         self.active_artifact: str | None = self.options.artifact
-        self.baseline: float | None = None
-        self.refresh_baseline()
-
-    def refresh_baseline(self) -> None:
-        from programs.artifacts import read_metadata
-
-        metadata = read_metadata(self.active_artifact) if self.active_artifact else None
-        self.baseline = metadata.dev_score if metadata else None
 
     async def record(self, inputs: dict, outputs: dict, artifact: str | None) -> Decision:
         try:
-            with dspy.context(lm=self.judge_lm, adapter=self.adapter):
-                verdict = await self.judge.acall(call_input=json.dumps(inputs), program_output=json.dumps(outputs))
-            score, error = min(1.0, max(0.0, float(verdict.score))), None
+            score, error = await self.judge.acall(inputs, outputs), None
         except Exception as exc:  # noqa: BLE001 - a judge failure is counted, never scored as 0
             score, error = None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         self.store.add(inputs, outputs, score, error, artifact)
@@ -182,11 +175,52 @@ class DriftMonitor:
         self.metrics.record(score is not None, rolling)
         return await self.evaluate()
 
+    async def baseline(self) -> float | None:
+        """The live judge's mean score of the active program on the task's dev inputs (measured once per artifact)."""
+        import asyncio
+
+        cached = self.store.baseline(self.active_artifact)
+        if cached is None and self.task.data is not None:
+            cached = await asyncio.to_thread(self._calibrate)
+        return cached
+
+    def _calibrate(self) -> float | None:
+        from core.lm import build_lm
+        from core.loading import load_program
+        from core.runner import ProgramRunner
+        from tasks.examples import load_task_data
+
+        _, dev = load_task_data(self.task.data, dev_limit=self.policy.calibration_examples)
+        spec = self.task.program
+        loaded = load_program(spec, self.active_artifact, resources=spec.open_resources(self.options.resources),
+                              artifact_dir=self.options.artifact_dir)
+        fields = self.task.output_fields()
+        runner = ProgramRunner(loaded.program, build_lm(self.lm_settings), output_fields=fields,
+                               refine_attempts=self.task.refine_attempts, reward_fn=spec.reward)
+        scores = []
+        for example in dev:
+            inputs = dict(example.inputs())
+            outcome = runner.run(inputs)
+            if outcome.prediction is None:
+                scores.append(0.0)  # what a failing request would have scored live
+                continue
+            try:
+                scores.append(self.judge(inputs, {f: outcome.prediction.get(f) for f in fields}))
+            except Exception:  # noqa: BLE001 - a judge failure is not a score
+                continue
+        if not scores:
+            return None
+        mean = sum(scores) / len(scores)
+        self.store.set_baseline(self.active_artifact, mean, len(scores))
+        self.store.log("baseline", artifact=self.active_artifact, score=mean, examples=len(scores))
+        return mean
+
     async def evaluate(self) -> Decision:
         self._poll_job()
         # Only the active artifact's samples say whether the active artifact has drifted.
         rolling, n = self.store.rolling(self.policy.window_s, self.active_artifact, any_artifact=False)
-        decision = decide(rolling, n, self.baseline, self.policy, self.store.running_job() is not None)
+        baseline = await self.baseline() if n >= self.policy.min_samples else None
+        decision = decide(rolling, n, baseline, self.policy, self.store.running_job() is not None)
         if decision.kind == "trigger":
             job_id = self._submit_job()
             self.store.log("trigger", rolling=rolling, samples=n, baseline=decision.baseline, job_id=job_id)
@@ -210,7 +244,9 @@ class DriftMonitor:
         return JobSubmissionClient(self.policy.job_address)
 
     def _submit_job(self) -> str:
-        from stages.fs import filesystem_for, is_uri, write_bytes
+        import shlex
+
+        from core.fs import filesystem_for, is_uri, write_bytes
 
         name = f"drift_samples_{int(time.time())}.jsonl"
         # The job may run on another node: with an object-store registry the samples go there too.
@@ -218,8 +254,11 @@ class DriftMonitor:
                    else str(Path(self.options.drift_db).resolve().with_name(name)))
         rows = "".join(json.dumps(row) + "\n" for row in self.store.recent_inputs())
         write_bytes(*filesystem_for(samples), rows.encode())
+        resource_flags = "".join(f" --{name.replace('_', '-')} {shlex.quote(value)}"
+                                 for name, value in self.options.resources.items())
         entrypoint = self.policy.job_entrypoint.format(
-            program=self.options.program, artifact_dir=self.options.artifact_dir, samples=samples)
+            task=shlex.quote(self.options.program), artifact_dir=shlex.quote(self.options.artifact_dir),
+            samples=shlex.quote(samples), resource_flags=resource_flags)
         job_id = self._client().submit_job(entrypoint=entrypoint, runtime_env=self.policy.job_runtime_env)
         self.store.set_job(job_id, "RUNNING")
         return job_id
@@ -238,18 +277,20 @@ class DriftMonitor:
         self._adopt_best(job_id)
 
     def _adopt_best(self, job_id: str) -> None:
-        from programs.artifacts import best_artifact
+        """Adopt the registry's best artifact when its dev score beats the active one's (same metric, same data)."""
+        from core.artifacts import best_artifact, read_metadata
 
-        record = best_artifact(self.options.artifact_dir, self.options.program)
+        record = best_artifact(self.options.artifact_dir, self.task.program.name)
         candidate = str(record.path) if record else None
         score = record.metadata.dev_score if record else None
-        baseline = self.baseline if self.baseline is not None else float("-inf")
-        if candidate is None or score is None or score <= baseline or candidate == self.active_artifact:
-            self.store.log("kept", job_id=job_id, candidate=candidate, score=score, baseline=self.baseline)
+        active = read_metadata(self.active_artifact) if self.active_artifact else None
+        current = active.dev_score if active is not None and active.dev_score is not None else float("-inf")
+        if candidate is None or score is None or score <= current or candidate == self.active_artifact:
+            self.store.log("kept", job_id=job_id, candidate=candidate, score=score,
+                           active_dev_score=None if current == float("-inf") else current)
             return
         if self.policy.auto_deploy:
             self.active_artifact = candidate
-            self.refresh_baseline()
             self.store.log("deployed", job_id=job_id, artifact=candidate, score=score)
         else:
             self.store.log("registered", job_id=job_id, artifact=candidate, score=score)

@@ -5,19 +5,22 @@ A stage is two pieces, as in Ray's LLM batch stages:
 * :class:`DSPyStageUDF` - per-actor state (LM, program, adapter) built once in
   ``__init__``, and an ``async __call__`` that keeps many rows in flight at once;
 * :class:`DSPyStage` - a pydantic config that says which program to run on which
-  columns, and how Ray runs it.  A concrete stage is a few declarative lines::
+  columns, and how Ray runs it.  A task declares its stages in a few lines
+  (``tasks/triage.py``)::
 
-      class TriageStage(DSPyStage):
-          program: str = "triage"
-          input_fields: dict[str, str] = {"transcript": "transcript"}
-          output_fields: tuple[str, ...] = ("priority", "category", "summary")
+      DSPyStage(name="triage", program=ProgramSpec("triage", CallTriager),
+                input_fields={"transcript": "transcript"},
+                output_fields=("priority", "category", "summary"))
 
 Data flow for one batch (``errors`` is a list of strings per row)::
 
     {"id": ["a", "b"], "transcript": ["fire!", ""], "errors": [[], ["transcript is empty"]]}
-      -> TriageStage ->
+      -> the triage stage ->
     {..., "priority": ["urgent", None], "category": ["fire", None], "summary": ["...", None],
      "errors": [[], ["transcript is empty", "triage: skipped: input 'transcript' is empty"]]}
+
+Output columns are typed from the program's signatures (:mod:`stages.columns`):
+a ``list[str]`` output is an Arrow ``list<string>`` column, an ``int`` an int64.
 
 Every input row comes out exactly once.  What fails after retries becomes an
 entry in ``errors``; only misconfiguration (bad credentials, unknown model) is
@@ -27,7 +30,6 @@ raised, because it would fail every row the same way.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
@@ -36,10 +38,12 @@ import dspy
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from programs.artifacts import load_artifact
-from stages.config import EndpointSettings
-from stages.lm import build_lm
-from stages.predict import ProgramRunner
+from core.lm import build_lm
+from core.loading import ProgramSpec, load_program
+from core.runner import ProgramRunner
+from core.settings import EndpointSettings
+from core.signatures import program_fields
+from stages.columns import to_column
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +65,10 @@ class DSPyStageUDF:
         self,
         *,
         stage_name: str,
-        program: str,
-        program_path: str | None,
+        program: ProgramSpec,
+        artifact: str | None,
+        artifact_dir: str,
+        resources: dict[str, str],
         input_fields: dict[str, str],
         output_fields: tuple[str, ...],
         lm_settings: dict[str, Any],
@@ -77,13 +83,18 @@ class DSPyStageUDF:
         self.output_fields = tuple(output_fields)
         self.settings = EndpointSettings(**lm_settings)
         self.lm = lm_factory(self.settings)  # configured once per actor, used via dspy.context per call
+        # The one loader: resources opened once per actor, sidecar and signatures checked.
+        loaded = load_program(program, artifact, resources=program.open_resources(resources),
+                              artifact_dir=artifact_dir)
+        _, outputs = program_fields(loaded.program, program.output_types)
+        self.output_types = {f: outputs.get(f, (str, ""))[0] for f in self.output_fields}
         self.runner = ProgramRunner(
-            load_artifact(program_path, program).program,  # the one loader: sidecar and signature checked
+            loaded.program,
             self.lm,
             output_fields=self.output_fields,
             refine_attempts=refine_attempts,
             refine_threshold=refine_threshold,
-            reward_fn=reward_fn,
+            reward_fn=reward_fn or program.reward,
             max_in_flight=max_in_flight,
         )
         self.max_in_flight = max_in_flight
@@ -124,10 +135,12 @@ class DSPyStageUDF:
             batch.column(ERRORS_COLUMN).to_pylist() if ERRORS_COLUMN in batch.column_names else [None] * len(results)
         )
         out = batch
-        for field in self.output_fields:
-            values = pa.array([outputs.get(field) for outputs, _ in results], type=pa.string())
-            out = _set_column(out, field, values)
         errors = [list(prev or []) + new for prev, (_, new) in zip(previous, results)]
+        for field in self.output_fields:
+            values, bad = to_column([outputs.get(field) for outputs, _ in results], self.output_types[field])
+            for i in bad:
+                errors[i].append(f"{self.stage_name}: output {field!r} does not fit its declared type; stored null")
+            out = _set_column(out, field, values)
         return _set_column(out, ERRORS_COLUMN, pa.array(errors, type=pa.list_(pa.string())))
 
     # -- row level ---------------------------------------------------------
@@ -138,20 +151,22 @@ class DSPyStageUDF:
             return index, {}, [f"{self.stage_name}: skipped: input {empty[0]!r} is empty"]
         async with self._semaphore:
             outcome = await self.runner.predict(inputs)
-        outputs = {f: _as_text(outcome.prediction.get(f)) for f in self.output_fields} if outcome.prediction else {}
+        outputs = {f: outcome.prediction.get(f) for f in self.output_fields} if outcome.prediction else {}
         return index, outputs, [f"{self.stage_name}: {e}" for e in outcome.errors]
 
 
 class DSPyStage(BaseModel):
-    """How Ray runs a :class:`DSPyStageUDF`; subclasses only declare the program and fields."""
-
-    model_config = ConfigDict(extra="forbid")
+    """How Ray runs a :class:`DSPyStageUDF`: which program on which columns, with what resources."""
 
     udf_class: ClassVar[type[DSPyStageUDF]] = DSPyStageUDF
 
-    name: str = Field("", description="Stage name used in errors and logs (default: program name)")
-    program: str = Field(..., description="Program name in programs.PROGRAMS or 'pkg.module:Class'")
-    program_path: str | None = Field(None, description="Optimized program JSON to load (never pickle)")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field("", description="Stage name used in errors and logs (default: the program's name)")
+    program: ProgramSpec = Field(..., description="The program to run, and how to build it")
+    artifact: str | None = Field(None, description="Optimized program JSON (path or URI) or 'best'/'latest'")
+    artifact_dir: str = Field("artifacts", description="Artifact registry for 'best'/'latest'")
+    resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. index path)")
     input_fields: dict[str, str] = Field(..., description="Program argument -> dataset column")
     output_fields: tuple[str, ...] = Field(..., description="Prediction fields written as columns")
     num_actors: int = Field(2, ge=1, description="Actors in this stage's pool")
@@ -164,17 +179,19 @@ class DSPyStage(BaseModel):
     refine_threshold: float = Field(1.0, description="Reward an output must reach to be accepted")
 
     def stage_name(self) -> str:
-        return self.name or self.program
+        return self.name or self.program.name
 
     def udf_kwargs(self, lm_settings: EndpointSettings, max_in_flight: int | None = None) -> dict[str, Any]:
         return {
             "stage_name": self.stage_name(),
             "program": self.program,
-            "program_path": self.program_path,
+            "artifact": self.artifact,
+            "artifact_dir": self.artifact_dir,
+            "resources": self.resources,
             "input_fields": self.input_fields,
             "output_fields": self.output_fields,
-            # SecretStr does not survive model_dump; the actor needs the real key (it is not logged).
-            "lm_settings": {**lm_settings.model_dump(), "api_key": lm_settings.api_key.get_secret_value()},
+            # A constructor argument, never runtime_env (Ray logs that): the actor needs the real key.
+            "lm_settings": lm_settings.with_key(),
             "max_in_flight": max_in_flight or self.max_in_flight_per_actor,
             "refine_attempts": self.refine_attempts,
             "refine_threshold": self.refine_threshold,
@@ -208,13 +225,3 @@ def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, values)
     return table.append_column(name, values)
-
-
-def _as_text(value: Any) -> str | None:
-    """Output columns are strings; structured outputs (lists, models) are stored as JSON."""
-    if value is None or isinstance(value, str):
-        return value
-    if hasattr(value, "model_dump"):
-        value = value.model_dump()
-    return json.dumps(value, ensure_ascii=False, default=str)
-

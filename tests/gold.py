@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def triage_gold(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     """input_key(user message as the triage program sends it) -> {priority, category}."""
     from programs.triage import TriageCall
-    from stages.adapter import CachingJSONAdapter
+    from core.json_adapter import CachingJSONAdapter
 
     adapter = CachingJSONAdapter()
     gold: dict[str, dict[str, Any]] = {}

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve import llm as serve_llm
-from stages.config import EndpointSettings
-from stages.discovery import discover_endpoints, list_models, serve_app_base_url
+from core.discovery import discover_endpoints, list_models, serve_app_base_url
+from core.settings import EndpointSettings, resolve_settings
+from serve import vllm_models as serve_llm
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -251,6 +251,11 @@ def test_build_app_without_vllm_says_what_is_missing():
 # -- discovery --------------------------------------------------------------------
 
 
+def discover(lm, judge, **kwargs):
+    found = discover_endpoints({"LM": lm, "JUDGE": judge}, **kwargs)
+    return found["LM"], found["JUDGE"]
+
+
 def _models_file(tmp_path: Path, target: str, judge: str, app_name: str = "llm", prefix: str = "/llm") -> Path:
     data = {
         "app_name": app_name,
@@ -264,15 +269,15 @@ def _models_file(tmp_path: Path, target: str, judge: str, app_name: str = "llm",
 
 def test_discovery_maps_served_model_ids_to_roles(fake_llm, tmp_path):
     models = _models_file(tmp_path, target="fake-model", judge="judge-model")
-    empty = EndpointSettings.resolve("LM", env={}, dotenv_path=None)
+    empty = resolve_settings("LM", env={}, dotenv_path=None)
     assert list_models(fake_llm.base_url) == ["fake-model"]
 
-    lm, judge = discover_endpoints(empty, empty, models_config=models, base_url=fake_llm.base_url)
+    lm, judge = discover(empty, empty, models_config=models, base_url=fake_llm.base_url)
     assert (lm.base_url, lm.model) == (fake_llm.base_url, "fake-model")
     assert judge == empty  # judge-model is not served there: left for the caller's fallback
 
     fake_llm.configure(model="judge-model")
-    lm, judge = discover_endpoints(empty, empty, models_config=models, base_url=fake_llm.base_url)
+    lm, judge = discover(empty, empty, models_config=models, base_url=fake_llm.base_url)
     assert lm == empty
     assert (judge.base_url, judge.model) == (fake_llm.base_url, "judge-model")
     assert judge.max_in_flight == empty.max_in_flight  # nothing else changes
@@ -280,29 +285,29 @@ def test_discovery_maps_served_model_ids_to_roles(fake_llm, tmp_path):
 
 def test_explicit_base_url_is_never_overridden(fake_llm, tmp_path, monkeypatch):
     models = _models_file(tmp_path, target="fake-model", judge="fake-model-judge")
-    explicit = EndpointSettings.resolve("LM", env={"LM_BASE_URL": "http://10.9.9.9:1234/v1"}, dotenv_path=None)
-    empty_judge = EndpointSettings.resolve("JUDGE", env={}, dotenv_path=None)
+    explicit = resolve_settings("LM", env={"LM_BASE_URL": "http://10.9.9.9:1234/v1"}, dotenv_path=None)
+    empty_judge = resolve_settings("JUDGE", env={}, dotenv_path=None)
 
-    lm, judge = discover_endpoints(explicit, empty_judge, models_config=models, base_url=fake_llm.base_url)
+    lm, judge = discover(explicit, empty_judge, models_config=models, base_url=fake_llm.base_url)
     assert lm is explicit
     assert judge is empty_judge  # the judge's model is not served either
 
     # Both explicit: nothing is probed at all.
-    import stages.discovery as discovery
+    import core.discovery as discovery
 
     monkeypatch.setattr(discovery, "list_models", lambda *a, **k: pytest.fail("probed despite explicit URLs"))
     explicit_judge = EndpointSettings(base_url="http://judge.example/v1", model="j")
-    assert discover_endpoints(explicit, explicit_judge, models_config=models) == (explicit, explicit_judge)
+    assert discover(explicit, explicit_judge, models_config=models) == (explicit, explicit_judge)
 
     # A configured model id is kept even when the URL is discovered.
     named = EndpointSettings(model="my-model")
     monkeypatch.setattr(discovery, "list_models", lambda *a, **k: ["fake-model"])
-    lm, _ = discover_endpoints(named, None, models_config=models, base_url=fake_llm.base_url)
+    lm, _ = discover(named, None, models_config=models, base_url=fake_llm.base_url)
     assert (lm.base_url, lm.model) == (fake_llm.base_url, "my-model")
 
     # Judge only (e.g. the drift monitor): no target settings at all.
     monkeypatch.setattr(discovery, "list_models", lambda *a, **k: ["fake-model-judge"])
-    lm, judge = discover_endpoints(None, empty_judge, models_config=models, base_url=fake_llm.base_url)
+    lm, judge = discover(None, empty_judge, models_config=models, base_url=fake_llm.base_url)
     assert lm is None and (judge.base_url, judge.model) == (fake_llm.base_url, "fake-model-judge")
 
 
@@ -313,7 +318,7 @@ def test_no_ray_no_discovery():
         pytest.skip("Ray is already connected in this session")
     assert serve_app_base_url("llm") is None
     empty = EndpointSettings()
-    assert discover_endpoints(empty, empty) == (empty, empty)
+    assert discover(empty, empty) == (empty, empty)
     assert not ray.is_initialized()  # discovery never starts or joins a cluster
 
 
@@ -348,14 +353,14 @@ def test_discovery_finds_the_serve_app_on_the_cluster(ray_local, tmp_path):
         assert url is not None and url.startswith("http://") and url.endswith("/llm-test/v1")
         assert serve_app_base_url("no-such-app") is None
 
-        empty_lm = EndpointSettings.resolve("LM", env={}, dotenv_path=None)
-        empty_judge = EndpointSettings.resolve("JUDGE", env={}, dotenv_path=None)
-        lm, judge = discover_endpoints(empty_lm, empty_judge, models_config=models)
+        empty_lm = resolve_settings("LM", env={}, dotenv_path=None)
+        empty_judge = resolve_settings("JUDGE", env={}, dotenv_path=None)
+        lm, judge = discover(empty_lm, empty_judge, models_config=models)
         assert (lm.base_url, lm.model) == (url, "tgt-model")
         assert (judge.base_url, judge.model) == (url, "jdg-model")
 
-        explicit = EndpointSettings.resolve("LM", env={"LM_BASE_URL": "http://10.9.9.9:1234/v1"}, dotenv_path=None)
-        lm, judge = discover_endpoints(explicit, empty_judge, models_config=models)
+        explicit = resolve_settings("LM", env={"LM_BASE_URL": "http://10.9.9.9:1234/v1"}, dotenv_path=None)
+        lm, judge = discover(explicit, empty_judge, models_config=models)
         assert lm is explicit
         assert judge.base_url == url
     finally:

@@ -18,26 +18,31 @@ from pathlib import Path
 import dspy
 import pytest
 
-from optimize.config import OptimizeConfig, SearchSettings
-from optimize.data import PIPELINES
-from optimize.metric import EvalSummary
-from programs.artifacts import (
+from core.artifacts import (
     ArtifactMetadata,
     ArtifactMismatchError,
+    ProgramLoadError,
     list_artifacts,
-    load_artifact,
     save_artifact,
     sidecar_path,
 )
-from programs.loading import ProgramLoadError
+from core.loading import load_program
+from core.scoring import EvalSummary
+from core.settings import EndpointSettings
+from optimize.config import OptimizeConfig, SearchSettings
 from programs.triage import CallTriager
-from stages.config import EndpointSettings
+from tasks import get_task
 from tests.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-never-in-artifacts-4242"
 DATA = ["data/triage_train.jsonl", "data/triage_dev.jsonl"]
+TRIAGE = get_task("triage")
+
+
+def load_artifact(path, program=None, artifact_dir="artifacts"):
+    return load_program(program or TRIAGE.program, path, artifact_dir=artifact_dir)
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +103,15 @@ def test_parallel_miprov2_beats_baseline_and_writes_a_dspy_loadable_artifact(ray
     assert Path(result.plot).stat().st_size > 10_000  # a real PNG, not an empty figure
     # No secret anywhere: artifact, sidecar, run directory.
     assert SECRET not in _all_text(tmp_path)
-    loaded = load_artifact("best", program="triage", artifact_dir=cfg.out)
+    loaded = load_artifact("best", artifact_dir=cfg.out)
     assert loaded.path == str(path) and loaded.metadata.dev_score == pytest.approx(result.optimized.score, abs=1e-4)
 
 
 def test_estimate_over_max_calls_stops_before_any_lm_call(gold_llm, tmp_path, capsys):
     from optimize.__main__ import main
 
-    rc = main(["--lm-base-url", gold_llm.base_url, "--lm-model", "fake-model", "--out", str(tmp_path),
-               "--auto", "light", "--max-calls", "100"])
+    rc = main(["--pipeline", "triage", "--lm-base-url", gold_llm.base_url, "--lm-model", "fake-model",
+               "--out", str(tmp_path), "--auto", "light", "--max-calls", "100"])
     err = capsys.readouterr().err
     assert rc == 3
     assert "estimated LM calls" in err and "exceed --max-calls 100" in err
@@ -137,10 +142,12 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"id": "a", "transcript": "x", "priority": "urgent", "category": "fire"}\nnot json\n')
-    assert main(["--train", str(bad), "--out", str(tmp_path), "--max-calls", "0"]) == 2
+    assert main(["--pipeline", "triage", "--train", str(bad), "--out", str(tmp_path), "--max-calls", "0"]) == 2
     assert f"{bad} line 2: not valid JSON" in capsys.readouterr().err
-    assert main(["--pipeline", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown pipeline 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pipeline", "nope", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
 
 
 def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
@@ -151,7 +158,7 @@ def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
 
     with FakeLLM(gold=gold, latency=0.15) as fake:
         run_dir = tmp_path / "run"
-        argv = [sys.executable, "-m", "optimize", "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
+        argv = [sys.executable, "-m", "optimize", "--pipeline", "triage", "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
                 "--out", str(tmp_path / "artifacts"), "--run-dir", str(run_dir), "--workers", "2",
                 "--threads-per-worker", "4", "--train-limit", "100", "--dev-limit", "30", "--val-size", "40",
                 "--num-trials", "12", "--minibatch-size", "20"]
@@ -192,22 +199,22 @@ def test_a_worker_lost_midway_is_replaced_and_the_search_completes(ray_local, go
     import ray
 
     from optimize.config import resolve_budget
-    from optimize.data import load_pipeline_data, split_train_val
+    from optimize.data import split_train_val
     from optimize.evaluation import EvalContext
     from optimize.mipro import ParallelMIPROv2
     from optimize.storage import RunStorage
     from optimize.workers import WorkerPool
+    from tasks.examples import load_task_data
 
-    spec = PIPELINES["triage"]
-    train, _ = load_pipeline_data(spec, train_limit=80)
+    train, _ = load_task_data(TRIAGE.data, train_limit=80)
     search = SearchSettings(auto=None, num_candidates=3, num_trials=10, minibatch_size=15, val_size=30)
     budget = resolve_budget(search, 1, len(train))
     trainset, valset = split_train_val(train, budget.val_size, search.seed)
     with FakeLLM(gold=gold, latency=0.1) as fake:
-        ctx = EvalContext(spec=spec, lm=_settings(fake), threads=4, num_cpus=0.01)
+        ctx = EvalContext(task=TRIAGE, lm=_settings(fake), threads=4, num_cpus=0.01)
         storage = RunStorage(str(tmp_path / "run"))
         with WorkerPool(ctx, 2) as pool:
-            optimizer = ParallelMIPROv2(spec, search, budget, ctx, workers=2, storage=storage, pool=pool,
+            optimizer = ParallelMIPROv2(search, budget, ctx, workers=2, storage=storage, pool=pool,
                                         on_event=lambda line: None)
             outcome: dict = {}
             thread = threading.Thread(target=lambda: outcome.update(result=optimizer.compile(trainset, valset)))
@@ -232,7 +239,7 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(ray_local,
     with pytest.raises(OptimizeError, match="already holds a run; add --resume"):
         run_optimization(cfg, _settings(gold_llm))
     other = cfg.model_copy(update={"resume": True, "search": cfg.search.model_copy(update={"max_bootstrapped_demos": 2})})
-    with pytest.raises(OptimizeError, match="other settings or data"):
+    with pytest.raises(OptimizeError, match="other settings.*search.max_bootstrapped_demos: 4 then, 2 now"):
         run_optimization(other, _settings(gold_llm))
     # Same settings with --resume: nothing left to compute, so no LM call at all.
     gold_llm.reset_stats()
@@ -261,45 +268,49 @@ def test_dspy_optimizers_run_with_evaluation_on_ray(ray_local, gold_llm, tmp_pat
 # -- the metric and the judge ----------------------------------------------------------------
 
 
-def test_judge_errors_are_counted_not_scored_zero(gold):
-    from optimize.evaluation import evaluate_program
-    from optimize.metric import SummaryJudge
-    from programs.loading import load_program
-    from stages.lm import build_lm
+def _runner(program, lm):
+    from core.runner import ProgramRunner
 
-    spec = PIPELINES["triage"]
+    return ProgramRunner(program, lm, output_fields=TRIAGE.output_fields(), refine_attempts=TRIAGE.refine_attempts)
+
+
+def test_judge_errors_are_counted_not_scored_zero(gold):
+    from core.lm import build_lm
+    from core.scoring import FieldJudge
+    from optimize.evaluation import evaluate_program
+
     rows = [json.loads(line) for line in (ROOT / "data/triage_dev.jsonl").read_text().splitlines()[:6]]
     examples = [dspy.Example(**{k: r[k] for k in ("id", "transcript", "priority", "category", "summary")})
                 .with_inputs("transcript") for r in rows]
     with FakeLLM(gold=gold, gold_keyword="GOLDEN-RULES") as target, FakeLLM(p_500=1.0) as judge_ep:
-        judge = SummaryJudge(build_lm(EndpointSettings(base_url=judge_ep.base_url, model="judge", max_attempts=1)))
+        judge = FieldJudge(build_lm(EndpointSettings(base_url=judge_ep.base_url, model="judge", max_attempts=1)))
         lm = build_lm(EndpointSettings(base_url=target.base_url, model="fake-model"))
-        program = load_program("triage")
+        program = load_program(TRIAGE.program).program
         program.triage.signature = program.triage.signature.with_instructions("Apply the GOLDEN-RULES.")  # the fake answers gold
-        scores = evaluate_program(program, examples, spec, lm=lm, judge=judge, threads=3)
+        scores = evaluate_program(program, examples, TRIAGE.metric, runner=_runner(program, lm), judge=judge,
+                                  threads=3)
         assert judge_ep.stats()["requests"] >= len(examples)
 
-    summary = EvalSummary.of(scores, spec.label_fields)
+    summary = EvalSummary.of(scores, TRIAGE.metric)
     assert summary.judge_errors == len(examples) and summary.program_errors == 0
-    assert all(s.judge is None and "judge" not in (s.program_error or "") for s in scores)
+    assert all(not s.judged and "judge" not in (s.program_error or "") for s in scores)
     assert summary.score == 1.0  # exact match only; a failed judge does not drag the score to 0
-    assert summary.judge_mean is None
+    assert summary.judged_mean == {}
 
 
 def test_working_judge_scores_the_summary(gold):
+    from core.lm import build_lm
+    from core.scoring import FieldJudge
     from optimize.evaluation import evaluate_program
-    from optimize.metric import SummaryJudge
-    from programs.loading import load_program
-    from stages.lm import build_lm
 
-    spec = PIPELINES["triage"]
     row = json.loads((ROOT / "data/triage_dev.jsonl").read_text().splitlines()[0])
     example = dspy.Example(**row).with_inputs("transcript")
     with FakeLLM(field_overrides={"verdict": "partial"}) as ep:
-        judge = SummaryJudge(build_lm(EndpointSettings(base_url=ep.base_url, model="judge")))
-        [score] = evaluate_program(load_program("triage"), [example], spec,
-                                   lm=build_lm(EndpointSettings(base_url=ep.base_url, model="m")), judge=judge)
-    assert score.judge == 0.5 and score.judge_error is None
+        judge = FieldJudge(build_lm(EndpointSettings(base_url=ep.base_url, model="judge")))
+        program = load_program(TRIAGE.program).program
+        lm = build_lm(EndpointSettings(base_url=ep.base_url, model="m"))
+        [score] = evaluate_program(program, [example], TRIAGE.metric, runner=_runner(program, lm), judge=judge)
+    assert score.judged == {"summary": 0.5} and score.judge_error is None
     assert score.score == pytest.approx((sum(score.fields.values()) + 0.5) / 3)
 
 
@@ -325,8 +336,8 @@ def test_artifact_round_trip_registry_and_signature_mismatch(tmp_path):
                                                                    dev_score=0.5))
     assert Path(older).name == "triage_Model-7B_20261101T000000_0.900.json"
     assert [str(r.path) for r in list_artifacts(tmp_path, "triage")] == [older, newer]
-    assert load_artifact("best", program="triage", artifact_dir=tmp_path).path == older
-    assert load_artifact("latest", program="triage", artifact_dir=tmp_path).path == newer
+    assert load_artifact("best", artifact_dir=tmp_path).path == older
+    assert load_artifact("latest", artifact_dir=tmp_path).path == newer
 
     loaded = load_artifact(older)
     assert loaded.program.triage.signature.instructions == "Triage carefully."
@@ -338,7 +349,7 @@ def test_artifact_round_trip_registry_and_signature_mismatch(tmp_path):
     message = str(info.value)
     assert older in message and "'triage'" in message and "one_liner" in message
     with pytest.raises(ProgramLoadError, match="no triage artifact"):
-        load_artifact("best", program="triage", artifact_dir=tmp_path / "empty")
+        load_artifact("best", artifact_dir=tmp_path / "empty")
 
 
 def test_artifacts_and_optimization_on_an_object_store_uri(ray_local, gold_llm):
@@ -355,7 +366,7 @@ def test_artifacts_and_optimization_on_an_object_store_uri(ray_local, gold_llm):
     fs = fsspec.filesystem("memory")
     assert fs.exists(result.plot.removeprefix("memory://"))
     assert SECRET not in fs.cat(result.artifact.removeprefix("memory://")[: -len(".json")] + ".meta.json").decode()
-    best = load_artifact("best", program="triage", artifact_dir=out)
+    best = load_artifact("best", artifact_dir=out)
     assert best.path == result.artifact and best.metadata.optimizer == "bootstrap"
     assert best.program.triage.demos  # the compiled program, loaded from the store
     with pytest.raises(ArtifactMismatchError):
@@ -387,12 +398,13 @@ def test_small_real_optimization_on_the_embedded_model(ray_local, tmp_path):
     """BootstrapFewShot with a tiny budget on the embedded llama.cpp model, end to end through the CLI."""
     from optimize.__main__ import main
 
-    rc = main(["--optimizer", "bootstrap", "--out", str(tmp_path), "--workers", "2", "--threads-per-worker", "2",
+    rc = main(["--pipeline", "triage", "--optimizer", "bootstrap", "--out", str(tmp_path), "--workers", "2", "--threads-per-worker", "2",
                "--train-limit", "8", "--dev-limit", "6", "--max-bootstrapped-demos", "2",
                "--max-labeled-demos", "2", "--max-calls", "100"])
     assert rc == 0
     [record] = list_artifacts(tmp_path, "triage")
-    assert record.metadata.model == "embedded-smollm2" and record.metadata.optimizer == "bootstrap"
+    assert record.metadata.model == "smollm2-135m-instruct" and record.metadata.optimizer == "bootstrap"
+    assert record.metadata.command.startswith("python -m optimize --pipeline triage --optimizer bootstrap")
     assert 0.0 <= record.metadata.dev_score <= 1.0
     assert load_artifact(record.path).program.triage.demos  # bootstrapped or labelled demos landed
     assert record.metadata.dev_program_errors < 6  # the model answered parseable labels

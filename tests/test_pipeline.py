@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -14,9 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from core.settings import EndpointSettings
 from pipelines.inputs import InputSpec
-from pipelines.runner import add_common_args, run_pipeline, written_ids
-from stages import EndpointSettings, ExtractDetailsStage, TriageStage
+from pipelines.runner import run_pipeline, written_ids
+from tasks import get_task
 from tests.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
@@ -24,6 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIORITIES = {"urgent", "non_urgent", "not_an_emergency"}
 CATEGORIES = {"crime", "medical", "fire", "animal", "noise", "other"}
 OUTPUT_COLUMNS = ["priority", "category", "summary", "location", "subject_description", "errors"]
+TRIAGE = get_task("triage")
+
+
+def triage_stages(**overrides):
+    return TRIAGE.stages_for(overrides=overrides)
 
 
 def write_calls(path: Path, n: int) -> Path:
@@ -49,9 +54,8 @@ def test_thousand_rows_with_faults_come_out_once_each(ray_local, tmp_path):
     with FakeLLM(latency=0.01, p_429=0.05, retry_after=0.05, p_500=0.05, p_hang=0.003, p_malformed=0.02,
                  seed=5) as fake:
         settings = EndpointSettings(base_url=fake.base_url, model="fake-model", timeout_s=1.0, max_attempts=6)
-        result = run_pipeline(InputSpec(str(src)), str(tmp_path / "out"),
-                              [TriageStage(num_actors=1, batch_size=32), ExtractDetailsStage(num_actors=1, batch_size=32)],
-                              settings, summary_columns=("priority",))
+        result = run_pipeline(InputSpec(str(src), text_column="transcript"), str(tmp_path / "out"),
+                              triage_stages(num_actors=1, batch_size=32), settings, summary_columns=("priority",))
         stats = fake.stats()
     table = read_output(tmp_path / "out")
     ids = table.column("id").to_pylist()
@@ -109,12 +113,14 @@ def test_object_store_uris_for_input_and_output(ray_local, tmp_path):
     out_uri = f"file://{tmp_path}/out"
     with FakeLLM() as fake:
         settings = EndpointSettings(base_url=fake.base_url, model="fake-model")
-        result = run_pipeline(InputSpec(f"file://{src.parent}"), out_uri, [TriageStage(num_actors=1)], settings,
+        stages = triage_stages(num_actors=1)[:1]
+        result = run_pipeline(InputSpec(f"file://{src.parent}", text_column="transcript"), out_uri, stages, settings,
                               summary_columns=("priority",))
         assert result.rows_total == 20 and result.output == out_uri
         with pytest.raises(OutputError, match="already holds results"):
-            run_pipeline(InputSpec(f"file://{src}"), out_uri, [TriageStage(num_actors=1)], settings)
-        again = run_pipeline(InputSpec(f"file://{src}"), out_uri, [TriageStage(num_actors=1)], settings, resume=True)
+            run_pipeline(InputSpec(f"file://{src}", text_column="transcript"), out_uri, stages, settings)
+        again = run_pipeline(InputSpec(f"file://{src}", text_column="transcript"), out_uri, stages, settings,
+                             resume=True)
     assert again.rows_resumed == 20 and again.rows_this_run == 0
     assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == sorted(f"call-{i:05d}" for i in range(20))
 
@@ -124,33 +130,33 @@ def test_object_store_uris_for_input_and_output(ray_local, tmp_path):
     with fsspec.open("memory://corpus/bad.jsonl", "w") as f:
         f.write('{"id": "a", "transcript": "x"}\nnot json\n')
     with pytest.raises(InputError, match=r"memory://corpus/bad.jsonl line 2: invalid JSON"):
-        load_corpus(InputSpec("memory://corpus/bad.jsonl"))
+        load_corpus(InputSpec("memory://corpus/bad.jsonl", text_column="transcript"))
     with pytest.raises(InputError, match="input not found: memory://nowhere"):
-        load_corpus(InputSpec("memory://nowhere/calls.jsonl"))
+        load_corpus(InputSpec("memory://nowhere/calls.jsonl", text_column="transcript"))
 
 
-def test_stages_load_the_best_artifact_from_a_registry(ray_local, tmp_path, capsys):
+def test_stages_load_the_best_artifact_from_a_registry(ray_local, tmp_path):
     """--artifact-dir: each stage loads its program's best artifact (through the one loader) or runs unoptimized."""
     import dspy
 
-    from pipelines.triage import build_stages
-    from programs import load_program
-    from programs.artifacts import ArtifactMetadata, save_artifact
+    from core.artifacts import ArtifactMetadata, save_artifact
+    from core.loading import load_program
+    from pipelines.cli import build_parser, stage_chain
 
     registry = tmp_path / "artifacts"
-    tuned = load_program("triage")
+    tuned = load_program(TRIAGE.program).program
     tuned.triage.signature = tuned.triage.signature.with_instructions("Triage the call; GOLDEN-RULES apply.")
     tuned.triage.demos = [dspy.Example(transcript="smoke everywhere", priority="urgent", category="fire",
                                        summary="Smoke.")]
     best = save_artifact(tuned, registry, ArtifactMetadata(program="triage", model="fake-model", dev_score=0.8))
-    save_artifact(load_program("triage"), registry, ArtifactMetadata(program="triage", model="fake-model",
-                                                                     dev_score=0.3))
-    parser = argparse.ArgumentParser()
-    add_common_args(parser)
-    args = parser.parse_args(["--input", "x", "--output", "y", "--artifact-dir", str(registry), "--num-actors", "1"])
-    triage, extract = build_stages(args)
-    assert triage.program_path == best and extract.program_path is None
-    assert "extract_details stage runs unoptimized" in capsys.readouterr().err
+    save_artifact(load_program(TRIAGE.program).program, registry,
+                  ArtifactMetadata(program="triage", model="fake-model", dev_score=0.3))
+    args = build_parser(TRIAGE, "test").parse_args(["--input", "x", "--output", "y", "--artifact-dir", str(registry),
+                                                    "--num-actors", "1"])
+    lines = []
+    triage, extract = stage_chain(TRIAGE, args, lines.append)
+    assert triage.artifact == best and extract.artifact is None
+    assert any("extract_details stage runs unoptimized" in line for line in lines)
 
     # The fake answers these labels only to a prompt whose instruction has the keyword: the tuned artifact's.
     src = write_calls(tmp_path / "calls.jsonl", 6)
@@ -158,7 +164,7 @@ def test_stages_load_the_best_artifact_from_a_registry(ray_local, tmp_path, caps
     labelled.write_text("".join(json.dumps({**json.loads(line), "priority": "not_an_emergency", "category": "noise"})
                                 + "\n" for line in src.read_text().splitlines()))
     with FakeLLM(gold=triage_gold([labelled]), gold_keyword="GOLDEN-RULES") as fake:
-        result = run_pipeline(InputSpec(str(src)), str(tmp_path / "out"), [triage],
+        result = run_pipeline(InputSpec(str(src), text_column="transcript"), str(tmp_path / "out"), [triage],
                               EndpointSettings(base_url=fake.base_url, model="fake-model"),
                               summary_columns=("priority", "category"))
     assert result.rows_total == 6 and result.rows_with_errors == 0

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from programs import load_program
+from core.loading import load_program
+from core.settings import EndpointSettings
 from serve.app import ServeOptions, build_app
 from serve.drift import DriftMonitor, DriftPolicy, SampleStore, decide
+from tasks import get_task
 from tests.fake_llm import FakeLLM
+
+TRIAGE = get_task("triage")
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +63,15 @@ def fake():
         yield f
 
 
-def deploy(fake, name="triage", **overrides):
+def settings(fake, **kw) -> EndpointSettings:
+    return EndpointSettings(base_url=fake.base_url, model=kw.pop("model", "fake-model"), **kw)
+
+
+def deploy(fake, name="triage", token=None, lm=None, **overrides):
     from ray import serve
 
-    options = ServeOptions(lm={"base_url": fake.base_url, "model": "fake-model"}, min_replicas=1, max_replicas=1,
-                           **overrides)
-    serve.run(build_app(options), name=name, route_prefix="/")
+    options = ServeOptions(program="triage", min_replicas=1, max_replicas=1, **overrides)
+    serve.run(build_app(options, lm or settings(fake), token=token), name=name, route_prefix="/")
     return options
 
 
@@ -122,11 +129,7 @@ def test_bad_body_is_422_naming_the_field(serve_http, fake):
 
 def test_lm_failure_is_502_with_short_reason(serve_http):
     with FakeLLM(p_500=1.0) as broken:
-        options = ServeOptions(lm={"base_url": broken.base_url, "model": "m", "max_attempts": 2},
-                               min_replicas=1, max_replicas=1)
-        from ray import serve
-
-        serve.run(build_app(options), name="triage", route_prefix="/")
+        deploy(broken, lm=settings(broken, model="m", max_attempts=2))
         status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcript": "help"})
     assert status == 502
     assert out["detail"].startswith("LM call failed after retries") and "Traceback" not in out["detail"]
@@ -134,11 +137,7 @@ def test_lm_failure_is_502_with_short_reason(serve_http):
 
 def test_overload_gives_503_with_retry_after(serve_http):
     with FakeLLM(latency=2.0) as slow:
-        from ray import serve
-
-        options = ServeOptions(lm={"base_url": slow.base_url, "model": "m"}, min_replicas=1, max_replicas=1,
-                               max_ongoing_requests=2, max_queued_requests=2, retry_after_s=3)
-        serve.run(build_app(options), name="triage", route_prefix="/")
+        deploy(slow, max_ongoing_requests=2, max_queued_requests=2, retry_after_s=3)
         results: list[tuple[int, dict]] = []
 
         def call(i):
@@ -159,7 +158,7 @@ def test_overload_gives_503_with_retry_after(serve_http):
 def test_artifact_switch_keeps_serving(serve_http, fake, tmp_path):
     from ray import serve
 
-    program = load_program("triage")
+    program = load_program(TRIAGE.program).program
     program.triage.signature = program.triage.signature.with_instructions("Version two of the triage prompt.")
     artifact = tmp_path / "triage_v2.json"
     program.save(str(artifact))
@@ -174,7 +173,8 @@ def test_artifact_switch_keeps_serving(serve_http, fake, tmp_path):
     worker = threading.Thread(target=traffic)
     worker.start()
     time.sleep(1)
-    serve.run(build_app(options.model_copy(update={"artifact": str(artifact)})), name="triage", route_prefix="/")
+    serve.run(build_app(options.model_copy(update={"artifact": str(artifact)}), settings(fake)), name="triage",
+              route_prefix="/")
     time.sleep(1)
     stop.set()
     worker.join(timeout=30)
@@ -183,9 +183,8 @@ def test_artifact_switch_keeps_serving(serve_http, fake, tmp_path):
     assert served and not failures, failures
 
 
-def test_bearer_token(serve_http, fake, monkeypatch):
-    monkeypatch.setenv("SERVE_API_TOKEN", "s3cret-token")
-    deploy(fake)
+def test_bearer_token(serve_http, fake):
+    deploy(fake, token="s3cret-token")
     assert http("POST", f"{serve_http}/triage/predict", {"transcript": "x"})[0] == 401
     bad = http("POST", f"{serve_http}/triage/predict", {"transcript": "x"}, {"Authorization": "Bearer nope"})
     assert bad[0] == 401 and "s3cret" not in json.dumps(bad[1])
@@ -201,14 +200,15 @@ def test_decision_rule():
     policy = DriftPolicy(min_samples=10, drop_points=5)
     assert decide(0.9, 5, 0.9, policy, False).kind == "wait"
     assert decide(0.88, 20, 0.9, policy, False).kind == "ok"
-    assert decide(0.80, 20, 90.0, policy, False).kind == "trigger"  # dev score recorded in percent
+    assert decide(0.80, 20, 0.9, policy, False).kind == "trigger"
     assert decide(0.80, 20, 0.9, policy, True).kind == "busy"
+    assert decide(0.80, 20, None, policy, False).kind == "wait"  # no baseline measured yet
 
 
 def _artifact(artifact_dir: Path, score: float, when: str) -> Path:
-    from programs.artifacts import ArtifactMetadata, save_artifact
+    from core.artifacts import ArtifactMetadata, save_artifact
 
-    return save_artifact(load_program("triage"), artifact_dir,
+    return save_artifact(load_program(TRIAGE.program).program, artifact_dir,
                          ArtifactMetadata(program="triage", model="fake-model", dev_score=score, created_at=when))
 
 
@@ -235,11 +235,12 @@ def test_drift_trigger_fires_once_and_new_artifact_is_adopted(tmp_path):
     artifact_dir = tmp_path / "artifacts"
     base = _artifact(artifact_dir, 0.90, "2026-11-01T00:00:00+00:00")
     _JobClient.submitted = []
-    with FakeLLM(field_overrides={"score": 0.92}) as judge:
+    with FakeLLM() as target, FakeLLM(field_overrides={"verdict": "good"}) as judge:
         monitor = DriftMonitor(
-            ServeOptions(artifact=str(base), artifact_dir=str(artifact_dir), drift_db=str(tmp_path / "d.sqlite"),
-                         judge={"base_url": judge.base_url, "model": "judge"}).model_dump(),
-            policy={"min_samples": 5, "drop_points": 5},
+            ServeOptions(program="triage", artifact=str(base), artifact_dir=str(artifact_dir),
+                         drift_db=str(tmp_path / "d.sqlite")).model_dump(),
+            policy={"min_samples": 5, "drop_points": 5, "calibration_examples": 4},
+            lm=settings(target).with_key(), judge=settings(judge, model="judge").with_key(),
             job_client_factory=lambda: _JobClient(artifact_dir),
         )
 
@@ -248,14 +249,16 @@ def test_drift_trigger_fires_once_and_new_artifact_is_adopted(tmp_path):
 
         healthy = asyncio.run(sample(6))
         assert [d.kind for d in healthy][-1] == "ok" and not _JobClient.submitted
-        judge.configure(field_overrides={"score": 0.3})  # quality drops on command
+        # The baseline is the same judge's score of the same program on dev inputs: like with like.
+        assert monitor.store.baseline(str(base)) == 1.0 and target.stats()["requests"] >= 4
+        judge.configure(field_overrides={"verdict": "bad"})  # quality drops on command
         dropped = asyncio.run(sample(20))
     kinds = [d.kind for d in dropped]
     assert kinds.count("trigger") == 1, kinds  # exactly once
     assert len(_JobClient.submitted) == 1 and "--extra-train" in _JobClient.submitted[0]
     assert monitor.current_artifact().endswith("_0.950.json")  # adopted after the job succeeded
     logged = [k for k, _ in monitor.decisions()]
-    assert "trigger" in logged and "deployed" in logged
+    assert "baseline" in logged and "trigger" in logged and "deployed" in logged
     store = SampleStore(str(tmp_path / "d.sqlite"))
     assert store.rolling(3600)[1] == 26
 
@@ -264,7 +267,6 @@ def test_drift_runs_a_real_reoptimization_job_and_deploys_its_artifact(ray_job_h
     """The whole loop: judge scores drop -> one Ray job runs `python -m optimize` -> its artifact is deployed."""
     import asyncio
 
-    from programs.artifacts import load_artifact
     from tests.gold import triage_gold
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the throwaway head runs without token auth
@@ -273,16 +275,17 @@ def test_drift_runs_a_real_reoptimization_job_and_deploys_its_artifact(ray_job_h
     transcripts = [json.loads(line)["transcript"]
                    for line in (Path(__file__).resolve().parents[1] / "data/triage_dev.jsonl").read_text().splitlines()]
     with FakeLLM(gold=triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"])) as target, \
-            FakeLLM(field_overrides={"score": 0.3}) as judge:
-        entrypoint = (f"{sys.executable} -m optimize --pipeline {{program}} --optimizer miprov2 --auto none "
+            FakeLLM(field_overrides={"verdict": "good"}) as judge:
+        entrypoint = (f"{sys.executable} -m optimize --pipeline {{task}} --optimizer miprov2 --auto none "
                       f"--num-candidates 3 --num-trials 4 --val-size 30 --train-limit 60 --dev-limit 30 "
                       f"--workers 2 --out {{artifact_dir}} --extra-train {{samples}} --lm-base-url {target.base_url} "
                       f"--lm-model fake-model --max-calls 2000")
         monitor = DriftMonitor(
-            ServeOptions(artifact=str(base), artifact_dir=str(artifact_dir), drift_db=str(tmp_path / "d.sqlite"),
-                         judge={"base_url": judge.base_url, "model": "judge"}).model_dump(),
+            ServeOptions(program="triage", artifact=str(base), artifact_dir=str(artifact_dir),
+                         drift_db=str(tmp_path / "d.sqlite")).model_dump(),
             policy={"min_samples": 10, "drop_points": 5, "job_address": ray_job_head.address,
-                    "job_entrypoint": entrypoint},
+                    "job_entrypoint": entrypoint, "calibration_examples": 4},
+            lm=settings(target).with_key(), judge=settings(judge, model="judge").with_key(),
         )
 
         async def sample(texts):
@@ -290,7 +293,7 @@ def test_drift_runs_a_real_reoptimization_job_and_deploys_its_artifact(ray_job_h
                     for t in texts]
 
         assert [d.kind for d in asyncio.run(sample(transcripts[:12]))][-1] == "ok"
-        judge.configure(field_overrides={"score": 0.05})  # live quality collapses
+        judge.configure(field_overrides={"verdict": "bad"})  # live quality collapses
         kinds = [d.kind for d in asyncio.run(sample(transcripts[12:30]))]
         assert kinds.count("trigger") == 1, kinds
         deadline = time.monotonic() + 420
@@ -300,12 +303,12 @@ def test_drift_runs_a_real_reoptimization_job_and_deploys_its_artifact(ray_job_h
             time.sleep(2)
     logged = [k for k, _ in monitor.decisions()]
     assert logged.count("trigger") == 1 and "deployed" in logged, monitor.decisions()
-    new = load_artifact(monitor.current_artifact())
+    new = load_program(TRIAGE.program, monitor.current_artifact())
     assert new.metadata.optimizer == "miprov2" and new.metadata.dev_score > 0.25
     assert new.path != str(base)
 
 
-def test_serve_config_yaml_is_valid_for_serve_deploy():
+def test_serve_config_yaml_is_valid_for_serve_deploy(monkeypatch):
     """serve_config.yaml parses with Ray's own deploy schema, and its args build the app."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
@@ -318,11 +321,15 @@ def test_serve_config_yaml_is_valid_for_serve_deploy():
     assert app.import_path == "serve.app:app_builder"
     ServeOptions(**app.args)  # every arg is a known option (extra="forbid")
     args = {**app.args, "artifact": None}  # 'latest' needs a registry; building must not need one
+    monkeypatch.setenv("LM_BASE_URL", "http://127.0.0.1:9/v1")  # resolved like everywhere else
     assert app_builder(args) is not None
+    monkeypatch.delenv("LM_BASE_URL")
+    with pytest.raises(ValueError, match="no LM endpoint"):
+        app_builder(args)
 
 
 def test_cli_refuses_public_bind_without_token(monkeypatch):
     from serve.__main__ import main
 
     monkeypatch.delenv("SERVE_API_TOKEN", raising=False)
-    assert main(["--host", "0.0.0.0"]) == 2
+    assert main(["--program", "triage", "--host", "0.0.0.0"]) == 2

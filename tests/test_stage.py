@@ -8,9 +8,11 @@ import time
 import pyarrow as pa
 import pytest
 
-from stages import EndpointSettings, TriageStage
+from core.lm import backoff_seconds, build_lm
+from core.runner import ProgramRunner
+from core.settings import EndpointSettings
 from stages.base import DSPyStageUDF, StageInputError
-from stages.lm import backoff_seconds
+from tasks import get_task
 from tests.fake_llm import FakeLLM
 
 PRIORITIES = {"urgent", "non_urgent", "not_an_emergency"}
@@ -21,7 +23,7 @@ def make_udf(fake: FakeLLM, **stage_kwargs) -> DSPyStageUDF:
     settings = EndpointSettings(base_url=fake.base_url, model="fake-model",
                                 timeout_s=stage_kwargs.pop("timeout_s", 10.0),
                                 max_attempts=stage_kwargs.pop("max_attempts", 6))
-    stage = TriageStage(**stage_kwargs)
+    stage = get_task("triage").stages[0].model_copy(update=stage_kwargs)
     return DSPyStageUDF(**stage.udf_kwargs(settings))
 
 
@@ -139,13 +141,10 @@ def test_backoff_honours_retry_after_and_grows():
     assert waits[0] <= 0.5 < waits[1] <= 2.0 < waits[2] <= 30.0
 
 
-
-
 def test_any_module_runs_concurrently_through_the_runner():
     import dspy
 
     from programs.triage import TriageCall
-    from stages.predict import ProgramRunner
 
     class SyncOnly(dspy.Module):
         def __init__(self):
@@ -156,8 +155,6 @@ def test_any_module_runs_concurrently_through_the_runner():
             return self.triage(transcript=transcript)
 
     with FakeLLM(latency=0.3) as fake:
-        from stages.lm import build_lm
-
         runner = ProgramRunner(SyncOnly(), build_lm(EndpointSettings(base_url=fake.base_url, model="m")),
                                output_fields=("priority", "category", "summary"), max_in_flight=32)
 

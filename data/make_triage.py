@@ -1,6 +1,6 @@
 """Generate the 911-call triage dataset: hand-written templates x slot values, fixed seed.
 
-    python -m optimize.make_dataset            # rewrites data/triage_train.jsonl and data/triage_dev.jsonl
+    python data/make_triage.py                 # rewrites data/triage_train.jsonl and data/triage_dev.jsonl
 
 Every template below was written for this project and carries its gold labels
 (priority, category) and a reference summary with the same slots.  The labelling
@@ -337,7 +337,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate data/triage_{train,dev}.jsonl from the templates.")
-    parser.add_argument("--out-dir", default="data")
+    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--train-size", type=int, default=TRAIN_SIZE)
     parser.add_argument("--dev-size", type=int, default=DEV_SIZE)

@@ -1,12 +1,17 @@
-"""One call of a DSPy program with this project's policy: the shared path for batch and serve.
+"""One call of a DSPy program with this project's policy: the one path for batch, optimize and serve.
 
-* the first attempt runs in a bounded thread pool (many rows in flight, one thread hop each);
-* transient LM failures were already retried inside the LM (:mod:`stages.lm`);
+* the call runs the module's own (sync) ``forward`` under ``dspy.context(lm=...)``;
+* transient LM failures were already retried inside the LM (:mod:`core.lm`);
   what still fails is reported, not raised;
 * an output below the reward threshold goes to a fresh ``dspy.Refine``
-  (:mod:`stages.refine`); when the threshold is never met the best output is
+  (:mod:`core.refine`); when the threshold is never met the best output is
   kept and the outcome says so;
 * misconfiguration (bad key, unknown model) is raised: it would fail every call.
+
+Batch stages and Serve replicas ``await runner.predict(inputs)`` (one thread hop
+per row); the optimizer's evaluations call ``runner.run(inputs)`` from their own
+threads.  Both are the same code, so the score an artifact records is the score
+its users get.
 
     >>> runner = ProgramRunner(program, lm, output_fields=("answer",))   # doctest: +SKIP
     >>> outcome = await runner.predict({"question": "..."})              # doctest: +SKIP
@@ -30,8 +35,8 @@ from dspy.utils.exceptions import (
     LMUnsupportedModelError,
 )
 
-from stages.adapter import CachingJSONAdapter
-from stages.refine import RefineOutcome, refine_call, reward_fields_present
+from core.json_adapter import CachingJSONAdapter
+from core.refine import RefineOutcome, refine_call, reward_fields_present
 
 # Raised as-is: the same failure would repeat on every call.
 FATAL_ERRORS = (LMAuthError, LMConfigurationError, LMNotConfiguredError, LMUnsupportedModelError)
@@ -43,10 +48,8 @@ _sized_loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def ensure_thread_capacity(workers: int) -> None:
     """Give the running loop a default executor with at least ``workers`` threads.
 
-    DSPy's async LM path hops to ``asyncio.to_thread`` several times per call
-    (request preparation, routing, pricing); with the stock executor
-    (min(32, CPUs + 4) threads: 6 on a 2-core node) those hops, not the
-    endpoint, cap the calls in flight.
+    Each row in flight holds one thread while its (blocking) LM call runs; the
+    stock executor has min(32, CPUs + 4) threads, 6 on a 2-core node.
     """
     loop = asyncio.get_running_loop()
     if _sized_loops.get(loop, 0) >= workers:
@@ -56,6 +59,8 @@ def ensure_thread_capacity(workers: int) -> None:
 
 
 class ProgramRunner:
+    """Runs one program with retries, Refine and errors-as-data; shared by every caller of a program."""
+
     def __init__(
         self,
         program: dspy.Module,
@@ -77,26 +82,31 @@ class ProgramRunner:
         self.reward_fn = reward_fn or reward_fields_present(output_fields)
 
     async def predict(self, inputs: dict[str, Any], program: dspy.Module | None = None) -> RefineOutcome:
-        """``program`` overrides the runner's (Serve passes the version a request started with)."""
-        program = program or self.program
+        """:meth:`run` in a worker thread; ``program`` overrides the runner's (Serve pins a version per request)."""
         ensure_thread_capacity(self.max_in_flight + 8)
+        return await asyncio.to_thread(self.run, inputs, program)
+
+    def run(self, inputs: dict[str, Any], program: dspy.Module | None = None) -> RefineOutcome:
+        """One row: first attempt, then Refine for an output below the threshold. Blocks; never raises for bad output."""
+        program = program or self.program
         first_error: BaseException | None = None
         prediction, score = None, 0.0
         try:
-            prediction = await self._call(program, inputs)
+            with dspy.context(lm=self.lm, adapter=self.adapter):
+                prediction = program(**inputs)
             score = self.reward_fn(inputs, prediction)
             if score >= self.refine_threshold:
                 return RefineOutcome(prediction, score, [])
         except FATAL_ERRORS:
             raise
         except LMError as exc:
-            return RefineOutcome(None, 0.0, [f"{LM_FAILURE_PREFIX}: {describe(exc)}"])
+            return RefineOutcome(None, 0.0, [f"{LM_FAILURE_PREFIX}: {describe(exc)}"], lm_failure=True)
         except Exception as exc:  # noqa: BLE001 - unparseable output: Refine's job
             first_error = exc
         if self.refine_attempts <= 1:
             reason = describe(first_error) if first_error else f"reward {score:.2f} < {self.refine_threshold}"
             return RefineOutcome(prediction, score, [f"output failed validation: {reason}"])
-        return await refine_call(
+        return refine_call(
             program,
             inputs,
             lm=self.lm,
@@ -107,23 +117,6 @@ class ProgramRunner:
             fallback=(prediction, score),
             first_error=first_error,
         )
-
-    async def _call(self, program: dspy.Module, inputs: dict[str, Any]) -> Any:
-        """Run the module's own (sync) forward in a worker thread: one thread hop per row.
-
-        DSPy 3.4's async LM path hops to a thread four to five times per call
-        (preparation, routing, pricing).  Measured in one process against the
-        fake endpoint with 96 requests in flight, it reached 84% of the ideal
-        rate; one hop to the sync client reached 96%, for less CPU per call.
-        Context variables (dspy.context) follow the thread, and modules need
-        no ``aforward``.
-        """
-
-        def run() -> Any:
-            with dspy.context(lm=self.lm, adapter=self.adapter):
-                return program(**inputs)
-
-        return await asyncio.to_thread(run)
 
 
 def describe(exc: BaseException) -> str:

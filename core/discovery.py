@@ -1,14 +1,12 @@
-"""Find the target and judge endpoints of the Serve LLM app running on this Ray cluster.
+"""Find the target, judge and embedder endpoints of the Serve LLM app running on this Ray cluster.
 
 On a cluster started from ``cluster.yaml`` with the models of
-``serve/llm_models.yaml`` deployed (``serve.llm``), nobody should have to copy a
-URL into ``LM_BASE_URL``.  :func:`discover_endpoints` fills it in:
+``serve/llm_models.yaml`` deployed (:mod:`serve.vllm_models`), nobody should
+have to copy a URL into ``LM_BASE_URL``.  :func:`discover_endpoints` fills it in
+(step 4 of the resolution order in :mod:`core.settings`):
 
-    >>> lm = EndpointSettings.resolve("LM")                      # doctest: +SKIP
-    >>> judge = EndpointSettings.resolve("JUDGE")                # doctest: +SKIP
-    >>> init_ray()                                               # doctest: +SKIP
-    >>> lm, judge = discover_endpoints(lm, judge)                # doctest: +SKIP
-    >>> lm.base_url, lm.model                                    # doctest: +SKIP
+    >>> found = discover_endpoints({"LM": resolve_settings("LM")})   # doctest: +SKIP
+    >>> found["LM"].base_url, found["LM"].model                      # doctest: +SKIP
     ('http://10.0.1.23:8000/llm/v1', 'Qwen/Qwen2.5-7B-Instruct')
 
 Precedence: a base URL that is already set (flag, environment or ``.env``)
@@ -35,11 +33,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 
-from stages.config import EndpointSettings
+from core.model_catalog import DEFAULT_CONFIG, MODELS_CONFIG_ENV, LLMModelsError, load_models
+from core.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
 
-MODELS_CONFIG_ENV = "LLM_MODELS_CONFIG"
+# Endpoint role (core.settings) -> role key in the models file.
+CATALOG_ROLES = {"LM": "target", "JUDGE": "judge", "EMBED": "embedder"}
 PROBE_TIMEOUT_S = 3.0
 # Bind addresses meaning "every interface": clients must use the proxy node's IP.
 _ANY_HOST = {"0.0.0.0", "::", ""}
@@ -85,7 +85,7 @@ def fill(settings: EndpointSettings, endpoint: tuple[str, str] | None) -> Endpoi
     if endpoint is None or settings.base_url:
         return settings
     base_url, model_id = endpoint
-    update = {"base_url": base_url}
+    update = {"base_url": base_url, "origin": "discovery"}
     if settings.model == _DEFAULT_MODEL:
         update["model"] = model_id
     elif settings.model != model_id:
@@ -141,45 +141,44 @@ def _proxy_ip(details) -> str:
 
 
 def discover_endpoints(
-    lm: EndpointSettings | None,
-    judge: EndpointSettings | None = None,
+    wanted: Mapping[str, EndpointSettings | None],
     *,
     models_config: str | os.PathLike | None = None,
     base_url: str | None = None,
     timeout_s: float = PROBE_TIMEOUT_S,
-) -> tuple[EndpointSettings | None, EndpointSettings | None]:
-    """Fill empty LM (target) and judge base URLs from the cluster's Serve LLM app.
+) -> dict[str, EndpointSettings | None]:
+    """Fill empty base URLs (roles ``LM``, ``JUDGE``, ``EMBED``) from the cluster's Serve LLM app.
 
     ``models_config``: the models file naming each role's model (default
     ``$LLM_MODELS_CONFIG`` or ``serve/llm_models.yaml``).  ``base_url``: probe
     this OpenAI base URL instead of asking Serve (tests, or an app behind a
-    load balancer).  Settings with a base URL come back untouched; pass None for
-    a role you do not need (``discover_endpoints(None, judge)`` for the judge only).
+    load balancer).  Settings with a base URL come back untouched, and so do
+    roles mapped to None.
     """
-    wanted = {"target": lm, "judge": judge}
-    if all(s is None or s.base_url for s in wanted.values()):
-        return lm, judge  # everything explicit: no probe at all
-    from serve.llm import LLMModelsError, load_models
-
-    path = models_config or os.environ.get(MODELS_CONFIG_ENV) or "serve/llm_models.yaml"
+    out = dict(wanted)
+    empty = {role: s for role, s in wanted.items() if s is not None and not s.base_url}
+    if not empty:
+        return out  # everything explicit: no probe at all
+    path = models_config or os.environ.get(MODELS_CONFIG_ENV) or DEFAULT_CONFIG
     try:
         models = load_models(path)
     except LLMModelsError as exc:
         logger.warning("discovery: %s", exc)
-        return lm, judge
+        return out
     url = base_url or serve_app_base_url(models.app_name)
     if url is None:
-        return lm, judge
+        return out
     try:
         served = list_models(url, timeout_s)
     except DiscoveryError as exc:
         logger.warning("discovery: %s", exc)
-        return lm, judge
-    roles = {r: m for r, m in models.roles().items() if wanted.get(r) is not None and not wanted[r].base_url}
+        return out
+    catalog = models.roles()
+    roles = {role: catalog[CATALOG_ROLES[role]] for role in empty if CATALOG_ROLES[role] in catalog}
     found = assign_roles(url, served, roles)
-    new_lm = fill(lm, found.get("target")) if lm is not None else None
-    new_judge = fill(judge, found.get("judge")) if judge is not None else None
-    for role, before, after in (("target", lm, new_lm), ("judge", judge, new_judge)):
-        if after is not before and after is not None:
-            logger.info("discovery: %s endpoint %s model %s", role, after.base_url, after.model)
-    return new_lm, new_judge
+    for role, settings in empty.items():
+        filled = fill(settings, found.get(role))
+        if filled is not settings:
+            logger.info("discovery: %s endpoint %s model %s", role, filled.base_url, filled.model)
+        out[role] = filled
+    return out

@@ -6,10 +6,10 @@ long-lived actor leaks that budget from row to row.  Here every refined call
 gets its own ``Refine`` over the shared (read-only) program, so nothing carries
 over between rows.
 
-The first attempt of each row runs on the async fast path in
-:mod:`stages.base`; only rows whose output fails the reward come here, run
-Refine's remaining attempts (with its LM-written feedback between attempts) in
-a worker thread, and keep the best output when the threshold is never met.
+The first attempt of each row is a plain call (:class:`core.runner.ProgramRunner`);
+only rows whose output fails the reward come here, run Refine's remaining
+attempts (with its LM-written feedback between attempts) in the same worker
+thread, and keep the best output when the threshold is never met.
 
     >>> reward = reward_fields_present(("answer",))
     >>> reward({}, {"answer": "42"}), reward({}, {"answer": " "})
@@ -18,7 +18,6 @@ a worker thread, and keep the best output when the threshold is never met.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +27,19 @@ import dspy
 
 @dataclass
 class RefineOutcome:
+    """What one row produced: the prediction (None when nothing usable came back), its reward and errors."""
+
     prediction: Any | None
     score: float
     errors: list[str] = field(default_factory=list)
+    lm_failure: bool = False  # the endpoint failed after retries (not the output)
+
+
+def is_present(value: Any) -> bool:
+    """A usable output value: not None and, for text, not blank (0, False and [] are answers)."""
+    if value is None:
+        return False
+    return bool(value.strip()) if isinstance(value, str) else True
 
 
 def reward_fields_present(output_fields: tuple[str, ...]) -> Callable[[dict, Any], float]:
@@ -42,14 +51,14 @@ def reward_fields_present(output_fields: tuple[str, ...]) -> Callable[[dict, Any
 
     def reward(args: dict, pred: Any) -> float:
         get = pred.get if isinstance(pred, Mapping) else lambda name: getattr(pred, name, None)
-        present = sum(1 for name in output_fields if str(get(name) or "").strip())
+        present = sum(1 for name in output_fields if is_present(get(name)))
         return present / len(output_fields) if output_fields else 1.0
 
     reward.__name__ = "reward_fields_present"
     return reward
 
 
-async def refine_call(
+def refine_call(
     program: dspy.Module,
     inputs: dict[str, Any],
     *,
@@ -64,12 +73,9 @@ async def refine_call(
     """Run ``attempts`` more tries through a fresh ``dspy.Refine``; never raises for bad outputs."""
     refine = dspy.Refine(module=program, N=attempts, reward_fn=reward_fn, threshold=threshold)
 
-    def run() -> Any:
-        with dspy.context(lm=lm, adapter=adapter):
-            return refine(**inputs)
-
     try:
-        prediction = await asyncio.to_thread(run)
+        with dspy.context(lm=lm, adapter=adapter):
+            prediction = refine(**inputs)
     except Exception as exc:  # noqa: BLE001 - an error entry, not a lost row
         prediction, error = None, exc
     else:

@@ -1,4 +1,4 @@
-"""Optimized program artifacts: save, list, pick, load — the one artifact loader.
+"""Optimized program artifacts: save, list, pick; the files :func:`core.loading.load_program` reads.
 
 An artifact is two JSON files side by side::
 
@@ -14,11 +14,10 @@ and the predictor instead of failing on the first call.  Nothing is pickled and
 no API key is written: endpoint settings are stored redacted.
 
     >>> saved = save_artifact(program, "artifacts", ArtifactMetadata(...))   # doctest: +SKIP
-    >>> loaded = load_artifact("best", program="triage", artifact_dir="artifacts")  # doctest: +SKIP
-    >>> loaded.program, loaded.metadata.dev_score                             # doctest: +SKIP
+    >>> best_artifact("artifacts", "triage").metadata.dev_score               # doctest: +SKIP
 
-Batch, Serve and the optimizer all load artifacts through :func:`load_artifact`,
-which ends in :func:`programs.loading.load_program`.
+Batch, Serve and the optimizer all load artifacts through
+:func:`core.loading.load_program`, which resolves ``best``/``latest`` here.
 """
 
 from __future__ import annotations
@@ -37,12 +36,16 @@ import dspy
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
-from programs.loading import ProgramLoadError, load_program, read_program_json, resolve_program_class
-from stages.fs import filesystem_for, is_uri, read_bytes, write_bytes
+from core.fs import filesystem_for, is_uri, read_bytes, write_bytes
+from core.settings import redact_url
 
 SIDECAR_SUFFIX = ".meta.json"
 ALIASES = ("latest", "best")
 FORMAT_VERSION = 1
+
+
+class ProgramLoadError(ValueError):
+    """A program file that cannot be loaded into the requested module (names the file and the reason)."""
 
 
 class ArtifactMismatchError(ProgramLoadError):
@@ -55,7 +58,7 @@ class ArtifactMetadata(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format_version: int = Field(FORMAT_VERSION, description="Sidecar layout version")
-    program: str = Field(..., description="Program name in programs.PROGRAMS (or 'pkg.module:Class')")
+    program: str = Field(..., description="Program name the artifact is filed under (the task's stage name)")
     module_class: str = Field("", description="Qualified class name of the DSPy module")
     signature_hash: str = Field("", description="Hash over all predictors' signature structure")
     predictor_signatures: dict[str, str] = Field(
@@ -69,6 +72,7 @@ class ArtifactMetadata(BaseModel):
     judge: dict[str, Any] | None = Field(None, description="Judge endpoint settings, redacted; None without a judge")
     optimizer: str = Field("", description="Optimizer name (miprov2, bootstrap, bootstrap_rs, copro, gepa)")
     optimizer_settings: dict[str, Any] = Field(default_factory=dict, description="Optimizer settings used")
+    command: str = Field("", description="The command that made this artifact (python -m optimize ...)")
     dataset_hash: str = Field("", description="Hash of the train and dev examples used")
     dev_score: float | None = Field(None, description="Score on the dev set, 0..1")
     baseline_dev_score: float | None = Field(None, description="Unoptimized program's dev score, 0..1")
@@ -81,15 +85,6 @@ class ArtifactMetadata(BaseModel):
         default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         description="UTC creation time (ISO 8601)",
     )
-
-
-@dataclass(frozen=True)
-class LoadedArtifact:
-    """A loaded program with the file it came from (None: unoptimized) and its sidecar."""
-
-    program: dspy.Module
-    path: str | None
-    metadata: ArtifactMetadata | None
 
 
 # -- signatures -----------------------------------------------------------------
@@ -123,34 +118,10 @@ def signature_hashes(module: dspy.Module) -> tuple[str, dict[str, str]]:
     return overall, per_predictor
 
 
-def describe_module(program: str | type[dspy.Module]) -> dict[str, Any]:
-    """The signature part of the metadata for a fresh instance of ``program``."""
-    module = resolve_program_class(program)()
-    overall, per_predictor = signature_hashes(module)
-    cls = type(module)
-    return {
-        "module_class": f"{cls.__module__}.{cls.__qualname__}",
-        "signature_hash": overall,
-        "predictor_signatures": per_predictor,
-        "predictor_fields": predictor_fields(module),
-    }
-
-
-def redact_url(url: str) -> str:
-    """A URL with user info and query string removed (some providers put keys there)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def redacted_settings(settings: Any) -> dict[str, Any]:
-    """Endpoint settings safe to store: ``EndpointSettings.redacted()`` plus URL credentials removed."""
+    """Endpoint settings safe to store: no key (not even a marker) and no credentials in the URL."""
     data = dict(settings.redacted())
-    data.pop("api_key", None)  # not even a "***" marker: nothing key-shaped belongs in an artifact
+    data.pop("api_key", None)
     data["base_url"] = redact_url(data.get("base_url", ""))
     return data
 
@@ -324,11 +295,10 @@ def check_signatures(module: dspy.Module, metadata: ArtifactMetadata, source: st
         )
 
 
-def resolve_artifact(path_or_alias: str | os.PathLike, program: str | None,
+def resolve_artifact(path_or_alias: str | os.PathLike, program: str,
                      artifact_dir: str | os.PathLike) -> Path | str:
+    """A path or URI as given, or the file ``'best'``/``'latest'`` picks for ``program`` in ``artifact_dir``."""
     if str(path_or_alias) in ALIASES:
-        if not program:
-            raise ProgramLoadError(f"artifact {path_or_alias!r} needs a program name to look up")
         pick = latest_artifact if str(path_or_alias) == "latest" else best_artifact
         record = pick(artifact_dir, program)
         if record is None:
@@ -337,55 +307,21 @@ def resolve_artifact(path_or_alias: str | os.PathLike, program: str | None,
     return str(path_or_alias) if is_uri(path_or_alias) else Path(path_or_alias)
 
 
-def load_artifact(
-    path_or_alias: str | os.PathLike | None,
-    program: str | type[dspy.Module] | None = None,
-    artifact_dir: str | os.PathLike = "artifacts",
-) -> LoadedArtifact:
-    """Load an artifact by path, ``'latest'`` or ``'best'`` (None: the unoptimized program).
-
-    The program defaults to the one the sidecar names.  The signature hash is
-    checked before DSPy sees the file; the state is then loaded by
-    :func:`programs.loading.load_program`.
-
-        >>> load_artifact(None, program="triage").path is None
-        True
-    """
-    program_name = program if isinstance(program, str) else None
-    if path_or_alias is None:
-        if program is None:
-            raise ProgramLoadError("load_artifact(None) needs a program")
-        return LoadedArtifact(load_program(program), None, None)
-    path = resolve_artifact(path_or_alias, program_name, artifact_dir)
-    if is_uri(path):
-        return _load_remote(str(path), program)
-    if not path.is_file():
-        raise ProgramLoadError(f"{path}: artifact not found")
-    metadata = read_metadata(path)
-    if program is None:
-        if metadata is None:
-            raise ProgramLoadError(f"{path}: no metadata sidecar; pass the program to load it")
-        program = metadata.program
-    if metadata is not None and program_name is not None and metadata.program != program_name:
-        raise ArtifactMismatchError(f"{path}: artifact is for program {metadata.program!r}, not {program_name!r}")
-    if metadata is not None:
-        read_program_json(path)  # pickles and broken JSON are refused with the loader's own message first
-        check_signatures(resolve_program_class(program)(), metadata, str(path))
-    return LoadedArtifact(load_program(program, path), str(path), metadata)
-
-
-def _load_remote(uri: str, program: str | type[dspy.Module] | None) -> LoadedArtifact:
-    """Download the program and its sidecar next to each other, load locally, report the URI."""
-    import tempfile
-
-    text = _read_text(uri)
+def read_program_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A saved program's JSON state (local path or URI); pickles and broken JSON are refused, naming the file."""
+    name = str(path)
+    if name.lower().endswith((".pkl", ".pickle")):
+        raise ProgramLoadError(f"{name}: pickled programs are not loaded (they can run code); save programs as JSON")
+    try:
+        text = _read_text(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProgramLoadError(f"{name}: cannot read ({' '.join(str(exc).split())[:200]})") from None
     if text is None:
-        raise ProgramLoadError(f"{uri}: artifact not found")
-    metadata = read_metadata(uri)
-    with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
-        local = Path(tmp) / uri.rsplit("/", 1)[-1]
-        local.write_text(text, encoding="utf-8")
-        if metadata is not None:
-            sidecar_path(local).write_text(metadata.model_dump_json(), encoding="utf-8")
-        loaded = load_artifact(local, program)
-    return LoadedArtifact(loaded.program, uri, loaded.metadata)
+        raise ProgramLoadError(f"{name}: program file not found")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProgramLoadError(f"{name} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(state, dict):
+        raise ProgramLoadError(f"{name}: expected a JSON object of predictors, got {type(state).__name__}")
+    return state

@@ -8,14 +8,14 @@ DSPy's native engine as its own provider, which does two things:
 * the model is not looked up in LiteLLM's price table on every call (a scan that
   costs milliseconds of CPU per call for model names it does not know).
 
-    >>> from stages.config import EndpointSettings
+    >>> from core.settings import EndpointSettings
     >>> lm = build_lm(EndpointSettings(base_url="http://127.0.0.1:8000/v1", model="m"))
     >>> lm.model.endswith("/m")
     True
 
 Retries live here, at the LM call, so a two-predictor module retries only the
 call that failed.  Validation failures (unparseable output) are not retried
-here: that is :mod:`stages.refine`'s job.
+here: that is :mod:`core.refine`'s job.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dspy.utils.exceptions import (
 )
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
-from stages.config import EndpointSettings
+from core.settings import EndpointSettings
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -131,7 +131,7 @@ def register_endpoint(settings: EndpointSettings) -> str:
         AccessPolicy(provider=pid, base_url=settings.base_url),
         compat=compat,
         placeholder_key="unused",
-        note="OpenAI-compatible endpoint declared by stages.lm",
+        note="OpenAI-compatible endpoint declared by core.lm",
     )
     register_provider(definition, supports=ModelSupport(response_schema=settings.json_schema), replace=True)
     return pid
@@ -139,8 +139,8 @@ def register_endpoint(settings: EndpointSettings) -> str:
 
 def build_lm(settings: EndpointSettings, **overrides) -> ResilientLM:
     """The one way this project builds an LM: batch stages, optimizers and Serve replicas call it."""
-    if settings.embedded:
-        raise ValueError("no LM endpoint configured: start the embedded model first (stages.embedded)")
+    if not settings.base_url:
+        raise ValueError("no LM endpoint configured: open it with core.endpoints.open_endpoints first")
     pid = register_endpoint(settings)
     api_key = settings.api_key.get_secret_value() or "unused"
     lm = ResilientLM(

@@ -10,7 +10,7 @@ JSON schemas, which a 135M model needs to produce parseable output.
     >>> with EmbeddedLM.start() as server:          # doctest: +SKIP
     ...     settings = server.settings()           # EndpointSettings pointing at it
 
-Run by hand: ``python -m stages.embedded --port 8080`` serves until interrupted.
+Run by hand: ``python -m core.embedded --port 8080`` serves until interrupted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from stages.config import EndpointSettings
+from core.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class EmbeddedLM:
         # The 135M model now and then repeats itself inside a string until the token limit; its real
         # answers here stay under ~100 tokens, so a lower limit bounds what a loop costs (LM_MAX_TOKENS wins).
         values = {"base_url": self.base_url, "model": MODEL_ALIAS, "max_in_flight": 8, "timeout_s": 120.0,
-                  "max_tokens": EMBEDDED_MAX_TOKENS}
+                  "max_tokens": EMBEDDED_MAX_TOKENS, "origin": "embedded"}
         return EndpointSettings(**{**values, **overrides})
 
     @classmethod
@@ -95,7 +95,7 @@ class EmbeddedLM:
         model = default_model_path()
         port = _free_port()
         log_path = Path(tempfile.gettempdir()) / f"embedded-llm-{port}.log"
-        cmd = [sys.executable, "-m", "stages.embedded", "--port", str(port), "--model", str(model),
+        cmd = [sys.executable, "-m", "core.embedded", "--port", str(port), "--model", str(model),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                             os.environ.get("PYTHONPATH", "")])}

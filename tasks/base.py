@@ -1,0 +1,117 @@
+"""What a task declares: everything batch, optimize, serve and drift need to run one kind of work.
+
+A task is one file in this package (or any importable module) holding a
+``TASK = Task(...)``; see ``tasks/triage.py`` for a whole one.  From it:
+
+* ``python -m pipelines <task> --input ... --output ...`` runs :attr:`Task.stages`
+  over a corpus (each stage a Ray Data actor pool);
+* ``python -m optimize --pipeline <task>`` optimizes :attr:`Task.program` on
+  :attr:`Task.data`, scored by :attr:`Task.metric`;
+* ``python -m serve --program <task>`` serves :attr:`Task.program` with an API
+  from its signature, and the drift monitor judges live traffic with
+  ``metric.live_rubric``.
+
+Resources (a retrieval index) are declared on the program
+(:class:`core.loading.Resource`); each becomes a CLI flag (``--index``) and is
+opened once per actor or replica.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.loading import ProgramSpec, Resource
+from core.scoring import TaskMetric
+from stages.base import DSPyStage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Labelled examples: JSONL rows with an ``id``, the program's inputs and the gold fields."""
+
+    train: str  # relative paths are relative to the repository
+    dev: str
+    inputs: tuple[str, ...]  # program arguments read from each row
+    labels: tuple[str, ...] = ()  # gold keys every row must have (besides the inputs)
+
+    def path(self, which: str | os.PathLike) -> str:
+        return resolve_repo_path(which)
+
+
+def resolve_repo_path(path: str | os.PathLike) -> str:
+    """``path`` as given when it exists or is a URI, else relative to the repository."""
+    text = str(path)
+    if "://" in text or Path(text).is_absolute() or Path(text).exists():
+        return text
+    return str(REPO_ROOT / text)
+
+
+@dataclass(frozen=True)
+class CliDefaults:
+    """Defaults of the task's batch CLI."""
+
+    text_column: str = "text"  # the input column the stages read (``--text-column`` renames it)
+    id_column: str = "id"
+    summary_columns: tuple[str, ...] = ()  # label counts printed at the end of a run
+    max_chars: int = 20_000
+
+
+@dataclass(frozen=True)
+class Task:
+    """One kind of work; see the module docstring."""
+
+    name: str
+    description: str
+    program: ProgramSpec  # optimized and served
+    metric: TaskMetric
+    data: TaskData | None = None
+    stages: tuple[DSPyStage, ...] = ()  # the batch chain; empty = the program alone on its inputs
+    cli: CliDefaults = field(default_factory=CliDefaults)
+    refine_attempts: int = 3  # the same in batch, optimization and serving: one score
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(f"task {self.name!r} declares no stages")
+
+    @property
+    def primary_stage(self) -> DSPyStage:
+        """The stage that runs :attr:`program` (its outputs are what Serve returns)."""
+        for stage in self.stages:
+            if stage.program.name == self.program.name:
+                return stage
+        raise ValueError(f"task {self.name!r}: no stage runs its program {self.program.name!r}")
+
+    @property
+    def programs(self) -> dict[str, ProgramSpec]:
+        return {stage.program.name: stage.program for stage in self.stages}
+
+    @property
+    def resources(self) -> tuple[Resource, ...]:
+        seen: dict[str, Resource] = {}
+        for spec in self.programs.values():
+            for resource in spec.resources:
+                seen.setdefault(resource.name, resource)
+        return tuple(seen.values())
+
+    def output_fields(self) -> tuple[str, ...]:
+        return self.primary_stage.output_fields
+
+    def stages_for(self, *, text_column: str | None = None, overrides: Mapping[str, Any] | None = None,
+                   artifacts: Mapping[str, str | None] | None = None) -> list[DSPyStage]:
+        """The stage chain for one run: the text column renamed, execution settings and artifacts applied."""
+        out = []
+        for stage in self.stages:
+            update = dict(overrides or {})
+            if text_column and text_column != self.cli.text_column:
+                update["input_fields"] = {arg: (text_column if col == self.cli.text_column else col)
+                                          for arg, col in stage.input_fields.items()}
+            if artifacts and artifacts.get(stage.program.name):
+                update["artifact"] = artifacts[stage.program.name]
+            out.append(stage.model_copy(update=update))
+        return out
