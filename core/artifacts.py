@@ -30,13 +30,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import dspy
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.fs import filesystem_for, is_uri, read_bytes, write_bytes
+from core.fs import filesystem_for, is_uri, json_object, read_bytes, write_bytes
 from core.settings import redact_url
 
 SIDECAR_SUFFIX = ".meta.json"
@@ -318,10 +317,4 @@ def read_program_json(path: str | os.PathLike) -> dict[str, Any]:
         raise ProgramLoadError(f"{name}: cannot read ({' '.join(str(exc).split())[:200]})") from None
     if text is None:
         raise ProgramLoadError(f"{name}: program file not found")
-    try:
-        state = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ProgramLoadError(f"{name} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
-    if not isinstance(state, dict):
-        raise ProgramLoadError(f"{name}: expected a JSON object of predictors, got {type(state).__name__}")
-    return state
+    return json_object(text, name, ProgramLoadError)

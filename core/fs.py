@@ -13,7 +13,9 @@ fsspec URL (``memory://`` in tests) through ``fsspec``.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -63,3 +65,22 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+def json_lines(lines: Iterable[str], source: str, error: type[Exception]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; ``error`` names ``source`` and the line otherwise."""
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            yield lineno, json_object(line.rstrip("\r\n"), f"{source} line {lineno}", error)
+
+
+def json_object(text: str, source: str, error: type[Exception]) -> dict:
+    """``text`` parsed as one JSON object; ``error`` naming ``source`` (and the column) when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f" line {e.lineno}" if e.lineno > 1 else ""
+        raise error(f"{source}{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise error(f"{source}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from core.fs import filesystem_for, is_uri
+from core.fs import filesystem_for, is_uri, json_lines
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
            ".txt": "txt"}
@@ -73,15 +73,7 @@ def discover(path: str) -> tuple[str, list[Path], Path]:
 
 def _read_jsonl(path: Path, rel: str) -> Iterator[_Row]:
     with path.open("r", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg}: column {e.colno})") from None
-            if not isinstance(value, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(value).__name__}")
+        for lineno, value in json_lines(f, str(path), InputError):
             yield _Row(value, f"{rel}:{lineno}")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import dspy
 
-from core.fs import filesystem_for, is_uri, read_bytes
+from core.fs import filesystem_for, is_uri, json_lines, read_bytes
 from tasks.base import TaskData, resolve_repo_path
 
 
@@ -27,7 +27,6 @@ class DatasetError(ValueError):
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a JSONL file (a local path, repository-relative, or an object-store URI)."""
-    rows = []
     p = str(path) if is_uri(path) else resolve_repo_path(path)
     try:
         data = read_bytes(*filesystem_for(p))
@@ -35,18 +34,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise DatasetError(f"{p}: cannot read ({exc})") from None
     if data is None:
         raise DatasetError(f"{p}: dataset file not found")
-    lines = data.decode("utf-8").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{p} line {lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{p} line {lineno}: expected a JSON object")
-        rows.append(row)
-    return rows
+    return [row for _, row in json_lines(data.decode("utf-8").splitlines(), str(p), DatasetError)]
 
 
 def to_examples(rows: list[dict[str, Any]], data: TaskData, source: str) -> list[dspy.Example]:

@@ -80,7 +80,7 @@ def test_program_refuses_pickle_and_bad_json(tmp_path):
         load_program(TRIAGE, tmp_path / "p.pkl")
     bad = tmp_path / "bad.json"
     bad.write_text('{"triage": {\n  "demos": [,]\n}}')
-    with pytest.raises(ProgramLoadError, match=r"bad.json line 2 column"):
+    with pytest.raises(ProgramLoadError, match=r"bad.json line 2: invalid JSON"):
         load_program(TRIAGE, bad)
 
 

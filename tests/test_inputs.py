@@ -23,7 +23,7 @@ def errors_by_id(table):
 def test_jsonl_with_ids_keeps_every_column(tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"id": 1, "transcript": "fire", "caller": "a"},
                                                   {"id": 2, "transcript": "dog", "caller": "b"}])
-    table = load_corpus(InputSpec(str(src)))
+    table = load_corpus(InputSpec(str(src), text_column="transcript"))
     assert table.column("id").to_pylist() == ["1", "2"]
     assert table.column("caller").to_pylist() == ["a", "b"]
     assert table.column("errors").to_pylist() == [[], []]
@@ -31,8 +31,8 @@ def test_jsonl_with_ids_keeps_every_column(tmp_path):
 
 def test_generated_ids_are_stable(tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"transcript": f"call {i}"} for i in range(5)])
-    first = load_corpus(InputSpec(str(src))).column("id").to_pylist()
-    assert first == load_corpus(InputSpec(str(src))).column("id").to_pylist()
+    first = load_corpus(InputSpec(str(src), text_column="transcript")).column("id").to_pylist()
+    assert first == load_corpus(InputSpec(str(src), text_column="transcript")).column("id").to_pylist()
     assert first[0] == "calls.jsonl:1" and len(set(first)) == 5
 
 
@@ -40,10 +40,10 @@ def test_csv_parquet_and_folders(tmp_path):
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "a.csv").write_text("id,transcript\n007,smoke\n008,fire\n")
     (tmp_path / "csv" / "b.csv").write_text("id,transcript\n009,flood\n")
-    table = load_corpus(InputSpec(str(tmp_path / "csv")))
+    table = load_corpus(InputSpec(str(tmp_path / "csv"), text_column="transcript"))
     assert table.column("id").to_pylist() == ["007", "008", "009"]  # leading zeros kept
     pq.write_table(pa.table({"id": ["p1"], "transcript": ["gas leak"]}), tmp_path / "one.parquet")
-    assert load_corpus(InputSpec(str(tmp_path / "one.parquet"))).column("transcript").to_pylist() == ["gas leak"]
+    assert load_corpus(InputSpec(str(tmp_path / "one.parquet"), text_column="transcript")).column("transcript").to_pylist() == ["gas leak"]
 
 
 def test_folder_of_txt_documents(tmp_path):
@@ -51,7 +51,7 @@ def test_folder_of_txt_documents(tmp_path):
     (tmp_path / "docs" / "a.txt").write_text("first call")
     (tmp_path / "docs" / "sub" / "b.txt").write_text("second call")
     (tmp_path / "docs" / "bad.txt").write_bytes(b"caf\xe9 on fire")
-    table = load_corpus(InputSpec(str(tmp_path / "docs")))
+    table = load_corpus(InputSpec(str(tmp_path / "docs"), text_column="transcript"))
     errs = errors_by_id(table)
     assert set(errs) == {"a.txt", "bad.txt", "sub/b.txt"}
     assert errs["a.txt"] == [] and "not valid UTF-8" in errs["bad.txt"][0]
@@ -59,7 +59,7 @@ def test_folder_of_txt_documents(tmp_path):
 
 def test_limit(tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"transcript": f"call {i}"} for i in range(10)])
-    assert load_corpus(InputSpec(str(src), limit=3)).num_rows == 3
+    assert load_corpus(InputSpec(str(src), text_column="transcript", limit=3)).num_rows == 3
 
 
 @pytest.mark.parametrize(
@@ -78,28 +78,28 @@ def test_file_level_problems_name_the_file(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(InputError, match=expected) as err:
-        load_corpus(InputSpec(str(path)))
+        load_corpus(InputSpec(str(path), text_column="transcript"))
     assert str(path.name) in str(err.value)
 
 
 def test_missing_path_and_empty_or_mixed_folder(tmp_path):
     with pytest.raises(InputError, match="input not found: .*nope.jsonl"):
-        load_corpus(InputSpec(str(tmp_path / "nope.jsonl")))
+        load_corpus(InputSpec(str(tmp_path / "nope.jsonl"), text_column="transcript"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no input files found; supported extensions"):
-        load_corpus(InputSpec(str(tmp_path / "empty")))
+        load_corpus(InputSpec(str(tmp_path / "empty"), text_column="transcript"))
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.csv").write_text("transcript\nx\n")
     (tmp_path / "mixed" / "b.jsonl").write_text('{"transcript": "y"}\n')
     with pytest.raises(InputError, match="mixes input formats"):
-        load_corpus(InputSpec(str(tmp_path / "mixed")))
+        load_corpus(InputSpec(str(tmp_path / "mixed"), text_column="transcript"))
 
 
 def test_duplicate_ids_name_both_places(tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"id": "a", "transcript": "x"}, {"id": "b", "transcript": "y"},
                                                   {"id": "a", "transcript": "z"}])
     with pytest.raises(InputError, match=r"duplicate id 'a' at calls.jsonl:1 and calls.jsonl:3"):
-        load_corpus(InputSpec(str(src)))
+        load_corpus(InputSpec(str(src), text_column="transcript"))
 
 
 def test_per_row_problems_become_errors(tmp_path):
@@ -112,7 +112,7 @@ def test_per_row_problems_become_errors(tmp_path):
         {"id": "big", "transcript": big},
         {"id": "fine", "transcript": "smoke"},
     ])
-    table = load_corpus(InputSpec(str(src), max_chars=20_000))
+    table = load_corpus(InputSpec(str(src), text_column="transcript", max_chars=20_000))
     errs = errors_by_id(table)
     assert errs["null"] == ["transcript is null"]
     assert errs["int"] == ["transcript is not a string (got int)"]
@@ -128,20 +128,20 @@ def test_per_row_problems_become_errors(tmp_path):
 def test_unicode_passes_through_untouched(tmp_path):
     samples = ["🔥 fire at 12 Oak St 🚒", "حريق في المبنى", "שריפה בבניין", "火事です", "e\u0301clair"]
     src = write_jsonl(tmp_path / "calls.jsonl", [{"transcript": t} for t in samples])
-    table = load_corpus(InputSpec(str(src)))
+    table = load_corpus(InputSpec(str(src), text_column="transcript"))
     assert table.column("transcript").to_pylist() == samples
 
 
 def test_mixed_types_across_lines_do_not_crash(tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"transcript": "a", "extra": 1}, {"transcript": "b", "extra": "x"},
                                                   {"transcript": "c", "extra": {"nested": True}}])
-    table = load_corpus(InputSpec(str(src)))
+    table = load_corpus(InputSpec(str(src), text_column="transcript"))
     assert table.column("extra").to_pylist() == ["1", "x", '{"nested": true}']
 
 
 def test_to_dataset_splits_blocks(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"transcript": f"call {i}"} for i in range(500)])
-    table = load_corpus(InputSpec(str(src)))
+    table = load_corpus(InputSpec(str(src), text_column="transcript"))
     ds = to_dataset(table, rows_per_block=64)
     assert ds.num_blocks() >= 8
     assert sorted(r["id"] for r in ds.take_all()) == sorted(table.column("id").to_pylist())

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"programs": 0, "core": 1, "stages": 2, "tasks": 3, "pipelines": 4, "optimize": 4, "serve": 4}

@@ -143,7 +143,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"id": "a", "transcript": "x", "priority": "urgent", "category": "fire"}\nnot json\n')
     assert main(["--pipeline", "triage", "--train", str(bad), "--out", str(tmp_path), "--max-calls", "0"]) == 2
-    assert f"{bad} line 2: not valid JSON" in capsys.readouterr().err
+    assert f"{bad} line 2: invalid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--pipeline", "nope", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
