@@ -41,15 +41,18 @@ _NON_PREDICTOR_KEYS = {"metadata"}
 class Resource:
     """Something a program needs that is not part of its saved state: a retrieval index, a tool.
 
-    ``open`` turns a setting (a path or URI, from a CLI flag or a config) into
-    the object passed to the program's constructor as keyword ``name``; it runs
+    ``open(setting, embed)`` turns a setting (a path or URI, from a CLI flag
+    or a config) into the object passed to the program's constructor as keyword
+    ``name``; ``embed`` is the resolved embedding endpoint when the resource
+    ``needs_embedder`` (a retriever embeds its queries), else None.  It runs
     once per process and setting (:meth:`ProgramSpec.open_resources`), so a
     long-lived actor or replica loads an index once.
     """
 
     name: str
-    open: Callable[[str], Any] = field(compare=False)
+    open: Callable[[str, Any], Any] = field(compare=False)
     help: str = ""
+    needs_embedder: bool = False
 
     @property
     def flag(self) -> str:
@@ -78,21 +81,35 @@ class ProgramSpec:
     output_types: Mapping[str, Any] = field(default_factory=dict, compare=False)
     reward: Callable[[dict, Any], float] | None = field(default=None, compare=False)  # Refine's; None = fields present
 
-    def open_resources(self, settings: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Resource objects from their settings, opened once per process and setting."""
+    @property
+    def needs_embedder(self) -> bool:
+        return any(r.needs_embedder for r in self.resources)
+
+    def open_resources(self, settings: Mapping[str, Any] | None, embed: Any = None) -> dict[str, Any]:
+        """Resource objects from their settings, opened once per process and setting.
+
+        ``embed``: the embedding endpoint (:class:`core.settings.EndpointSettings`) for
+        resources that need one."""
         settings = dict(settings or {})
         missing = [r.flag for r in self.resources if not settings.get(r.name)]
         if missing:
             raise ProgramLoadError(f"program {self.name!r} needs {', '.join(missing)}")
+        if self.needs_embedder and embed is None:
+            raise ProgramLoadError(f"program {self.name!r}: its resources need an embedding endpoint (EMBED_*)")
         opened = {}
         for resource in self.resources:
+            given = embed if resource.needs_embedder else None
             key = (resource.name, f"{resource.open.__module__}.{resource.open.__qualname__}",
-                   str(settings[resource.name]))
+                   str(settings[resource.name]), given.model_dump_json() if given is not None else "")
             with _opened_lock:
                 if key not in _opened:
-                    _opened[key] = resource.open(str(settings[resource.name]))
+                    _opened[key] = resource.open(str(settings[resource.name]), given)
                 opened[resource.name] = _opened[key]
         return opened
+
+    def skeleton(self) -> dspy.Module:
+        """The module with every resource None: its predictors and signatures, for planning. Never run it."""
+        return (self.factory or self.cls)(**{r.name: None for r in self.resources})
 
     def build(self, resources: Mapping[str, Any] | None = None) -> dspy.Module:
         given = dict(resources or {})

@@ -49,8 +49,8 @@ def build_parser(task: Task | None = None) -> argparse.ArgumentParser:
     data.add_argument("--train-limit", type=int, default=None, help="use the first N training rows")
     data.add_argument("--dev-limit", type=int, default=None, help="use the first N dev rows")
     data.add_argument("--extra-train", default=None, help="extra training JSONL (gold rows or judged drift samples)")
-    for resource in (task.resources if task else ()):
-        data.add_argument(resource.flag, dest=f"resource_{resource.name}", required=True, help=resource.help)
+    if task is not None:
+        task.add_resource_args(data)
     search = p.add_argument_group("search (defaults follow DSPy's MIPROv2)")
     for name in ("num_candidates", "num_trials", "minibatch_size", "full_eval_steps", "max_bootstrapped_demos",
                  "max_labeled_demos", "seed", "val_size", "breadth", "depth"):
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace, task: Task) -> OptimizeConfig:
         threads_per_worker=args.threads_per_worker, out=args.out, run_dir=args.run_dir, resume=args.resume,
         max_calls=args.max_calls, judge=args.judge, mlflow=args.mlflow, train_path=args.train_path,
         dev_path=args.dev_path, train_limit=args.train_limit, dev_limit=args.dev_limit, extra_train=args.extra_train,
-        resources={r.name: getattr(args, f"resource_{r.name}") for r in task.resources},
+        resources=task.resource_settings(args),
     )
 
 

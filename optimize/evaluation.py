@@ -41,6 +41,7 @@ class EvalContext(BaseModel):
     task: Task = Field(..., description="The task: program, metric, refine policy")
     lm: EndpointSettings = Field(..., description="Target endpoint")
     judge: EndpointSettings | None = Field(None, description="Judge endpoint (temperature 0); None = no judge")
+    embed: EndpointSettings | None = Field(None, description="Embedding endpoint for resources that need one")
     resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. an index path)")
     threads: int = Field(8, ge=1, description="Examples in flight per worker (its share of the endpoint budget)")
     num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per worker (the work is I/O bound)")
@@ -54,7 +55,7 @@ class EvalRuntime:
         self.task = ctx.task
         self.lm = lm_factory(ctx.lm)
         self.judge = FieldJudge(lm_factory(ctx.judge)) if ctx.judge is not None else None
-        self.resources = ctx.task.program.open_resources(ctx.resources)
+        self.resources = ctx.task.program.open_resources(ctx.resources, ctx.embed)
 
     def fresh_program(self, state: dict[str, Any] | None = None) -> dspy.Module:
         return load_program(self.task.program, resources=self.resources, state=state).program

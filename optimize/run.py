@@ -19,7 +19,6 @@ import datetime as dt
 import logging
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from core.fs import filesystem_for, is_uri, write_bytes
 from core.loading import load_program
 from core.ray_runtime import init_ray
 from core.scoring import EvalSummary, ExampleScore
-from core.settings import EndpointSettings
+from core.settings import EndpointSettings, resolve_settings
 from optimize.config import OptimizeConfig, ResolvedBudget, resolve_budget
 from optimize.data import dataset_hash, split_train_val
 from optimize.estimate import CallEstimate
@@ -116,7 +115,7 @@ class RunPlan:
     valset: list[dspy.Example]
     dev: list[dspy.Example]
     data_hash: str
-    fresh_program: Callable[[], dspy.Module]
+    num_predictors: int
 
 
 def plan_run(cfg: OptimizeConfig) -> RunPlan:
@@ -124,20 +123,19 @@ def plan_run(cfg: OptimizeConfig) -> RunPlan:
     if cfg.optimizer not in OPTIMIZERS:
         raise OptimizeError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     train, dev = load_data(cfg, task)
-    resources = task.program.open_resources(cfg.resources)  # a missing or bad index fails here, before any call
-
-    def fresh_program() -> dspy.Module:
-        return load_program(task.program, resources=resources).program
-
-    budget = resolve_budget(cfg.search, len(fresh_program().predictors()), len(train))
+    missing = [r.flag for r in task.program.resources if not cfg.resources.get(r.name)]
+    if missing:
+        raise OptimizeError(f"task {task.name!r} needs {', '.join(missing)}")
+    num_predictors = len(task.program.skeleton().predictors())
+    budget = resolve_budget(cfg.search, num_predictors, len(train))
     trainset, valset = split_train_val(train, budget.val_size, cfg.search.seed)
     return RunPlan(task, OPTIMIZERS[cfg.optimizer](cfg, budget), budget, trainset, valset, dev,
-                   dataset_hash(trainset, valset, dev), fresh_program)
+                   dataset_hash(trainset, valset, dev), num_predictors)
 
 
 def estimate_run(cfg: OptimizeConfig, plan: RunPlan, progress: RunProgress) -> CallEstimate:
     sizes = Sizes(n_train=len(plan.trainset), n_val=len(plan.valset), n_dev=len(plan.dev),
-                  num_predictors=len(plan.fresh_program().predictors()), judge=cfg.judge)
+                  num_predictors=plan.num_predictors, judge=cfg.judge)
     est = CallEstimate()
     plan.optimizer.estimate(est, sizes, progress)
     dev_left = 2 - len(progress.dev_done & {"baseline", "optimized"})
@@ -231,8 +229,15 @@ def run_optimization(
 def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: CallEstimate,
          lm_settings: EndpointSettings, judge_settings: EndpointSettings | None, start: float) -> OptimizeResult:
     init_ray()
-    with open_endpoints(lm=lm_settings, judge=judge_settings if cfg.judge else None) as endpoints:
+    embed = resolve_settings("EMBED") if plan.task.needs_embedder else None
+    with open_endpoints(lm=lm_settings, judge=judge_settings if cfg.judge else None, embed=embed) as endpoints:
         lm, judge = endpoints.lm, endpoints.judge
+        # Opened here, once the embedder is up: a missing or broken index fails before any LM call.
+        resources = plan.task.program.open_resources(cfg.resources, endpoints.embed)
+
+        def fresh_program() -> dspy.Module:
+            return load_program(plan.task.program, resources=resources).program
+
         fields = cfg.fingerprint_fields(plan.data_hash, lm.model)
         check_run(storage, cfg, fields)
         _say(f"run directory: {storage.uri}" + (" (resuming)" if storage.exists("run.json") else ""))
@@ -242,16 +247,14 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
                 "config": cfg.public(), "lm": redacted_settings(lm), "judge": redacted_settings(judge) if judge else None,
                 "estimate": estimate.lines, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })
-        ctx = EvalContext(task=plan.task, lm=lm, judge=judge, resources=cfg.resources, num_cpus=cfg.worker_cpus,
-                          threads=_threads(cfg, lm, judge))
+        ctx = EvalContext(task=plan.task, lm=lm, judge=judge, embed=endpoints.embed, resources=cfg.resources,
+                          num_cpus=cfg.worker_cpus, threads=_threads(cfg, lm, judge))
         with WorkerPool(ctx, cfg.workers) as pool:
-            baseline = dev_summary(storage, "baseline", plan.fresh_program(), plan.dev, plan.task, pool)
+            baseline = dev_summary(storage, "baseline", fresh_program(), plan.dev, plan.task, pool)
             _say(f"baseline dev score: {baseline.score:.3f} on {baseline.n} examples")
-            job = SearchJob(cfg, plan.budget, ctx, pool, storage, plan.trainset, plan.valset, plan.fresh_program,
-                            _say)
+            job = SearchJob(cfg, plan.budget, ctx, pool, storage, plan.trainset, plan.valset, fresh_program, _say)
             outcome = plan.optimizer.run(job)
-            program = load_program(plan.task.program, state=outcome.state,
-                                   resources=plan.task.program.open_resources(cfg.resources)).program
+            program = load_program(plan.task.program, state=outcome.state, resources=resources).program
             optimized = dev_summary(storage, "optimized", program, plan.dev, plan.task, pool)
     return finish(cfg, plan, storage, lm, judge, program, outcome, baseline, optimized, estimate, start)
 

@@ -54,13 +54,14 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true", help="continue a killed run: skip ids already in --output")
     io.add_argument("--max-chars", type=positive_int, default=task.cli.max_chars,
                     help="truncate longer texts (noted in the row's errors)")
-    for resource in task.resources:
-        io.add_argument(resource.flag, dest=f"resource_{resource.name}", required=True, help=resource.help)
+    task.add_resource_args(io)
     lm = parser.add_argument_group("LM endpoint (flags > environment > .env > cluster discovery > embedded model)")
     lm.add_argument("--lm-base-url", default=None, help="OpenAI-compatible base URL (env LM_BASE_URL)")
     lm.add_argument("--lm-model", default=None, help="model id (env LM_MODEL)")
     lm.add_argument("--lm-max-in-flight", type=positive_int, default=None,
                     help="ceiling on concurrent requests, all actors together (env LM_MAX_IN_FLIGHT; default 256)")
+    if task.needs_embedder:
+        add_embed_args(parser)
     run = parser.add_argument_group("execution")
     run.add_argument("--num-actors", type=positive_int, default=_STAGE_DEFAULTS["num_actors"].default,
                      help="actors per stage")
@@ -78,6 +79,17 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_embed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("embedding endpoint (flags > environment > .env > discovery > embedded embedder)")
+    group.add_argument("--embed-base-url", default=None, help="OpenAI-compatible /v1 base URL (env EMBED_BASE_URL)")
+    group.add_argument("--embed-model", default=None, help="embedding model id (env EMBED_MODEL)")
+
+
+def embed_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
+    return resolve_settings("EMBED", flags={"base_url": getattr(args, "embed_base_url", None),
+                                            "model": getattr(args, "embed_model", None)})
+
+
 def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
     # The key is read from LM_API_KEY / .env only: a flag would land in shell history and `ps`.
     return resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model,
@@ -86,7 +98,7 @@ def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
 
 def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None]) -> list[DSPyStage]:
     """The task's stages with this run's flags: execution settings, resources and artifacts."""
-    resources = {r.name: getattr(args, f"resource_{r.name}") for r in task.resources}
+    resources = task.resource_settings(args)
     artifacts: dict[str, str | None] = {}
     if args.artifact_dir:
         pick = best_artifact if args.artifact == "best" else latest_artifact
@@ -113,8 +125,9 @@ def run_task(task: Task, args: argparse.Namespace) -> RunResult:
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     spec = InputSpec(args.input, text_column=args.text_column, id_column=args.id_column,
                      limit=args.limit, max_chars=args.max_chars)
+    embed = embed_settings_from_args(args) if task.needs_embedder else None
     return run_pipeline(spec, args.output, stage_chain(task, args, say), lm_settings_from_args(args),
-                        resume=args.resume, summary_columns=task.cli.summary_columns)
+                        embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns)
 
 
 def main(task_ref: str | Task, argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -138,9 +138,11 @@ def run_pipeline(
     stages: list[DSPyStage],
     lm_settings: EndpointSettings,
     *,
+    embed_settings: EndpointSettings | None = None,
     resume: bool = False,
     summary_columns: tuple[str, ...] = (),
 ) -> RunResult:
+    """Run ``stages`` over the corpus into ``output``; ``embed_settings`` when a stage's resources need an embedder."""
     import ray
 
     out = output if is_uri(output) else str(Path(output).resolve())
@@ -151,7 +153,7 @@ def run_pipeline(
     start = time.perf_counter()
     if todo.num_rows:
         init_ray()
-        with open_endpoints(lm=lm_settings) as endpoints:
+        with open_endpoints(lm=lm_settings, embed=embed_settings) as endpoints:
             settings = endpoints.lm
             ray.data.DataContext.get_current().enable_progress_bars = True
             # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
@@ -161,7 +163,7 @@ def run_pipeline(
             ds = to_dataset(todo, rows_per_block=max(1, per_block))
             budget = per_actor_budget(stages, settings)
             for stage in stages:
-                ds = stage.apply(ds, settings, max_in_flight=budget)
+                ds = stage.apply(ds, settings, max_in_flight=budget, embed_settings=endpoints.embed)
             ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
     seconds = time.perf_counter() - start
     return summarize(out, todo.num_rows, resumed, seconds, summary_columns)

@@ -1,11 +1,12 @@
-"""Serve a task's program over HTTP on a local Ray: ``python -m serve --program TASK [--artifact PATH|best|latest]``.
+"""Serve a task's program over HTTP on a local Ray: python -m serve --program TASK [--artifact PATH|best|latest].
 
 Endpoints resolve as in batch and optimize: flags > environment > .env >
 cluster discovery > the embedded model (said on stderr and in /<task>/info).
-Set SERVE_API_TOKEN (environment or .env) to require ``Authorization: Bearer
-<token>``; without a token the server listens on 127.0.0.1 only (binding
-another address needs a token, or --insecure-public to say you mean it).
-Stops cleanly on SIGINT (Ctrl-C) or SIGTERM.
+Set SERVE_API_TOKEN (environment or .env) to require the header
+"Authorization: Bearer <token>" on every route but /healthz; without a token
+the server listens on 127.0.0.1 only (binding another address needs a token,
+or --insecure-public to say you mean it).  Stops cleanly on SIGINT (Ctrl-C)
+or SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _OPTION = ServeOptions.model_fields
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"task whose program is served: {', '.join(task_names())}, or 'package.module[:ATTR]'")
     p.add_argument("--artifact", default=None, help="optimized program JSON (path or URI), 'latest' or 'best'")
     p.add_argument("--artifact-dir", default="artifacts", help="artifact registry for 'latest'/'best'")
+    if task is not None:
+        task.add_resource_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--insecure-public", action="store_true", help=f"allow a non-local --host without {TOKEN_ENV}")
@@ -64,32 +67,44 @@ def stop_event() -> threading.Event:
     return stop
 
 
+def parse_args(argv: list[str] | None):
+    """Two passes: ``--program`` first, so the task's own flags (its resources) join the parser."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--program")
+    known, _ = pre.parse_known_args(argv)
+    task = None
+    if known.program:
+        try:
+            task = get_task(known.program)
+        except TaskError as exc:
+            build_parser().error(str(exc))
+    return build_parser(task).parse_args(argv), task
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     import os
+
+    args, task = parse_args(argv)
 
     token = os.environ.get(TOKEN_ENV) or read_dotenv().get(TOKEN_ENV) or None
     if args.host not in _LOCAL_HOSTS and not token and not args.insecure_public:
         print(f"error: refusing to listen on {args.host} without {TOKEN_ENV}; set a token or pass --insecure-public",
               file=sys.stderr)
         return 2
-    try:
-        task = get_task(args.program)
-    except TaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     options = ServeOptions(
         program=args.program, artifact=args.artifact, artifact_dir=args.artifact_dir,
+        resources=task.resource_settings(args),
         **{k: getattr(args, k) for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                          "max_ongoing_requests", "max_queued_requests", "drift_sample_rate")},
         drift_policy={"window_s": args.drift_window_days * 86400, "drop_points": args.drift_drop_points,
                       "min_samples": args.drift_min_samples, "auto_deploy": args.auto_deploy})
     lm = resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model})
     judge = resolve_settings("JUDGE", flags={"base_url": args.judge_base_url, "model": args.judge_model})
-    return run(task.name, options, lm, judge if judge.base_url else None, token, args.host, args.port)
+    embed = resolve_settings("EMBED") if task.needs_embedder else None
+    return run(task.name, options, lm, judge if judge.base_url else None, embed, token, args.host, args.port)
 
 
-def run(name, options, lm, judge, token, host, port) -> int:
+def run(name, options, lm, judge, embed, token, host, port) -> int:
     import ray
     from ray import serve
 
@@ -99,12 +114,13 @@ def run(name, options, lm, judge, token, host, port) -> int:
     init_ray()
     stop = stop_event()  # after ray.init, which installs a SIGTERM handler of its own that exits at once
     try:
-        with open_endpoints(lm=lm, judge=judge) as endpoints:
+        with open_endpoints(lm=lm, judge=judge, embed=embed) as endpoints:
             if endpoints.lm.origin == "embedded":
                 print(f"serving {name} with the embedded model ({endpoints.lm.model}); set LM_BASE_URL for a real one",
                       file=sys.stderr)
             serve.start(http_options={"host": host, "port": port})
-            serve.run(build_app(options, endpoints.lm, endpoints.judge, token), name=name, route_prefix="/")
+            serve.run(build_app(options, endpoints.lm, endpoints.judge, token, endpoints.embed), name=name,
+                      route_prefix="/")
             print(f"serving {name} at http://{host}:{port}/{name}/predict (docs: /docs); Ctrl-C or SIGTERM stops it",
                   flush=True)
             stop.wait()

@@ -46,11 +46,11 @@ ARTIFACT_SYNC_S = 10.0  # how often replicas ask the drift monitor which artifac
 
 
 def build_app(options: ServeOptions, lm: EndpointSettings, judge: EndpointSettings | None = None,
-              token: str | None = None):
+              token: str | None = None, embed: EndpointSettings | None = None):
     """The Serve application: one ingress deployment (+ the drift monitor when a judge is given).
 
-    ``lm``/``judge``: fully resolved endpoint settings (:mod:`core.endpoints`); they and
-    ``token`` are passed to the replicas as constructor arguments.
+    ``lm``/``judge``/``embed``: fully resolved endpoint settings (:mod:`core.endpoints`); they
+    and ``token`` are passed to the replicas as constructor arguments.
     """
     from ray import serve
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
@@ -78,14 +78,19 @@ def build_app(options: ServeOptions, lm: EndpointSettings, judge: EndpointSettin
     if judge is not None:
         monitor = serve.deployment(DriftMonitor, name="drift-monitor", num_replicas=1,
                                    ray_actor_options={"num_cpus": 0.1}).bind(
-            options.model_dump(), options.drift_policy, lm.with_key(), judge.with_key())
-    return deployment.bind(options.model_dump(), lm.with_key(), token, monitor)
+            options.model_dump(), options.drift_policy, lm.with_key(), judge.with_key(), _with_key(embed))
+    return deployment.bind(options.model_dump(), lm.with_key(), token, monitor, _with_key(embed))
+
+
+def _with_key(settings: EndpointSettings | None) -> dict[str, Any] | None:
+    return settings.with_key() if settings is not None else None
 
 
 class ProgramServer:
     """One replica: LM and resources set up once, program swapped by ``reconfigure``."""
 
-    def __init__(self, options: dict[str, Any], lm: dict[str, Any], token: str | None = None, monitor=None):
+    def __init__(self, options: dict[str, Any], lm: dict[str, Any], token: str | None = None, monitor=None,
+                 embed: dict[str, Any] | None = None):
         from core.lm import build_lm
         from core.loading import load_program
         from core.runner import ProgramRunner
@@ -101,7 +106,7 @@ class ProgramServer:
         self.lm = build_lm(self.settings)
         self.lm.usage_hook = self.metrics.record_usage
         spec = self.task.program
-        self.resources = spec.open_resources(self.options.resources)
+        self.resources = spec.open_resources(self.options.resources, EndpointSettings(**embed) if embed else None)
         self.program = load_program(spec, resources=self.resources).program
         self.output_fields = self.task.output_fields()
         self.api = ProgramAPI.from_program(self.name, self.program, self.output_fields, spec.output_types,
@@ -209,19 +214,23 @@ def app_builder(args: dict[str, Any]):
     Endpoints resolve here as everywhere (flags in ``args`` > environment > ``.env`` > discovery);
     an LM that is still unset is an error: a cluster deployment does not start the embedded model.
     """
-    import os
 
     from core.discovery import discover_endpoints
 
+    from tasks import get_task
+
     options = ServeOptions(**args)
+    needs_embedder = get_task(options.program).needs_embedder
     wanted = {"LM": resolve_settings("LM", flags=options.lm),
-              "JUDGE": resolve_settings("JUDGE", flags=options.judge) if options.judge or _judge_configured() else None}
+              "JUDGE": resolve_settings("JUDGE", flags=options.judge) if options.judge or _judge_configured() else None,
+              "EMBED": resolve_settings("EMBED") if needs_embedder else None}
     found = discover_endpoints(wanted)
-    if not found["LM"].base_url:
-        raise ValueError("no LM endpoint for the served program: set LM_BASE_URL (environment or .env), "
-                         "args.lm.base_url, or deploy the cluster's LLM app for discovery")
+    for role, what in (("LM", "an LM"), ("EMBED", "an embedding")):
+        if found[role] is not None and not found[role].base_url:
+            raise ValueError(f"no {what} endpoint for the served program: set {role}_BASE_URL (environment or "
+                             f".env), or deploy the cluster's LLM app for discovery")
     judge = found["JUDGE"] if found["JUDGE"] is not None and found["JUDGE"].base_url else None
-    return build_app(options, found["LM"], judge, os.environ.get(TOKEN_ENV) or None)
+    return build_app(options, found["LM"], judge, os.environ.get(TOKEN_ENV) or None, found["EMBED"])
 
 
 def _judge_configured() -> bool:

@@ -147,7 +147,7 @@ class DriftMonitor:
     """Serve deployment (one replica): judges samples, decides, runs and adopts re-optimizations."""
 
     def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None, lm: dict[str, Any],
-                 judge: dict[str, Any], job_client_factory=None):
+                 judge: dict[str, Any], embed: dict[str, Any] | None = None, job_client_factory=None):
         from core.lm import build_lm
         from core.scoring import LiveJudge
         from core.settings import EndpointSettings
@@ -159,6 +159,7 @@ class DriftMonitor:
         self.task = get_task(self.options.program)
         self.store = SampleStore(self.options.drift_db)
         self.lm_settings = EndpointSettings(**lm)
+        self.embed_settings = EndpointSettings(**embed) if embed else None
         self.judge = LiveJudge(build_lm(EndpointSettings(**judge)), self.task.metric.live_rubric)
         self.metrics = JudgeMetrics(self.task.name)
         # Ray's JobSubmissionClient by default; injectable so the decision loop is testable.
@@ -192,8 +193,8 @@ class DriftMonitor:
 
         _, dev = load_task_data(self.task.data, dev_limit=self.policy.calibration_examples)
         spec = self.task.program
-        loaded = load_program(spec, self.active_artifact, resources=spec.open_resources(self.options.resources),
-                              artifact_dir=self.options.artifact_dir)
+        resources = spec.open_resources(self.options.resources, self.embed_settings)
+        loaded = load_program(spec, self.active_artifact, resources=resources, artifact_dir=self.options.artifact_dir)
         fields = self.task.output_fields()
         runner = ProgramRunner(loaded.program, build_lm(self.lm_settings), output_fields=fields,
                                refine_attempts=self.task.refine_attempts, reward_fn=spec.reward)

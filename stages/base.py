@@ -72,6 +72,7 @@ class DSPyStageUDF:
         input_fields: dict[str, str],
         output_fields: tuple[str, ...],
         lm_settings: dict[str, Any],
+        embed_settings: dict[str, Any] | None = None,
         max_in_flight: int = 64,
         refine_attempts: int = 3,
         refine_threshold: float = 1.0,
@@ -84,7 +85,8 @@ class DSPyStageUDF:
         self.settings = EndpointSettings(**lm_settings)
         self.lm = lm_factory(self.settings)  # configured once per actor, used via dspy.context per call
         # The one loader: resources opened once per actor, sidecar and signatures checked.
-        loaded = load_program(program, artifact, resources=program.open_resources(resources),
+        embed = EndpointSettings(**embed_settings) if embed_settings else None
+        loaded = load_program(program, artifact, resources=program.open_resources(resources, embed),
                               artifact_dir=artifact_dir)
         _, outputs = program_fields(loaded.program, program.output_types)
         self.output_types = {f: outputs.get(f, (str, ""))[0] for f in self.output_fields}
@@ -181,7 +183,8 @@ class DSPyStage(BaseModel):
     def stage_name(self) -> str:
         return self.name or self.program.name
 
-    def udf_kwargs(self, lm_settings: EndpointSettings, max_in_flight: int | None = None) -> dict[str, Any]:
+    def udf_kwargs(self, lm_settings: EndpointSettings, max_in_flight: int | None = None,
+                   embed_settings: EndpointSettings | None = None) -> dict[str, Any]:
         return {
             "stage_name": self.stage_name(),
             "program": self.program,
@@ -192,12 +195,14 @@ class DSPyStage(BaseModel):
             "output_fields": self.output_fields,
             # A constructor argument, never runtime_env (Ray logs that): the actor needs the real key.
             "lm_settings": lm_settings.with_key(),
+            "embed_settings": embed_settings.with_key() if embed_settings is not None else None,
             "max_in_flight": max_in_flight or self.max_in_flight_per_actor,
             "refine_attempts": self.refine_attempts,
             "refine_threshold": self.refine_threshold,
         }
 
-    def apply(self, ds, lm_settings: EndpointSettings, max_in_flight: int | None = None):
+    def apply(self, ds, lm_settings: EndpointSettings, max_in_flight: int | None = None,
+              embed_settings: EndpointSettings | None = None):
         """Add this stage to a Ray Dataset: one actor pool, async UDF, pyarrow batches."""
         from ray.data import ActorPoolStrategy
 
@@ -207,7 +212,7 @@ class DSPyStage(BaseModel):
         tasks = max(2, -(-in_flight // self.batch_size) * 2)
         return ds.map_batches(
             self.udf_class,
-            fn_constructor_kwargs=self.udf_kwargs(lm_settings, in_flight),
+            fn_constructor_kwargs=self.udf_kwargs(lm_settings, in_flight, embed_settings),
             batch_size=self.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,

@@ -99,6 +99,18 @@ class Task:
                 seen.setdefault(resource.name, resource)
         return tuple(seen.values())
 
+    @property
+    def needs_embedder(self) -> bool:
+        return any(spec.needs_embedder for spec in self.programs.values())
+
+    def add_resource_args(self, parser) -> None:
+        """One required flag per resource (``--index``) on an argparse parser."""
+        for resource in self.resources:
+            parser.add_argument(resource.flag, dest=f"resource_{resource.name}", required=True, help=resource.help)
+
+    def resource_settings(self, args) -> dict[str, str]:
+        return {r.name: getattr(args, f"resource_{r.name}") for r in self.resources}
+
     def output_fields(self) -> tuple[str, ...]:
         return self.primary_stage.output_fields
 
