@@ -29,16 +29,25 @@ never through ``runtime_env``, which Ray writes to its logs.
 # No `from __future__ import annotations`: FastAPI must see the real request models below.
 
 import asyncio
-import hmac
 import os
 import random
 import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from core.settings import EndpointSettings, resolve_settings
 from serve.drift import DriftMonitor
+from serve.http import (
+    ERROR_RESPONSES,
+    add_component_schemas,
+    bearer_auth,
+    describe_errors,
+    harden,
+    request_body_schema,
+)
 from serve.options import ServeOptions
 
 TOKEN_ENV = "SERVE_API_TOKEN"
@@ -140,39 +149,62 @@ class ProgramServer:
 
     def _routes(self) -> FastAPI:
         api, name = self.api, self.name
-        app = FastAPI(title=f"{name} program", version="1", description=self.task.description)
-
-        async def authorized(request: Request) -> None:
-            if self.token is None:
-                return
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        app = FastAPI(title=f"{name} program", version="1", description=self.task.description, docs_url=None,
+                      redoc_url=None)
+        harden(app, max_body_bytes=self.options.max_body_bytes, title=name)
+        auth = [Depends(bearer_auth(self.token))]
 
         @app.get("/healthz")
         async def healthz() -> dict:
             return {"status": "ok", "program": name, "version": self.version}
 
-        @app.get(f"/{name}/info", dependencies=[Depends(authorized)])
+        @app.get(f"/{name}/info", dependencies=auth, responses=ERROR_RESPONSES)
         async def info() -> dict:
+            note = ("no LM endpoint was configured: this is the embedded smoke-test model"
+                    if self.settings.origin == "embedded" else None)
             return {"program": name, "version": self.version, "model": self.settings.model,
                     "endpoint": self.settings.redacted()["base_url"], "endpoint_origin": self.settings.origin,
-                    **self.artifact_info}
+                    "note": note, **self.artifact_info}
 
-        @app.post(f"/{name}/predict", response_model=api.response_model, dependencies=[Depends(authorized)])
+        @app.post(f"/{name}/predict", response_model=api.response_model, dependencies=auth,
+                  responses=ERROR_RESPONSES)
         async def predict(body: api.request_model):  # type: ignore[valid-type]
             output, error = await self._predict_one(body.model_dump())
             if error:
                 raise HTTPException(502, error)
             return output
 
-        @app.post(f"/{name}/batch", response_model=api.batch_response_model, dependencies=[Depends(authorized)])
-        async def batch(body: api.batch_request_model):  # type: ignore[valid-type]
-            items = [item.model_dump() for item in body.items]
-            results = await asyncio.gather(*(self._predict_one(item) for item in items))
+        @app.post(f"/{name}/batch", response_model=api.batch_response_model, dependencies=auth,
+                  responses=ERROR_RESPONSES, openapi_extra=request_body_schema(api.batch_request_model))
+        async def batch(request: Request):
+            """Per-item results: valid items run, each invalid one gets an ``error`` naming its field (200)."""
+            items = await self._batch_items(request)
+            checked = [self._check_item(i, item) for i, item in enumerate(items)]
+            results = await asyncio.gather(*(self._predict_one(inputs) if inputs is not None else _failed(err)
+                                             for inputs, err in checked))
             return {"results": [{"output": out, "error": err} for out, err in results]}
 
+        add_component_schemas(app, api.batch_request_model)
         return app
+
+    async def _batch_items(self, request: Request) -> list[Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestValidationError([{"loc": ("body",), "msg": "not valid JSON", "type": "json_invalid"}])
+        items = body.get("items") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not 1 <= len(items) <= self.options.max_batch:
+            raise RequestValidationError([{"loc": ("body", "items"), "type": "items",
+                                           "msg": f"'items' must be a list of 1 to {self.options.max_batch} objects",
+                                           "ctx": {"max_length": self.options.max_batch}}])
+        return items
+
+    def _check_item(self, index: int, item: Any) -> tuple[dict | None, str | None]:
+        try:
+            return self.api.request_model.model_validate(item).model_dump(), None
+        except ValidationError as exc:
+            detail = describe_errors(exc.errors(), prefix=("items", index))[:3]
+            return None, "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)[:500]
 
     async def _predict_one(self, inputs: dict[str, Any]) -> tuple[dict | None, str | None]:
         program = self.program  # pinned for this request, across a concurrent reconfigure
@@ -199,6 +231,10 @@ class ProgramServer:
         wanted = await self.monitor.current_artifact.remote()
         if wanted != self.artifact_info.get("artifact"):
             self.reconfigure({"artifact": wanted})
+
+
+async def _failed(error: str | None) -> tuple[None, str | None]:
+    return None, error
 
 
 def _jsonable(output: dict[str, Any]) -> dict[str, Any]:

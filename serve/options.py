@@ -16,7 +16,8 @@ class ServeOptions(BaseModel):
     resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. the RAG index)")
     lm: dict[str, Any] = Field(default_factory=dict, description="Target LM settings that are not secret (flags)")
     judge: dict[str, Any] = Field(default_factory=dict, description="Judge LM settings that are not secret (flags)")
-    max_batch: int = Field(256, ge=1, description="Largest accepted /batch request")
+    max_batch: int = Field(256, ge=1, description="Largest accepted /batch request (items)")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest accepted request body (bytes); 413 beyond")
     # Serve scaling knobs (applied by build_app as deployment options).
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound")
     max_replicas: int = Field(4, ge=1, description="Autoscaling upper bound")

@@ -188,9 +188,73 @@ def test_bearer_token(serve_http, fake):
     assert http("POST", f"{serve_http}/triage/predict", {"transcript": "x"})[0] == 401
     bad = http("POST", f"{serve_http}/triage/predict", {"transcript": "x"}, {"Authorization": "Bearer nope"})
     assert bad[0] == 401 and "s3cret" not in json.dumps(bad[1])
-    ok = http("POST", f"{serve_http}/triage/predict", {"transcript": "x"}, {"Authorization": "Bearer s3cret-token"})
-    assert ok[0] == 200
+    for scheme in ("Bearer", "bearer", "BEARER"):  # RFC 7235: the scheme is case-insensitive
+        ok = http("POST", f"{serve_http}/triage/predict", {"transcript": "x"},
+                  {"Authorization": f"{scheme} s3cret-token"})
+        assert ok[0] == 200, scheme
     assert http("GET", f"{serve_http}/healthz")[0] == 200  # liveness stays open for load balancers
+    # The OpenAPI document declares the scheme and the error answers.
+    status, spec, _ = http("GET", f"{serve_http}/openapi.json")
+    assert status == 200
+    assert any(s.get("scheme", "").lower() == "bearer" for s in spec["components"]["securitySchemes"].values())
+    responses = spec["paths"]["/triage/predict"]["post"]["responses"]
+    assert {"401", "413", "422", "502", "503"} <= set(responses)
+
+
+def test_batch_runs_valid_items_and_names_the_field_of_invalid_ones(serve_http, fake):
+    deploy(fake)
+    items = [{"transcript": "smoke in the hall"}, {"transcrpt": "typo"}, {"transcript": ""},
+             {"transcript": "dog barking all night"}, "not an object"]
+    status, out, _ = http("POST", f"{serve_http}/triage/batch", {"items": items})
+    assert status == 200, out
+    results = out["results"]
+    assert [r["output"] is not None for r in results] == [True, False, False, True, False]
+    assert "items.1.transcript" in results[1]["error"] and "items.1.transcrpt" in results[1]["error"]
+    assert "items.2.transcript" in results[2]["error"] and "items.4" in results[4]["error"]
+    assert results[0]["error"] is None and results[0]["output"]["priority"]
+    # The OpenAPI schema still describes the request body precisely.
+    spec = http("GET", f"{serve_http}/openapi.json")[1]
+    ref = spec["paths"]["/triage/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.rsplit("/", 1)[-1] in spec["components"]["schemas"]
+    assert "TriageRequest" in spec["components"]["schemas"]
+
+
+def test_errors_never_echo_the_input_and_big_bodies_get_413(serve_http, fake):
+    deploy(fake)
+    big = "A" * 1_000_000  # over the field's 200,000-character limit, under the 4 MiB body cap
+    status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcript": big})
+    raw = json.dumps(out)
+    assert status == 422 and len(raw) <= 2048 and "AAAA" not in raw
+    assert out["detail"][0]["loc"] == ["body", "transcript"] and out["detail"][0]["ctx"]["max_length"] == 200_000
+    status, out, _ = http("POST", f"{serve_http}/triage/batch", {"items": [{"transcript": "x"}] * 500})
+    assert status == 422 and len(json.dumps(out)) <= 2048 and "256" in json.dumps(out)
+    from http.client import HTTPConnection
+
+    host, port = serve_http.rsplit("//", 1)[1].split(":")
+    # 20 MB announced: refused from Content-Length, before the body is read (only its first bytes are sent).
+    conn = HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/triage/predict")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(20_000_000))
+    conn.endheaders(b'{"transcript": "' + b"B" * 65536)
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.status == 413 and b"larger than" in body and len(body) < 200
+    conn.close()
+    # Chunked upload with no Content-Length: cut off once it passes the cap.
+    conn = HTTPConnection(host, int(port), timeout=60)
+
+    def chunks():
+        yield b'{"transcript": "'
+        for _ in range(50):
+            yield b"C" * 200_000
+        yield b'"}'
+
+    conn.request("POST", "/triage/predict", body=chunks(), headers={"Content-Type": "application/json"},
+                 encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413, resp.read()[:200]
+    conn.close()
 
 
 # -- drift ---------------------------------------------------------------------
