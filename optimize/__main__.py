@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 
+from core.cli import HelpFormatter, positive_int
 from optimize.config import OptimizeConfig, SearchSettings
 from optimize.optimizers import OPTIMIZERS
 from tasks import Task, TaskError, get_task, task_names
@@ -26,14 +27,14 @@ from tasks import Task, TaskError, get_task, task_names
 
 def build_parser(task: Task | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m optimize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--pipeline", required=True, metavar="TASK",
                    help=f"task to optimize: {', '.join(task_names())}, or your own 'package.module[:ATTR]'")
     p.add_argument("--optimizer", default="miprov2", choices=list(OPTIMIZERS))
     p.add_argument("--auto", default="light", choices=["light", "medium", "heavy", "none"],
                    help="budget preset, as DSPy's MIPROv2/GEPA (none: set --num-candidates/--num-trials)")
-    p.add_argument("--workers", type=int, default=4, help="Ray workers evaluating trials at once")
-    p.add_argument("--threads-per-worker", type=int, default=8, help="examples in flight per worker")
+    p.add_argument("--workers", type=positive_int, default=4, help="Ray workers evaluating trials at once")
+    p.add_argument("--threads-per-worker", type=positive_int, default=8, help="examples in flight per worker")
     p.add_argument("--out", default="artifacts", help="artifact directory (a folder or URI)")
     p.add_argument("--run-dir", default=None, help="run state: a path or s3://, gs://, fsspec URI "
                                                    "(default: a new <out>/runs/<task>-<optimizer>-<time>; with "

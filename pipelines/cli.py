@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from core.cli import HelpFormatter, positive_int
 from core.artifacts import ALIASES, ProgramLoadError, best_artifact, latest_artifact
 from core.settings import EndpointSettings, resolve_settings
 from pipelines.inputs import InputError, InputSpec
@@ -31,19 +32,9 @@ from tasks import Task, TaskError, get_task
 _STAGE_DEFAULTS = DSPyStage.model_fields
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=f"{task.name}: {task.description}",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of .txt; "
                                                    "a local path or s3://, gs://, file:// URI")
@@ -59,7 +50,7 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     lm.add_argument("--lm-base-url", default=None, help="OpenAI-compatible base URL (env LM_BASE_URL)")
     lm.add_argument("--lm-model", default=None, help="model id (env LM_MODEL)")
     lm.add_argument("--lm-max-in-flight", type=positive_int, default=None,
-                    help="ceiling on concurrent requests, all actors together (env LM_MAX_IN_FLIGHT; default 256)")
+                    help="ceiling on concurrent requests, all actors together (env LM_MAX_IN_FLIGHT; default: 256)")
     if task.needs_embedder:
         add_embed_args(parser)
     run = parser.add_argument_group("execution")

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from core.cli import HelpFormatter
 from core.settings import read_dotenv, resolve_settings
 from serve.app import TOKEN_ENV, ServeOptions, build_app
 from tasks import TaskError, get_task, task_names
@@ -27,7 +28,7 @@ _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 def build_parser(task=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--program", required=True, metavar="TASK",
                    help=f"task whose program is served: {', '.join(task_names())}, or 'package.module[:ATTR]'")
     p.add_argument("--artifact", default=None, help="optimized program JSON (path or URI), 'latest' or 'best'")
@@ -43,8 +44,8 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     for name in ("min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
                  "max_queued_requests"):
         info = _OPTION[name]
-        scaling.add_argument(f"--{name.replace('_', '-')}", type=type(info.default), default=info.default,
-                             help=info.description)
+        kind = float if name == "target_ongoing_requests" else int
+        scaling.add_argument(f"--{name.replace('_', '-')}", type=kind, default=info.default, help=info.description)
     drift = p.add_argument_group("drift monitor (on when a judge endpoint is set)")
     drift.add_argument("--judge-base-url", default=None, help="judge LM endpoint (env JUDGE_BASE_URL)")
     drift.add_argument("--judge-model", default=None, help="judge model id (env JUDGE_MODEL)")

@@ -1,0 +1,32 @@
+"""What every command line of the framework shares: argument types and help that shows real defaults.
+
+    >>> parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    >>> _ = parser.add_argument("--limit", type=positive_int, default=None, help="rows to read")
+    >>> _ = parser.add_argument("--workers", type=positive_int, default=4, help="Ray workers")
+    >>> "default: 4" in parser.format_help() and "default: None" not in parser.format_help()
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where there is a default worth showing (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1, with a clear message otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
