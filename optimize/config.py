@@ -59,6 +59,13 @@ class ResolvedBudget(BaseModel):
     zeroshot: bool
 
 
+def candidate_plan(budget: ResolvedBudget) -> str:
+    """What MIPROv2's candidate step makes, in the words both the estimate and the run print."""
+    n, k = budget.num_fewshot_candidates, budget.num_instruct_candidates
+    return (f"{n} demo sets per predictor ({max(0, n - 2)} bootstrapped, plus zero-shot and labeled), "
+            f"{k} instructions per predictor ({max(0, k - 1)} proposed, plus the original)")
+
+
 def resolve_budget(search: SearchSettings, num_predictors: int, n_train: int) -> ResolvedBudget:
     """MIPROv2's ``_set_hyperparams_from_run_mode`` and ``_set_num_trials_from_num_candidates``."""
     zeroshot = search.max_bootstrapped_demos == 0 and search.max_labeled_demos == 0

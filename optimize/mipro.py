@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field
 
 from core.scoring import TaskMetric
 from optimize.candidates import CandidateSet, generate_candidates
-from optimize.config import ResolvedBudget, SearchSettings
+from optimize.config import ResolvedBudget, SearchSettings, candidate_plan
 from optimize.evaluation import EvalContext, chunked
 from optimize.storage import RunStorage
 from optimize.trial import TrialRequest, TrialResult, merge_chunks
@@ -124,10 +124,7 @@ class ParallelMIPROv2:
             self.on_event("candidates: loaded from the run directory")
             return CandidateSet.model_validate(saved)
         b = self.budget
-        self.on_event(
-            f"candidates: bootstrapping {b.num_fewshot_candidates} demo sets and proposing "
-            f"{b.num_instruct_candidates} instructions per predictor (on the Ray workers)"
-        )
+        self.on_event(f"candidates: making {candidate_plan(b)} on the Ray workers")
         [predictors] = pool.map([(0, "predictors", ())]).values()  # read where the resources are open
         candidates = generate_candidates(
             predictors, self.ctx.task.program.name, trainset, rng=rng,

@@ -24,7 +24,7 @@ import dspy
 from core.json_adapter import CachingJSONAdapter
 from core.lm import build_lm
 from core.scoring import DSPyMetric, FieldJudge
-from optimize.config import AUTO_RUN_SETTINGS, OptimizeConfig, ResolvedBudget
+from optimize.config import AUTO_RUN_SETTINGS, OptimizeConfig, ResolvedBudget, candidate_plan
 from optimize.estimate import COPRO_AUTO, CallEstimate, bootstrap_calls
 from optimize.evaluation import EvalContext, EvalLog, ray_evaluation
 from optimize.mipro import ParallelMIPROv2
@@ -114,11 +114,7 @@ class MIPROv2(Optimizer):
     name = "miprov2"
 
     def plan(self) -> str:
-        b = self.budget
-        boot = max(0, b.num_fewshot_candidates - 2)
-        return (f"{b.num_fewshot_candidates} demo sets per predictor ({boot} bootstrapped, plus zero-shot and "
-                f"labeled), {b.num_instruct_candidates} instructions per predictor "
-                f"({b.num_instruct_candidates - 1} proposed, plus the original), {b.num_trials} trials")
+        return f"{candidate_plan(self.budget)}, {self.budget.num_trials} trials"
 
     def estimate(self, est: CallEstimate, sizes: Sizes, progress: RunProgress) -> None:
         b, s = self.budget, self.search
