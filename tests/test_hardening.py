@@ -160,11 +160,12 @@ def test_help_is_plain_text_with_defaults():
     serve_help = subprocess.run([sys.executable, "-m", "serve", "--help"], cwd=ROOT, env=_env(),
                                 capture_output=True, text=True).stdout
     assert "``" not in serve_help and "SERVE_API_TOKEN" in serve_help
+    serve_help = serve_help.split("options:", 1)[1]  # the flags' descriptions, not the usage line
     for flag, default in (("--port", "8000"), ("--max-replicas", "4"), ("--min-replicas", "1")):
         line = serve_help[serve_help.index(flag + " "):][:200]
         assert f"default: {default}" in " ".join(line.split()), (flag, line)
     batch_help = " ".join(subprocess.run([sys.executable, "-m", "pipelines.triage", "--help"], cwd=ROOT, env=_env(),
-                                         capture_output=True, text=True).stdout.split())
+                                         capture_output=True, text=True).stdout.split("options:", 1)[1].split())
     for flag in ("--batch-size", "--max-chars", "--refine-attempts", "--concurrency", "--num-actors"):
         assert "(default: " in batch_help[batch_help.index(flag + " "):][:220], flag
     readme = (ROOT / "README.md").read_text()
