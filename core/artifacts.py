@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.fs import filesystem_for, is_uri, json_object, read_bytes, write_bytes
 from core.settings import redact_url
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SIDECAR_SUFFIX = ".meta.json"
 ALIASES = ("latest", "best")
 FORMAT_VERSION = 1
@@ -303,7 +304,12 @@ def resolve_artifact(path_or_alias: str | os.PathLike, program: str,
         if record is None:
             raise ProgramLoadError(f"no {program} artifact in {artifact_dir} for {path_or_alias!r}")
         return record.path
-    return str(path_or_alias) if is_uri(path_or_alias) else Path(path_or_alias)
+    if is_uri(path_or_alias):
+        return str(path_or_alias)
+    path = Path(path_or_alias)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path  # an artifact shipped in the repository, from any working directory
+    return path
 
 
 def read_program_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from optimize.candidates import MiproCandidateSettings
 
-OptimizerName = Literal["miprov2", "bootstrap", "bootstrap_rs", "copro", "gepa"]
+class OptimizeError(RuntimeError):
+    """A run that cannot start or go on as asked (message says why and what to do)."""
+
+
 AutoLevel = Literal["light", "medium", "heavy"]
 
 # MIPROv2's auto settings (dspy/teleprompt/mipro_optimizer_v2.py).
@@ -99,7 +102,7 @@ class OptimizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipeline: str = Field(..., description="Task to optimize: a built-in name or 'package.module[:ATTR]'")
-    optimizer: OptimizerName = Field("miprov2", description="Optimizer")
+    optimizer: str = Field("miprov2", description="Optimizer name in optimize.optimizers.OPTIMIZERS")
     search: SearchSettings = Field(default_factory=SearchSettings, description="Budget and candidate settings")
     workers: int = Field(4, ge=1, description="Ray workers evaluating trials at once")
     threads_per_worker: int = Field(8, ge=1, description="Examples in flight per worker (capped by the LM budget)")

@@ -24,7 +24,7 @@ import dspy
 from core.json_adapter import CachingJSONAdapter
 from core.lm import build_lm
 from core.scoring import DSPyMetric, FieldJudge
-from optimize.config import AUTO_RUN_SETTINGS, OptimizeConfig, ResolvedBudget, candidate_plan
+from optimize.config import AUTO_RUN_SETTINGS, OptimizeConfig, OptimizeError, ResolvedBudget, candidate_plan
 from optimize.estimate import COPRO_AUTO, CallEstimate, bootstrap_calls
 from optimize.evaluation import EvalContext, EvalLog, ray_evaluation
 from optimize.mipro import ParallelMIPROv2
@@ -287,6 +287,39 @@ class GEPA(DSPyCompile):
             student, trainset=job.trainset, valset=job.valset)
 
 
+class NearestDemoPool(Optimizer):
+    """Every labelled training example becomes a demo in a pool; each call is shown the nearest few.
+
+    No search and no LM calls: the program selects per input (:mod:`programs.demo_pool`), which suits
+    small models that copy the labels of a similar demo well.  Only one-predictor programs that
+    select from a pool (they hold a :class:`~programs.demo_pool.NearestDemos`) can use it.
+    """
+
+    name = "knn"
+
+    def plan(self) -> str:
+        return "a pool of every labelled training example as demos; each call sees the nearest few"
+
+    def estimate(self, est: CallEstimate, sizes: Sizes, progress: RunProgress) -> None:
+        est.add("build the demo pool (no LM calls)", 0)
+
+    def run(self, job: SearchJob) -> SearchOutcome:
+        from programs.demo_pool import NearestDemos, demo_pool
+
+        program = job.fresh_program()
+        predictors = program.named_predictors()
+        selectors = [v for v in vars(program).values() if isinstance(v, NearestDemos)]
+        if len(predictors) != 1 or not selectors:
+            raise OptimizeError(f"--optimizer knn needs a one-predictor program that selects demos from a pool "
+                             f"(a NearestDemos attribute); {type(program).__name__} is not one")
+        [(_, predictor)] = predictors
+        fields = tuple(predictor.signature.fields)
+        # Train and val (the dev set stays held out): the larger the pool, the nearer the nearest demo.
+        predictor.demos = demo_pool([*job.trainset, *job.valset], fields)
+        job.say(f"knn: a pool of {len(predictor.demos)} demos; each call sees the {selectors[0].k} nearest")
+        return SearchOutcome(program.dump_state(), [], [], 0)
+
+
 OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (MIPROv2, BootstrapFewShot, BootstrapRandomSearch, COPRO, GEPA)
+    cls.name: cls for cls in (MIPROv2, BootstrapFewShot, BootstrapRandomSearch, COPRO, GEPA, NearestDemoPool)
 }

@@ -32,7 +32,7 @@ from core.loading import load_program
 from core.ray_runtime import init_ray
 from core.scoring import EvalSummary, ExampleScore
 from core.settings import EndpointSettings, resolve_settings
-from optimize.config import OptimizeConfig, ResolvedBudget, resolve_budget
+from optimize.config import OptimizeConfig, OptimizeError, ResolvedBudget, resolve_budget
 from optimize.data import dataset_hash, split_train_val
 from optimize.estimate import CallEstimate
 from optimize.evaluation import EvalContext, evaluate_on_ray
@@ -44,10 +44,6 @@ from tasks import Task, get_task
 from tasks.examples import DatasetError, extra_train_examples, load_task_data
 
 logger = logging.getLogger(__name__)
-
-
-class OptimizeError(RuntimeError):
-    """A run that cannot start or go on as asked (message says why and what to do)."""
 
 
 class TooManyCalls(OptimizeError):

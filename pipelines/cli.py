@@ -67,6 +67,10 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
                           "loads its program's --artifact from it")
     run.add_argument("--artifact", default="best", choices=list(ALIASES),
                      help="with --artifact-dir: the best-scoring or the newest artifact")
+    if task.cli.embedded_artifacts:
+        run.add_argument("--no-default-artifact", action="store_true",
+                         help=f"on the embedded model, run the programs as written instead of the artifacts tuned "
+                              f"for it ({task.cli.embedded_artifacts})")
     return parser
 
 
@@ -117,8 +121,19 @@ def run_task(task: Task, args: argparse.Namespace) -> RunResult:
     spec = InputSpec(args.input, text_column=args.text_column, id_column=args.id_column,
                      limit=args.limit, max_chars=args.max_chars)
     embed = embed_settings_from_args(args) if task.needs_embedder else None
+    use_default = task.cli.embedded_artifacts and not args.artifact_dir and not getattr(args, "no_default_artifact",
+                                                                                          False)
+
+    def embedded_default(stage: DSPyStage) -> str | None:
+        path = task.embedded_artifact(stage.program.name)
+        if path:
+            say(f"{stage.program.name}: the embedded model runs the artifact tuned for it, {path} "
+                f"(--no-default-artifact: the program as written)")
+        return path
+
     return run_pipeline(spec, args.output, stage_chain(task, args, say), lm_settings_from_args(args),
-                        embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns)
+                        embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns,
+                        embedded_default=embedded_default if use_default else None)
 
 
 def main(task_ref: str | Task, argv: list[str] | None = None, prog: str | None = None) -> int:

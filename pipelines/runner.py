@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,25 @@ class RunResult:
             for col, counts in self.label_counts.items()
         )
         resumed = f" ({self.rows_resumed} already done, skipped)" if self.rows_resumed else ""
-        return (
+        lines = [
             f"wrote {self.rows_this_run} rows{resumed} to {self.output} in {self.seconds:.1f}s "
             f"({self.rows_per_s:.1f} rows/s); {self.rows_total} rows in total, "
             f"{self.rows_with_errors} with errors; {labels}"
-        )
+        ]
+        return "\n".join(lines + self.constant_output_warnings())
+
+    def constant_output_warnings(self, min_rows: int = 20, share: float = 0.9) -> list[str]:
+        """One line per label column where one value covers more than ``share`` of ``min_rows`` or more rows."""
+        out = []
+        for col, counts in self.label_counts.items():
+            total = sum(counts.values())
+            if total < min_rows:
+                continue
+            value, n = max(counts.items(), key=lambda kv: kv[1])
+            if n / total > share:
+                out.append(f"warning: {n / total:.0%} of {total} rows have {col}={value}: the model or the prompt "
+                           f"may not be reading the input (try a tuned artifact, or a stronger model)")
+        return out
 
 
 # -- resume -----------------------------------------------------------------
@@ -141,8 +156,13 @@ def run_pipeline(
     embed_settings: EndpointSettings | None = None,
     resume: bool = False,
     summary_columns: tuple[str, ...] = (),
+    embedded_default: Callable[[DSPyStage], str | None] | None = None,
 ) -> RunResult:
-    """Run ``stages`` over the corpus into ``output``; ``embed_settings`` when a stage's resources need an embedder."""
+    """Run ``stages`` over the corpus into ``output``.
+
+    ``embed_settings``: when a stage's resources need an embedder.  ``embedded_default``: when
+    the LM turns out to be the embedded model, the artifact a stage without one loads instead.
+    """
     import ray
 
     out = output if is_uri(output) else str(Path(output).resolve())
@@ -155,6 +175,8 @@ def run_pipeline(
         init_ray()
         with open_endpoints(lm=lm_settings, embed=embed_settings) as endpoints:
             settings = endpoints.lm
+            if settings.origin == "embedded" and embedded_default is not None:
+                stages = [s if s.artifact else s.model_copy(update={"artifact": embedded_default(s)}) for s in stages]
             ray.data.DataContext.get_current().enable_progress_bars = True
             # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
             # actor (and, streaming, every stage) busy at once.

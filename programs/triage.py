@@ -12,6 +12,8 @@ from typing import Literal
 
 import dspy
 
+from programs.demo_pool import NearestDemos
+
 Priority = Literal["urgent", "non_urgent", "not_an_emergency"]
 Category = Literal["crime", "medical", "fire", "animal", "noise", "other"]
 
@@ -29,12 +31,17 @@ class TriageCall(dspy.Signature):
 
 
 class CallTriager(dspy.Module):
+    """Triage with a single prediction; a large demo pool (an artifact of ``--optimizer knn``) is shown per
+    call as the demos nearest to the transcript (:mod:`programs.demo_pool`)."""
+
     def __init__(self):
         super().__init__()
         self.triage = dspy.Predict(TriageCall)
+        self.nearest = NearestDemos(k=4, pool_threshold=16)
 
     def forward(self, transcript: str) -> dspy.Prediction:
-        return self.triage(transcript=transcript)
+        demos = self.nearest.select(self.triage.demos, "transcript", transcript)
+        return self.triage(transcript=transcript, demos=demos)
 
 
 class ExtractDetails(dspy.Signature):

@@ -33,6 +33,9 @@ def build_parser(task=None) -> argparse.ArgumentParser:
                    help=f"task whose program is served: {', '.join(task_names())}, or 'package.module[:ATTR]'")
     p.add_argument("--artifact", default=None, help="optimized program JSON (path or URI), 'latest' or 'best'")
     p.add_argument("--artifact-dir", default="artifacts", help="artifact registry for 'latest'/'best'")
+    p.add_argument("--no-default-artifact", action="store_true",
+                   help="on the embedded model, serve the program as written instead of the task's artifact tuned "
+                        "for it")
     if task is not None:
         task.add_resource_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -102,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     lm = resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model})
     judge = resolve_settings("JUDGE", flags={"base_url": args.judge_base_url, "model": args.judge_model})
     embed = resolve_settings("EMBED") if task.needs_embedder else None
-    return run(task.name, options, lm, judge if judge.base_url else None, embed, token, args.host, args.port)
+    default = None if args.artifact or args.no_default_artifact else task.embedded_artifact(task.program.name)
+    return run(task.name, options, lm, judge if judge.base_url else None, embed, token, args.host, args.port,
+               default)
 
 
-def run(name, options, lm, judge, embed, token, host, port) -> int:
+def run(name, options, lm, judge, embed, token, host, port, embedded_default=None) -> int:
     import ray
     from ray import serve
 
@@ -119,6 +124,10 @@ def run(name, options, lm, judge, embed, token, host, port) -> int:
             if endpoints.lm.origin == "embedded":
                 print(f"serving {name} with the embedded model ({endpoints.lm.model}); set LM_BASE_URL for a real one",
                       file=sys.stderr)
+                if embedded_default:
+                    print(f"{name}: the embedded model serves the artifact tuned for it, {embedded_default}",
+                          file=sys.stderr)
+                    options = options.model_copy(update={"artifact": embedded_default})
             serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(options, endpoints.lm, endpoints.judge, token, endpoints.embed), name=name,
                       route_prefix="/")

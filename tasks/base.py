@@ -60,6 +60,9 @@ class CliDefaults:
     id_column: str = "id"
     summary_columns: tuple[str, ...] = ()  # label counts printed at the end of a run
     max_chars: int = 20_000
+    # A registry of artifacts tuned for the embedded default model, shipped with the task: loaded when the
+    # embedded model is the endpoint and no artifact was asked for (--no-default-artifact turns it off).
+    embedded_artifacts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,22 @@ class Task:
     @property
     def needs_embedder(self) -> bool:
         return any(spec.needs_embedder for spec in self.programs.values())
+
+    def embedded_artifact(self, program: str) -> str | None:
+        """The best shipped artifact of ``program`` made for the embedded model, or None."""
+        if not self.cli.embedded_artifacts:
+            return None
+        from core.artifacts import list_artifacts
+        from core.embedded import MODEL_ALIAS
+
+        made_for_it = [r for r in list_artifacts(resolve_repo_path(self.cli.embedded_artifacts), program)
+                       if r.metadata.model == MODEL_ALIAS and r.metadata.dev_score is not None]
+        best = max(made_for_it, key=lambda r: (r.metadata.dev_score, r.metadata.created_at), default=None)
+        if best is None:
+            return None
+        # Relative to the repository, so actors on other nodes (their own copy of it) find it too.
+        path = Path(best.path).resolve()
+        return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
     def add_resource_args(self, parser) -> None:
         """One required flag per resource (``--index``) on an argparse parser."""
