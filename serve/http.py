@@ -11,29 +11,50 @@
   echoes the input back; the whole body stays under 2 KB;
 * :func:`bearer_auth` - ``Authorization: Bearer <token>`` (the scheme in any
   case, RFC 7235), compared in constant time, declared in the OpenAPI document;
-* :func:`mount_offline_docs` - Swagger UI from the assets the
-  ``swagger-ui-bundle`` package ships, so ``/docs`` renders with no internet.
+* :func:`mount_offline_docs` - Swagger UI 5 from the assets the
+  ``fastapi-offline`` package ships, so ``/docs`` renders with no internet.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 
 MAX_ERROR_BYTES = 2048
 MAX_ERRORS = 10
 
-# Documented on every program route (FastAPI adds 200 and 422 itself).
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(..., description="Where: body, then the field path")
+    msg: str = Field(..., description="What is wrong (never the value sent)")
+    type: str = Field(..., description="The rule's id, e.g. string_too_long")
+    ctx: dict[str, Any] | None = Field(None, description="The rule's limits, e.g. {max_length: 200000}")
+
+
+class ValidationErrors(BaseModel):
+    detail: list[FieldError]
+    more_errors: int | None = Field(None, description="Errors left out to keep the answer short")
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+# Documented on every program route (FastAPI adds 200 itself).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or wrong bearer token (only when SERVE_API_TOKEN is set)"},
-    413: {"description": "Request body larger than the server's limit"},
-    502: {"description": "The LM endpoint still failed after retries; the detail says why, briefly"},
+    401: {"model": ErrorDetail, "description": "Missing or wrong bearer token (only when SERVE_API_TOKEN is set)"},
+    413: {"model": ErrorDetail, "description": "Request body larger than the server's limit"},
+    422: {"model": ValidationErrors, "description": "A field is missing or breaks its rule; the input is not echoed"},
+    502: {"model": ErrorDetail, "description": "The LM endpoint still failed after retries; the detail says why"},
     503: {"description": "Overloaded: too many queued requests; retry after the Retry-After header's seconds"},
 }
 
@@ -124,34 +145,48 @@ def bearer_auth(token: str | None):
     lists it either way; the comparison is constant-time.
     """
     scheme = HTTPBearer(auto_error=False, description="SERVE_API_TOKEN, when the server was started with one")
+    expected = hashlib.sha256(token.encode()).digest() if token else b""
 
     async def check(credentials: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
         if not token:
             return
         given = credentials.credentials.strip() if credentials else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        # Digests of equal length: the comparison's time says nothing about the token or its length.
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
 
-def mount_offline_docs(app: FastAPI, title: str) -> None:
-    """``/docs`` with Swagger UI's JS and CSS served from the installed ``swagger-ui-bundle`` package.
+def docs_assets() -> Path:
+    """The folder of Swagger UI's JS and CSS inside the installed ``fastapi-offline`` package.
 
-    Relative URLs, so the page also works behind a Serve route prefix or a proxy.
-    """
-    import swagger_ui_bundle
+    (Swagger UI 5: FastAPI's OpenAPI 3.1 documents need it; 4.x shows "Unable to render".)"""
+    spec = importlib.util.find_spec("fastapi_offline")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "static" if spec and spec.submodule_search_locations \
+        else None
+    if folder is None or not (folder / "swagger-ui-bundle.js").is_file():
+        raise RuntimeError("the API docs need the 'fastapi-offline' package's assets; reinstall the project")
+    return folder
+
+
+def mount_offline_docs(app: FastAPI, title: str) -> None:
+    """``/docs`` with Swagger UI's JS and CSS served from this server, not a CDN.
+
+    Every URL is built from the request's ``root_path``, as FastAPI does for its own docs, so the page
+    also works behind a Serve route prefix or a proxy."""
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
 
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+    app.mount("/docs-assets", StaticFiles(directory=docs_assets()), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return get_swagger_ui_html(openapi_url="openapi.json", title=f"{title} - API",
-                                   swagger_js_url="docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="docs-assets/favicon-32x32.png")
+    async def docs(request: Request):
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{title} - API",
+                                   swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/docs-assets/favicon.png")
 
 
 def harden(app: FastAPI, *, max_body_bytes: int, title: str = "program") -> None:

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from core.signatures import program_fields
 
+MAX_TEXT_CHARS = 200_000  # per text input; the limit shows in the OpenAPI schema and in a 422
+
 
 @dataclass(frozen=True)
 class ProgramAPI:
@@ -39,8 +41,9 @@ class ProgramAPI:
         title = "".join(part.title() for part in name.split("_"))
         request = create_model(
             f"{title}Request",
-            __config__=ConfigDict(extra="forbid", str_max_length=200_000),
-            **{n: (a, Field(..., description=d, min_length=1) if a is str else Field(..., description=d))
+            __config__=ConfigDict(extra="forbid"),
+            **{n: (a, Field(..., description=d, min_length=1, max_length=MAX_TEXT_CHARS) if a is str
+                   else Field(..., description=d))
                for n, (a, d) in inputs.items()},
         )
         response = create_model(

@@ -397,3 +397,26 @@ def test_cli_refuses_public_bind_without_token(monkeypatch):
 
     monkeypatch.delenv("SERVE_API_TOKEN", raising=False)
     assert main(["--program", "triage", "--host", "0.0.0.0"]) == 2
+
+
+def test_docs_render_in_a_browser_with_no_network(serve_http, fake, tmp_path):
+    """/docs draws the program's routes in headless Chromium that can reach nothing but 127.0.0.1."""
+    import http.server
+    import threading as th
+
+    from tests.browser import dump_dom
+
+    deploy(fake)
+    dom = dump_dom(f"{serve_http}/docs")
+    assert 'data-path="/triage/predict"' in dom and 'data-path="/triage/batch"' in dom, dom[:3000]
+    assert "cdn.jsdelivr.net" not in dom
+    # The isolation is real: a page whose image lives on a public host cannot load it.
+    (tmp_path / "index.html").write_text('<img src="https://pypi.org/static/images/logo-small.8998e9d1.svg" '
+                                         'onload="document.title=\'loaded\'" onerror="document.title=\'blocked\'">')
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    th.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert "<title>blocked</title>" in dump_dom(f"http://127.0.0.1:{server.server_port}/")
+    finally:
+        server.shutdown()
