@@ -53,10 +53,11 @@ class Resource:
     open: Callable[[str, Any], Any] = field(compare=False)
     help: str = ""
     needs_embedder: bool = False
+    cli_flag: str = ""  # the command-line flag; default --<name>
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.cli_flag or "--" + self.name.replace("_", "-")
 
 
 _opened: dict[tuple[str, str, str], Any] = {}

@@ -263,14 +263,16 @@ def score_prediction(
     for judged in metric.judged:
         reference = example.get(judged.reference)
         candidate = outputs.get(judged.field)
-        if judge is not None and reference not in (None, ""):
+        if reference in (None, ""):
+            continue  # nothing to compare with (e.g. a question the documents do not answer)
+        if judge is not None:
             try:
                 score.judged[judged.field] = judge(judged, task_input, str(reference), _text(candidate))
                 score.judge_used = True
                 continue
             except Exception as exc:  # noqa: BLE001 - any judge failure is counted, not scored 0
                 score.judge_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        if judged.fallback == "token_f1" and reference is not None:
+        if judged.fallback == "token_f1":
             score.judged[judged.field] = token_f1(_text(candidate), reference)
     for name, check in metric.checks.items():
         try:

@@ -137,8 +137,10 @@ class OptimizeConfig(BaseModel):
         fields = self.fingerprint_fields(dataset_hash, model)
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-    def command(self) -> str:
-        """The ``python -m optimize`` command line for these settings (recorded in the artifact's sidecar)."""
+    def command(self, resource_flags: dict[str, str] | None = None) -> str:
+        """The ``python -m optimize`` command line for these settings (recorded in the artifact's sidecar).
+
+        ``resource_flags``: resource name -> its command-line flag (the task's)."""
         import shlex
 
         args = ["python", "-m", "optimize", "--pipeline", self.pipeline, "--optimizer", self.optimizer,
@@ -152,7 +154,9 @@ class OptimizeConfig(BaseModel):
         flags = {"--train": self.train_path, "--dev": self.dev_path, "--train-limit": self.train_limit,
                  "--dev-limit": self.dev_limit, "--extra-train": self.extra_train}
         args += [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
-        args += [item for name, value in self.resources.items() for item in (f"--{name.replace('_', '-')}", value)]
+        flag_of = resource_flags or {}
+        args += [item for name, value in self.resources.items()
+                 for item in (flag_of.get(name, f"--{name.replace('_', '-')}"), value)]
         if self.judge:
             args.append("--judge")
         return shlex.join(args)

@@ -280,7 +280,7 @@ def finish(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, lm: Endpoint
         program=plan.task.program.name, model=lm.model, lm=redacted_settings(lm),
         judge=redacted_settings(judge) if judge else None, optimizer=cfg.optimizer,
         optimizer_settings={**cfg.search.model_dump(), **plan.budget.model_dump(), "workers": cfg.workers},
-        command=cfg.command(), dataset_hash=plan.data_hash, dev_score=round(optimized.score, 4),
+        command=cfg.command({r.name: r.flag for r in plan.task.resources}), dataset_hash=plan.data_hash, dev_score=round(optimized.score, 4),
         baseline_dev_score=round(baseline.score, 4), dev_field_accuracy=optimized.field_accuracy,
         run_dir=storage.uri, dev_judge_errors=optimized.judge_errors, dev_program_errors=optimized.program_errors,
     )

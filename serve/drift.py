@@ -255,7 +255,8 @@ class DriftMonitor:
                    else str(Path(self.options.drift_db).resolve().with_name(name)))
         rows = "".join(json.dumps(row) + "\n" for row in self.store.recent_inputs())
         write_bytes(*filesystem_for(samples), rows.encode())
-        resource_flags = "".join(f" --{name.replace('_', '-')} {shlex.quote(value)}"
+        flag_of = {r.name: r.flag for r in self.task.resources}
+        resource_flags = "".join(f" {flag_of.get(name, '--' + name)} {shlex.quote(value)}"
                                  for name, value in self.options.resources.items())
         entrypoint = self.policy.job_entrypoint.format(
             task=shlex.quote(self.options.program), artifact_dir=shlex.quote(self.options.artifact_dir),

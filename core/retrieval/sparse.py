@@ -20,6 +20,13 @@ import numpy as np
 SETTINGS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en", "stemmer": "english"}
 
 
+def _quiet() -> None:
+    import logging
+
+    # bm25s sets its own logger to DEBUG at import, which logs every index build.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+
+
 def _stemmer():
     import Stemmer
 
@@ -35,6 +42,7 @@ class BM25Index:
     def build(cls, texts: Sequence[str]) -> BM25Index:
         import bm25s
 
+        _quiet()
         tokens = bm25s.tokenize(list(texts), stopwords=SETTINGS["stopwords"], stemmer=_stemmer(),
                                 show_progress=False)
         model = bm25s.BM25(method=SETTINGS["method"], k1=SETTINGS["k1"], b=SETTINGS["b"])
@@ -45,6 +53,7 @@ class BM25Index:
     def load(cls, folder: str, *, mmap: bool = True) -> BM25Index:
         import bm25s
 
+        _quiet()
         return cls(bm25s.BM25.load(folder, mmap=mmap))
 
     def save(self, folder: str) -> None:
