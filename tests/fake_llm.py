@@ -35,6 +35,16 @@ Standalone (prints the base URL, serves until killed)::
 
     python -m tests.fake_llm --port 8001 --latency 0.1 --p-429 0.05
 
+``POST /v1/embeddings`` answers deterministic hashed bag-of-words vectors
+(:func:`hashed_embedding`: each lower-cased word adds +-1 to one of ``embed_dim``
+coordinates chosen by its hash, then L2 normalised), so texts sharing words are
+close and retrieval over the fake is meaningful.  It goes through the same
+capacity slots and fault draw as chat (429, 500, hang; ``p_malformed`` answers
+200 without a ``data`` list), answers ``encoding_format`` ``float`` or ``base64``,
+rejects (400) a request holding an input longer than ``embed_max_chars`` (when
+set), and requires ``Authorization: Bearer <embed_api_key>`` (when set).  Its
+counters are ``stats()["embeddings"]``: requests, inputs, and outcomes.
+
 Admin endpoints: ``GET /health``, ``GET /v1/models``, ``GET|POST /admin/config``,
 ``GET /admin/stats``, ``POST /admin/reset``.
 """
@@ -44,8 +54,10 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +66,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -98,6 +111,10 @@ class FakeSettings:
     # gold_keyword appears in the system message (the instruction).  Empty = off.
     gold: dict[str, dict[str, Any]] = field(default_factory=dict)
     gold_keyword: str = ""
+    # POST /v1/embeddings (see the module docstring).
+    embed_dim: int = 256
+    embed_max_chars: int = 0  # 0 = no limit; longer inputs get HTTP 400, like a context-length error
+    embed_api_key: str = ""  # "" = no auth; else a wrong or missing bearer token gets HTTP 401
 
     def __post_init__(self) -> None:
         if not self.capacity:
@@ -127,6 +144,25 @@ class FakeSettings:
 def input_key(text: str) -> str:
     """The key the fake uses for an input: sha1 hex of the last user message's text."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _word_slot(word: str, dim: int) -> tuple[int, float]:
+    h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+    return h % dim, (1.0 if (h >> 63) & 1 else -1.0)
+
+
+def hashed_embedding(text: str, dim: int = 256) -> list[float]:
+    """The fake's embedding: a signed hashed bag of lower-cased words, L2 normalised (all zeros for no words)."""
+    vector = [0.0] * dim
+    for word in _WORD.findall(text.lower()):
+        slot, sign = _word_slot(word, dim)
+        vector[slot] += sign
+    norm = sum(v * v for v in vector) ** 0.5
+    return [v / norm for v in vector] if norm else vector
 
 
 def _stable_index(key: str, n: int) -> int:
@@ -397,6 +433,8 @@ class FakeServer:
         """Zero the counters; ``in_flight`` stays the live gauge and seeds the new peak."""
         self.stats = {"requests": 0, "ok": 0, "rate_limited": 0, "server_error": 0, "hung": 0, "malformed": 0,
                       "max_in_flight": self.in_flight, "inputs": {}}
+        self.stats["embeddings"] = {"requests": 0, "inputs": 0, "ok": 0, "rate_limited": 0, "server_error": 0,
+                                    "hung": 0, "malformed": 0, "rejected": 0, "unauthorized": 0}
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.stats, "in_flight": self.in_flight, "queued": self.queued}
@@ -409,6 +447,7 @@ class FakeServer:
             web.get("/health", self.health),
             web.get("/v1/models", self.models),
             web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/embeddings", self.embeddings),
             web.get("/admin/config", self.get_config),
             web.post("/admin/config", self.set_config),
             web.get("/admin/stats", self.get_stats),
@@ -509,6 +548,73 @@ class FakeServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         })
+
+    # -- embeddings ------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """``POST /v1/embeddings``: the chat path's slots and faults, then hashed bag-of-words vectors."""
+        counts = self.stats["embeddings"]
+        counts["requests"] += 1
+        key = self.settings.embed_api_key
+        if key and request.headers.get("Authorization", "") != f"Bearer {key}":
+            counts["unauthorized"] += 1
+            return _error(401, "invalid api key", "authentication_error", "invalid_api_key")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "request body is not JSON", "invalid_request_error", "invalid_json")
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            return _error(400, "'input' must be a string or a non-empty list of strings",
+                          "invalid_request_error", "invalid_input")
+        counts["inputs"] += len(inputs)
+        limit = self.settings.embed_max_chars
+        too_long = [i for i, text in enumerate(inputs) if limit and len(text) > limit]
+        if too_long:
+            counts["rejected"] += 1
+            return _error(400, f"input {too_long[0]} is longer than the model's context ({limit} characters)",
+                          "invalid_request_error", "context_length_exceeded")
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        try:
+            async with self._slot():
+                return await self._embed_response(body, inputs)
+        finally:
+            self.tasks.discard(task)
+
+    async def _embed_response(self, body: dict[str, Any], inputs: list[str]) -> web.Response:
+        from aiohttp import web
+
+        settings, counts = self.settings, self.stats["embeddings"]
+        fault = self._draw_fault()
+        if fault == "rate_limited":
+            counts["rate_limited"] += 1
+            return _error(429, "rate limited", "rate_limit_error", "rate_limit_exceeded",
+                          {"Retry-After": f"{settings.retry_after:g}"})
+        if fault == "server_error":
+            counts["server_error"] += 1
+            return _error(500, "internal server error", "server_error", "internal_error")
+        if fault == "hung":
+            counts["hung"] += 1
+            await asyncio.sleep(settings.hang_seconds)
+        if settings.latency > 0:
+            await asyncio.sleep(settings.latency)
+        model = body.get("model") or settings.model
+        if fault == "malformed":
+            counts["malformed"] += 1
+            return web.json_response({"object": "list", "model": model})
+        counts["ok"] += 1
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(inputs):
+            vector = hashed_embedding(text, settings.embed_dim)
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(len(t) for t in inputs) // 4
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # -- health and admin ------------------------------------------------------
 

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.fs import filesystem_for, is_uri
-from core.retrieval import dense
+from core.retrieval.dense import apply_search_params, read_index
+from core.retrieval.dense import search as dense_search
 from core.retrieval.manifest import (
     BM25_DIR,
     FAISS_INDEX,
@@ -143,8 +144,8 @@ class Retriever:
                                       f"says {manifest.passages}; rebuild it with `python -m pipelines.index`")
         index = None
         if mode in ("dense", "hybrid"):
-            index = dense.read_index(join(local, FAISS_INDEX), manifest.index.type, mmap=options.mmap)
-            dense.apply_search_params(index, options.nprobe or manifest.index.nprobe,
+            index = read_index(join(local, FAISS_INDEX), manifest.index.type, mmap=options.mmap)
+            apply_search_params(index, options.nprobe or manifest.index.nprobe,
                                       options.ef_search or manifest.index.ef_search)
         bm25 = BM25Index.load(join(local, BM25_DIR), mmap=options.mmap) if mode in ("bm25", "hybrid") else None
         return cls(location=location, manifest=manifest, passages=passages, mode=mode,
@@ -185,7 +186,7 @@ class Retriever:
 
     def _dense(self, queries: Sequence[str], depth: int) -> list[list[tuple[int, float]]]:
         vectors = self.client.embed_queries(list(queries))
-        scores, rows = dense.search(self.dense_index, vectors, depth)
+        scores, rows = dense_search(self.dense_index, vectors, depth)
         return [[(int(r), float(s)) for r, s in zip(row_ids, row_scores) if r >= 0]
                 for row_ids, row_scores in zip(rows, scores)]
 
