@@ -5,7 +5,10 @@ being measured) and listens on 127.0.0.1 only.  Every ``POST /v1/chat/completion
 request goes through these steps:
 
 1. **capacity** - at most ``capacity`` requests are worked on at once; the rest
-   wait in a FIFO queue (they are never rejected).  ``capacity=None`` is unlimited.
+   wait in a FIFO queue.  ``capacity=None`` is unlimited.  With ``reject_over=n``
+   a chat request that finds every slot busy and ``n`` requests already waiting
+   is answered 429 + ``Retry-After`` at once (``reject_over=0``: no queue at all,
+   like an endpoint that refuses what it cannot hold); ``None`` queues them all.
 2. **fault draw** - one number from ``random.Random(seed)`` decides the outcome:
    ``p_429`` (HTTP 429 + ``Retry-After``), ``p_500`` (HTTP 500), ``p_hang``
    (sleep ``hang_seconds``; cancelled on client disconnect or shutdown) or
@@ -30,6 +33,7 @@ Usage::
         fake.configure(p_429=0.0)       # change any setting while it runs
         fake.stats()["rate_limited"]    # outcome counters, peak concurrency, distinct inputs
         fake.reset_stats()
+        fake.samples()                  # with sample_interval: (seconds, in flight, queued, ...) rows
 
 Standalone (prints the base URL, serves until killed)::
 
@@ -97,6 +101,8 @@ class FakeSettings:
     model: str = "fake-model"
     latency: float = 0.0  # seconds each successful / malformed answer takes
     capacity: int | None = None  # requests worked on at once; None (or 0) = unlimited
+    reject_over: int | None = None  # chat: requests allowed to wait for a slot; beyond that 429 (None = all wait)
+    sample_interval: float = 0.0  # seconds between in-flight samples (GET /admin/samples); 0 = off
     p_429: float = 0.0
     retry_after: float = 1.0  # seconds, sent as the Retry-After header of a 429
     p_500: float = 0.0
@@ -124,8 +130,10 @@ class FakeSettings:
         probs = {name: getattr(self, name) for name in ("p_429", "p_500", "p_hang", "p_malformed")}
         if any(not 0.0 <= p <= 1.0 for p in probs.values()) or sum(probs.values()) > 1.0 + 1e-9:
             raise ValueError(f"fault probabilities must lie in [0, 1] and sum to at most 1: {probs}")
-        if min(self.latency, self.retry_after, self.hang_seconds) < 0:
-            raise ValueError("latency, retry_after and hang_seconds must not be negative")
+        if min(self.latency, self.retry_after, self.hang_seconds, self.sample_interval) < 0:
+            raise ValueError("latency, retry_after, hang_seconds and sample_interval must not be negative")
+        if self.reject_over is not None and self.reject_over < 0:
+            raise ValueError(f"reject_over must be None or >= 0, got {self.reject_over}")
 
     def updated(self, changes: dict[str, Any]) -> FakeSettings:
         """A validated copy with ``changes`` applied; unknown names raise ``ValueError``."""
@@ -423,6 +431,8 @@ class FakeServer:
         self.in_flight = 0
         self.queued = 0
         self.completions = 0
+        self.samples: list[list[float]] = []  # [seconds since reset, in flight, queued, chat requests, 429s]
+        self.started = time.monotonic()
         self.reset_stats()
 
     @staticmethod
@@ -432,7 +442,8 @@ class FakeServer:
     def reset_stats(self) -> None:
         """Zero the counters; ``in_flight`` stays the live gauge and seeds the new peak."""
         self.stats = {"requests": 0, "ok": 0, "rate_limited": 0, "server_error": 0, "hung": 0, "malformed": 0,
-                      "max_in_flight": self.in_flight, "inputs": {}}
+                      "over_capacity": 0, "max_in_flight": self.in_flight, "inputs": {}}
+        self.samples, self.started = [], time.monotonic()
         self.stats["embeddings"] = {"requests": 0, "inputs": 0, "ok": 0, "rate_limited": 0, "server_error": 0,
                                     "hung": 0, "malformed": 0, "rejected": 0, "unauthorized": 0}
 
@@ -451,6 +462,7 @@ class FakeServer:
             web.get("/admin/config", self.get_config),
             web.post("/admin/config", self.set_config),
             web.get("/admin/stats", self.get_stats),
+            web.get("/admin/samples", self.get_samples),
             web.post("/admin/reset", self.reset),
         ])
         return app
@@ -469,6 +481,8 @@ class FakeServer:
         key = input_key(_last_text(body["messages"], "user"))
         self.stats["requests"] += 1
         self.stats["inputs"][key] = self.stats["inputs"].get(key, 0) + 1
+        if self._over_capacity():
+            return self._reject()
         task = asyncio.current_task()
         self.tasks.add(task)
         try:
@@ -476,6 +490,20 @@ class FakeServer:
                 return await self._respond(body)
         finally:
             self.tasks.discard(task)
+
+    def _over_capacity(self) -> bool:
+        """Every slot busy and ``reject_over`` requests already waiting (never with ``reject_over=None``)."""
+        limit = self.settings.reject_over
+        return (limit is not None and self.slots is not None and self.slots.locked()
+                and self.queued >= limit)
+
+    def _reject(self) -> web.Response:
+        """429 + Retry-After for a request the endpoint cannot hold (counted as rate_limited too)."""
+        self.stats["rate_limited"] += 1
+        self.stats["over_capacity"] += 1
+        wait = self.settings.retry_after
+        return _error(429, "the server is at capacity", "rate_limit_error", "rate_limit_exceeded",
+                      {"Retry-After": f"{wait:g}", "retry-after-ms": f"{wait * 1000:g}"})
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -656,6 +684,25 @@ class FakeServer:
 
         return web.json_response(self.snapshot())
 
+    async def get_samples(self, _: web.Request) -> web.Response:
+        from aiohttp import web
+
+        return web.json_response({"columns": ["seconds", "in_flight", "queued", "requests", "rate_limited"],
+                                  "rows": self.samples})
+
+    async def _sample(self) -> None:
+        """Every ``sample_interval`` s, one row of gauges and counters (kept to the last 200,000)."""
+        while True:
+            interval = self.settings.sample_interval
+            if interval <= 0:
+                await asyncio.sleep(0.1)
+                continue
+            self.samples.append([round(time.monotonic() - self.started, 4), self.in_flight, self.queued,
+                                 self.stats["requests"], self.stats["rate_limited"]])
+            if len(self.samples) > 200_000:
+                del self.samples[:100_000]
+            await asyncio.sleep(interval)
+
     async def reset(self, _: web.Request) -> web.Response:
         from aiohttp import web
 
@@ -679,7 +726,9 @@ class FakeServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         watchdog = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+        sampler = asyncio.create_task(self._sample())
         await stop.wait()
+        sampler.cancel()
         if watchdog:
             watchdog.cancel()
         for task in list(self.tasks):  # hung and sleeping requests end now, not after a timeout
@@ -831,8 +880,13 @@ class FakeLLM:
         return self._request("GET", "/admin/stats")
 
     def reset_stats(self) -> dict[str, Any]:
-        """Zero the counters (``POST /admin/reset``); returns the fresh stats."""
+        """Zero the counters and samples (``POST /admin/reset``); returns the fresh stats."""
         return self._request("POST", "/admin/reset", {})
+
+    def samples(self) -> list[dict[str, float]]:
+        """In-flight samples since the last reset, oldest first (needs ``sample_interval`` > 0)."""
+        data = self._request("GET", "/admin/samples")
+        return [dict(zip(data["columns"], row)) for row in data["rows"]]
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  timeout: float = 10.0) -> dict[str, Any]:
@@ -860,7 +914,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[int, FakeSettings, int | 
     for f in dataclasses.fields(FakeSettings):
         if f.name in ("answers", "field_overrides", "gold"):
             continue  # dicts: pass them in --settings
-        kind = int if f.name == "capacity" else type(f.default)
+        kind = int if f.name in ("capacity", "reject_over") else type(f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                             help=f"default {f.default!r}")
     args = parser.parse_args(argv)
