@@ -21,6 +21,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_embed_args(parser) -> None:
+    """``--embed-base-url`` / ``--embed-model`` (for tasks whose resources embed queries)."""
+    group = parser.add_argument_group("embedding endpoint (flags > environment > .env > discovery > embedded "
+                                      "embedder)")
+    group.add_argument("--embed-base-url", default=None, help="OpenAI-compatible /v1 base URL (env EMBED_BASE_URL)")
+    group.add_argument("--embed-model", default=None, help="embedding model id (env EMBED_MODEL)")
+
+
+def embed_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"base_url": getattr(args, "embed_base_url", None), "model": getattr(args, "embed_model", None)}
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1, with a clear message otherwise."""
     try:

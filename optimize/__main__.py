@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 
-from core.cli import HelpFormatter, positive_int
+from core.cli import HelpFormatter, add_embed_args, embed_flags, positive_int
 from optimize.config import OptimizeConfig, SearchSettings
 from optimize.optimizers import OPTIMIZERS
 from tasks import Task, TaskError, get_task, task_names
@@ -64,6 +64,8 @@ def build_parser(task: Task | None = None) -> argparse.ArgumentParser:
                     help="ceiling on concurrent requests to the target, all workers together (env LM_MAX_IN_FLIGHT)")
     lm.add_argument("--judge-base-url", default=None, help="judge base URL (env JUDGE_BASE_URL)")
     lm.add_argument("--judge-model", default=None, help="judge model id (env JUDGE_MODEL)")
+    if task is not None and task.needs_embedder:
+        add_embed_args(p)
     return p
 
 
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         lm = resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model,
                                            "max_in_flight": args.lm_max_in_flight})
         judge = resolve_settings("JUDGE", flags={"base_url": args.judge_base_url, "model": args.judge_model})
-        result = run_optimization(cfg, lm, judge)
+        embed = resolve_settings("EMBED", flags=embed_flags(args)) if task.needs_embedder else None
+        result = run_optimization(cfg, lm, judge, embed)
     except Interrupted as exc:
         resume = shlex.join(["python", "-m", "optimize", *(argv if argv is not None else sys.argv[1:])])
         if "--resume" not in resume.split():

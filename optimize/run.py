@@ -201,8 +201,12 @@ def run_optimization(
     cfg: OptimizeConfig,
     lm_settings: EndpointSettings,
     judge_settings: EndpointSettings | None = None,
+    embed_settings: EndpointSettings | None = None,
 ) -> OptimizeResult:
-    """Run (or resume) one optimization and write its artifact; see the module docstring."""
+    """Run (or resume) one optimization and write its artifact; see the module docstring.
+
+    ``embed_settings``: the embedding endpoint, for tasks whose resources need one (default: resolved
+    from the environment and ``.env``, then discovery, then the embedded embedder)."""
     start = time.perf_counter()
     plan = plan_run(cfg)
     storage = locate_run(cfg, plan.task)
@@ -216,17 +220,20 @@ def run_optimization(
                            f"lower --auto/--num-trials/--num-candidates or raise --max-calls")
     if cfg.judge and judge_settings is None:
         judge_settings = EndpointSettings()  # unset: discovery, else the target judges
+    if plan.task.needs_embedder and embed_settings is None:
+        embed_settings = resolve_settings("EMBED")
     try:
-        return _run(cfg, plan, storage, estimate, lm_settings, judge_settings, start)
+        return _run(cfg, plan, storage, estimate, lm_settings, judge_settings, embed_settings, start)
     except KeyboardInterrupt:
         raise Interrupted(storage) from None
 
 
 def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: CallEstimate,
-         lm_settings: EndpointSettings, judge_settings: EndpointSettings | None, start: float) -> OptimizeResult:
+         lm_settings: EndpointSettings, judge_settings: EndpointSettings | None,
+         embed_settings: EndpointSettings | None, start: float) -> OptimizeResult:
     init_ray()
-    embed = resolve_settings("EMBED") if plan.task.needs_embedder else None
-    with open_endpoints(lm=lm_settings, judge=judge_settings if cfg.judge else None, embed=embed) as endpoints:
+    with open_endpoints(lm=lm_settings, judge=judge_settings if cfg.judge else None,
+                        embed=embed_settings) as endpoints:
         lm, judge = endpoints.lm, endpoints.judge
         # Opened here, once the embedder is up: a missing or broken index fails before any LM call.
         resources = plan.task.program.open_resources(cfg.resources, endpoints.embed)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from core.cli import HelpFormatter, positive_int
+from core.cli import HelpFormatter, add_embed_args, embed_flags, positive_int
 from core.artifacts import ALIASES, ProgramLoadError, best_artifact, latest_artifact
 from core.settings import EndpointSettings, resolve_settings
 from pipelines.inputs import InputError, InputSpec
@@ -74,17 +74,6 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_embed_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("embedding endpoint (flags > environment > .env > discovery > embedded embedder)")
-    group.add_argument("--embed-base-url", default=None, help="OpenAI-compatible /v1 base URL (env EMBED_BASE_URL)")
-    group.add_argument("--embed-model", default=None, help="embedding model id (env EMBED_MODEL)")
-
-
-def embed_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
-    return resolve_settings("EMBED", flags={"base_url": getattr(args, "embed_base_url", None),
-                                            "model": getattr(args, "embed_model", None)})
-
-
 def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
     # The key is read from LM_API_KEY / .env only: a flag would land in shell history and `ps`.
     return resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model,
@@ -120,7 +109,7 @@ def run_task(task: Task, args: argparse.Namespace) -> RunResult:
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     spec = InputSpec(args.input, text_column=args.text_column, id_column=args.id_column,
                      limit=args.limit, max_chars=args.max_chars)
-    embed = embed_settings_from_args(args) if task.needs_embedder else None
+    embed = resolve_settings("EMBED", flags=embed_flags(args)) if task.needs_embedder else None
     use_default = task.cli.embedded_artifacts and not args.artifact_dir and not getattr(args, "no_default_artifact",
                                                                                           False)
 

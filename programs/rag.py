@@ -5,13 +5,14 @@ query (ChainOfThought), retrieve passages, answer from them (ChainOfThought)
 citing the ids of the passages used - or say the documents do not hold the
 answer, citing nothing.
 
-    >>> rag = CitedRAG(retriever=my_retriever, k=5)                 # doctest: +SKIP
+    >>> rag = CitedRAG(retriever=my_retriever)                       # doctest: +SKIP
     >>> out = rag(question="What is the non-emergency number?")      # doctest: +SKIP
     >>> out.answer, out.citations, out.answerable                    # doctest: +SKIP
 
 The retriever is anything with ``search(query, k) -> passages`` whose passages
 have ``id``, ``source`` and ``text`` (the framework's FAISS/BM25 retriever,
-or a stub in tests).  Nothing here knows about Ray, files or endpoints.
+or a stub in tests); ``k=None`` takes the retriever's own default.  Nothing
+here knows about Ray, files or endpoints.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class CitedPassage(BaseModel):
 
 
 class CitedRAG(dspy.Module):
-    def __init__(self, retriever: Any, k: int = 5):
+    def __init__(self, retriever: Any, k: int | None = None):
         super().__init__()
         self.retriever = retriever
         self.k = k

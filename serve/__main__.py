@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from core.cli import HelpFormatter
+from core.cli import HelpFormatter, add_embed_args, embed_flags
 from core.settings import read_dotenv, resolve_settings
 from serve.app import TOKEN_ENV, ServeOptions, build_app
 from tasks import TaskError, get_task, task_names
@@ -49,6 +49,8 @@ def build_parser(task=None) -> argparse.ArgumentParser:
         info = _OPTION[name]
         kind = float if name == "target_ongoing_requests" else int
         scaling.add_argument(f"--{name.replace('_', '-')}", type=kind, default=info.default, help=info.description)
+    if task is not None and task.needs_embedder:
+        add_embed_args(p)
     drift = p.add_argument_group("drift monitor (on when a judge endpoint is set)")
     drift.add_argument("--judge-base-url", default=None, help="judge LM endpoint (env JUDGE_BASE_URL)")
     drift.add_argument("--judge-model", default=None, help="judge model id (env JUDGE_MODEL)")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                       "min_samples": args.drift_min_samples, "auto_deploy": args.auto_deploy})
     lm = resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model})
     judge = resolve_settings("JUDGE", flags={"base_url": args.judge_base_url, "model": args.judge_model})
-    embed = resolve_settings("EMBED") if task.needs_embedder else None
+    embed = resolve_settings("EMBED", flags=embed_flags(args)) if task.needs_embedder else None
     default = None if args.artifact or args.no_default_artifact else task.embedded_artifact(task.program.name)
     return run(task.name, options, lm, judge if judge.base_url else None, embed, token, args.host, args.port,
                default)

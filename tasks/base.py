@@ -125,7 +125,8 @@ class Task:
     def add_resource_args(self, parser) -> None:
         """One required flag per resource (``--index``) on an argparse parser."""
         for resource in self.resources:
-            parser.add_argument(resource.flag, dest=f"resource_{resource.name}", required=True, help=resource.help)
+            parser.add_argument(resource.flag, dest=f"resource_{resource.name}", required=True, help=resource.help,
+                                metavar=resource.flag.lstrip("-").upper().replace("-", "_"))
 
     def resource_settings(self, args) -> dict[str, str]:
         return {r.name: getattr(args, f"resource_{r.name}") for r in self.resources}
