@@ -377,6 +377,9 @@ def taught_values(messages: list[dict[str, Any]], gold: dict[str, Any], keyword:
     return {k: v for k, v in gold.items() if (v if isinstance(v, str) else json.dumps(v)) in shown.get(k, ())}
 
 
+_PASSAGE_ID = re.compile(r"^\[([^\]\s]+)\]", re.M)
+
+
 def answer_fields(body: dict[str, Any], settings: FakeSettings) -> dict[str, Any]:
     """The field values of the answer to ``body``, overrides applied."""
     messages = body.get("messages") or []
@@ -394,6 +397,9 @@ def answer_fields(body: dict[str, Any], settings: FakeSettings) -> dict[str, Any
     if gold:
         values.update(taught_values(messages, gold, settings.gold_keyword))
     values.update(settings.answers.get(input_key(user), {}))
+    if isinstance(values.get("citations"), list):
+        # A cited-answer prompt lists passages as "[id] text": cite the first one shown, as a model would.
+        values["citations"] = _PASSAGE_ID.findall(user)[:1]
     # Overrides replace the fields an answer has; with no known fields they are the answer.
     values.update({k: v for k, v in settings.field_overrides.items() if k in values or not values})
     return values
