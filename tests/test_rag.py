@@ -1,0 +1,167 @@
+"""The RAG task through the three lives: the cited-answer program, its reward and metric, batch under
+faults, optimization with a judge, and Serve - on the shipped corpus indexed with the fake embedder."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import dspy
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.lm import build_lm
+from core.loading import load_program
+from core.runner import ProgramRunner
+from core.settings import EndpointSettings
+from pipelines.inputs import InputSpec
+from pipelines.runner import run_pipeline
+from programs.rag import CitedRAG, citation_reward
+from tasks import get_task
+from tasks.rag import citations_check
+from tests.fake_llm import FakeLLM
+from tests.index_helpers import embed_settings
+
+pytest_plugins = ("tests.index_fixtures",)  # embed_fake, shipped_index
+
+ROOT = Path(__file__).resolve().parents[1]
+RAG = get_task("rag")
+
+
+@dataclass
+class P:
+    id: str
+    source: str
+    text: str
+
+
+class StubRetriever:
+    def __init__(self, passages):
+        self.passages, self.queries = passages, []
+
+    def search(self, query, k=None):
+        self.queries.append(query)
+        return self.passages[: k or len(self.passages)]
+
+
+PASSAGES = [P("fire/stations.md:0", "fire/stations.md", "Station 7 sits at Kettle Bay."),
+            P("dispatch/codes.md:3", "dispatch/codes.md", "Echo calls are the highest priority.")]
+
+
+def test_reward_requires_retrieved_citations_and_a_short_answer():
+    pred = {"answer": "Kettle Bay.", "answerable": True, "citations": ["fire/stations.md:0"],
+            "retrieved_ids": [p.id for p in PASSAGES]}
+    assert citation_reward({}, pred) == 1.0
+    assert citation_reward({}, {**pred, "citations": ["made/up.md:9"]}) < 1.0  # not retrieved
+    assert citation_reward({}, {**pred, "citations": []}) < 1.0  # an answer with no citation
+    assert citation_reward({}, {**pred, "answer": ""}) == 0.0
+    assert citation_reward({}, {**pred, "answer": "word " * 100}) == 0.0  # not short
+    no = {"answer": "The documents do not say.", "answerable": False, "citations": [], "retrieved_ids": []}
+    assert citation_reward({}, no) == 1.0 and citation_reward({}, {**no, "citations": ["x"]}) < 1.0
+
+
+def test_metric_scores_grounded_citations_and_abstention():
+    answerable = dspy.Example(question="q", answer="Kettle Bay", answerable=True,
+                              sources=["fire/stations.md"]).with_inputs("question")
+    grounded = dspy.Prediction(citations=["fire/stations.md:0"], retrieved_ids=["fire/stations.md:0"],
+                               cited=[{"id": "fire/stations.md:0", "source": "fire/stations.md", "snippet": ""}])
+    assert citations_check(answerable, grounded) == 1.0
+    wrong_doc = dspy.Prediction(citations=["dispatch/codes.md:3"], retrieved_ids=["dispatch/codes.md:3"],
+                                cited=[{"id": "dispatch/codes.md:3", "source": "dispatch/codes.md", "snippet": ""}])
+    assert citations_check(answerable, wrong_doc) == 0.5  # valid id, but not where the answer is
+    unanswerable = dspy.Example(question="q", answer="", answerable=False, sources=[]).with_inputs("question")
+    assert citations_check(unanswerable, dspy.Prediction(citations=[])) == 1.0
+    assert citations_check(unanswerable, grounded) == 0.0
+
+
+def test_program_is_pure_dspy_and_cites_what_it_retrieved():
+    retriever = StubRetriever(PASSAGES)
+    with FakeLLM() as fake:
+        runner = ProgramRunner(CitedRAG(retriever), build_lm(EndpointSettings(base_url=fake.base_url, model="m")),
+                               output_fields=RAG.output_fields(), reward_fn=citation_reward)
+        outcome = runner.run({"question": "Where is station 7?"})
+    pred = outcome.prediction
+    assert not outcome.errors, outcome.errors
+    assert pred.citations == ["fire/stations.md:0"] and pred.retrieved_ids == [p.id for p in PASSAGES]
+    assert pred.cited[0].source == "fire/stations.md" and pred.cited[0].snippet.startswith("Station 7")
+    assert retriever.queries  # it searched with the rewritten query
+
+
+def test_batch_rag_over_the_shipped_index_under_faults(shipped_index, embed_fake, ray_local, tmp_path):
+    index, _ = shipped_index
+    questions = [json.loads(line) for line in (ROOT / "data/rag_dev.jsonl").read_text().splitlines()[:12]]
+    src = tmp_path / "questions.jsonl"
+    src.write_text("".join(json.dumps({"id": q["id"], "question": q["question"]}) + "\n" for q in questions))
+    stages = RAG.stages_for(overrides={"num_actors": 1})
+    stages = [s.model_copy(update={"resources": {"retriever": str(index)}}) for s in stages]
+    # The fake answers "answerable" at random; pinned true so every row is a cited answer.
+    with FakeLLM(p_429=0.1, retry_after=0.05, p_500=0.05, seed=4, field_overrides={"answerable": True}) as lm:
+        result = run_pipeline(InputSpec(str(src), text_column="question"), str(tmp_path / "out"), stages,
+                              EndpointSettings(base_url=lm.base_url, model="fake-model", max_attempts=8),
+                              embed_settings=embed_settings(embed_fake), summary_columns=("answerable",))
+        assert lm.stats()["rate_limited"] and lm.stats()["server_error"]
+    table = pq.read_table(sorted((tmp_path / "out").glob("*.parquet")))
+    assert sorted(table.column("id").to_pylist()) == sorted(q["id"] for q in questions)
+    assert result.rows_with_errors == 0, table.column("errors").to_pylist()
+    assert pa.types.is_list(table.schema.field("citations").type)
+    cited = table.schema.field("cited").type
+    assert pa.types.is_list(cited) and pa.types.is_struct(cited.value_type)
+    for row in table.to_pylist():
+        assert row["citations"] and set(row["citations"]) <= set(row["retrieved_ids"])
+        assert row["cited"][0]["source"] and row["cited"][0]["id"] == row["citations"][0]
+
+
+@pytest.mark.slow
+def test_optimize_rag_with_a_judge(shipped_index, embed_fake, ray_local, tmp_path):
+    from optimize.config import OptimizeConfig, SearchSettings
+    from optimize.run import run_optimization
+
+    index, _ = shipped_index
+    cfg = OptimizeConfig(pipeline="rag", optimizer="bootstrap", workers=2, threads_per_worker=4,
+                         out=str(tmp_path / "artifacts"), train_limit=16, dev_limit=8, judge=True,
+                         resources={"retriever": str(index)},
+                         search=SearchSettings(val_size=8, max_bootstrapped_demos=2, max_labeled_demos=2))
+    with FakeLLM() as target, FakeLLM(field_overrides={"verdict": "partial"}) as judge:
+        result = run_optimization(cfg, EndpointSettings(base_url=target.base_url, model="fake-model"),
+                                  EndpointSettings(base_url=judge.base_url, model="judge"),
+                                  embed_settings(embed_fake))
+        assert judge.stats()["requests"] > 0
+    # The judge scored the answers (partial = 0.5) wherever a reference answer exists.
+    assert result.optimized.judged_mean == {"answer": 0.5}
+    assert set(result.optimized.check_mean) == {"citations"} and "answerable" in result.optimized.field_accuracy
+    meta = json.loads(Path(result.artifact[: -len(".json")] + ".meta.json").read_text())
+    assert meta["program"] == "rag" and "--index" in meta["command"]
+    loaded = load_program(RAG.program, result.artifact, resources={"retriever": StubRetriever(PASSAGES)})
+    assert loaded.metadata.optimizer == "bootstrap"
+
+
+@pytest.mark.slow
+def test_serve_rag_answers_with_citations(shipped_index, embed_fake, ray_local):
+    from ray import serve
+
+    from serve.app import ServeOptions, build_app
+    from tests.test_serve import http
+
+    index, _ = shipped_index
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        with FakeLLM(field_overrides={"answerable": True}) as lm:
+            options = ServeOptions(program="rag", resources={"retriever": str(index)}, min_replicas=1,
+                                   max_replicas=1)
+            serve.run(build_app(options, EndpointSettings(base_url=lm.base_url, model="fake-model"),
+                                embed=embed_settings(embed_fake)), name="rag", route_prefix="/")
+            status, out, _ = http("POST", f"http://127.0.0.1:{port}/rag/predict",
+                                  {"question": "Which station covers Kettle Bay?"})
+        assert status == 200, out
+        assert out["answer"] and out["citations"] and out["citations"][0] in out["retrieved_ids"]
+        assert out["cited"][0]["source"] and out["cited"][0]["snippet"] and isinstance(out["answerable"], bool)
+        spec = http("GET", f"http://127.0.0.1:{port}/openapi.json")[1]
+        assert spec["components"]["schemas"]["RagResponse"]["properties"]["citations"]["anyOf"][0]["type"] == "array"
+    finally:
+        serve.shutdown()
