@@ -137,6 +137,9 @@ class IndexSummary:
     dim: int = 0
     model: str = ""
     seconds: float = 0.0
+    embed_seconds: float = 0.0  # the embedding stage: from its start to its last result
+    first_result_s: float = 0.0  # from its start to its first result (actors starting up)
+    first_result_rows: int = 0
 
     def line(self) -> str:
         shown = "; ".join(str(p) for p in self.skipped[:5])
@@ -392,6 +395,7 @@ class IndexBuild:
         failures: dict[str, str] = {}
         progress = _Progress(table.num_rows, self.say)
         seen = 0
+        started = time.perf_counter()
         try:
             with store.writer(dim, self.options.shard_rows) as writer:
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -400,6 +404,9 @@ class IndexBuild:
                     writer.add(good.column("hash").to_pylist(), as_matrix(good.column("vector"), dim))
                     bad = batch.filter(pc.invert(ok))
                     failures.update(zip(bad.column("hash").to_pylist(), bad.column("error").to_pylist()))
+                    if not seen:
+                        self.summary.first_result_s = time.perf_counter() - started
+                        self.summary.first_result_rows = batch.num_rows
                     seen += batch.num_rows
                     progress.update(seen, len(failures))
         except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's exception; surface a config error plainly
@@ -407,6 +414,7 @@ class IndexBuild:
             if cause is not None:
                 raise cause from None
             raise
+        self.summary.embed_seconds = time.perf_counter() - started
         progress.update(seen, len(failures), final=True)
         return failures
 
