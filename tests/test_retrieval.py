@@ -285,3 +285,14 @@ def test_retrieve_cli_reports_bad_input_before_any_embedding(shipped_index, embe
     code = retrieve_cli.main(["--index", str(tmp_path / "none"), "--input", str(bad), "--output", "o.jsonl"])
     assert code == 2 and "no index at" in capsys.readouterr().err
     assert embed_fake.stats()["embeddings"]["requests"] == 0
+
+
+def test_blank_queries_find_nothing_and_the_retriever_is_shared_not_copied(retriever):
+    import copy
+    import pickle
+
+    assert retriever.search("   ") == []
+    assert [len(h) for h in retriever.search_many(["", "burn permit"], k=2)] == [0, 2]
+    assert copy.deepcopy(retriever) is retriever  # DSPy deep-copies programs; the index stays one
+    with pytest.raises(TypeError, match="open it in each one from its setting"):
+        pickle.dumps(retriever)

@@ -170,10 +170,15 @@ class Retriever:
         if (mode != "bm25" and self.dense_index is None) or (mode != "dense" and self.bm25 is None):
             raise ValueError(f"this retriever was opened in mode {self.mode!r}; it cannot search in mode {mode!r}")
         depth = max(k, self.candidates) if mode == "hybrid" else k
-        dense_hits = self._dense(queries, depth) if mode != "bm25" else None
-        sparse_hits = self.bm25.search(queries, depth) if mode != "dense" else None
+        asked = [i for i, q in enumerate(queries) if isinstance(q, str) and q.strip()]  # a blank query finds nothing
+        texts = [queries[i] for i in asked]
+        dense_hits = dict(zip(asked, self._dense(texts, depth))) if mode != "bm25" and texts else {}
+        sparse_hits = dict(zip(asked, self.bm25.search(texts, depth))) if mode != "dense" and texts else {}
         results = []
         for i in range(len(queries)):
+            if i not in dense_hits and i not in sparse_hits:
+                results.append([])
+                continue
             if mode == "dense":
                 hits = dense_hits[i]
             elif mode == "bm25":
@@ -199,6 +204,18 @@ class Retriever:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+    # One per process, shared by every program copy: DSPy deep-copies modules (optimizers, Refine)
+    # and must not duplicate an index; shipping one to another process would copy it whole.
+    def __copy__(self) -> Retriever:
+        return self
+
+    def __deepcopy__(self, memo) -> Retriever:
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a Retriever is not sent between processes: open it in each one from its setting "
+                        "(core.loading.Resource(open=open_retriever) does, once per process)")
 
     def __repr__(self) -> str:
         return (f"Retriever({self.location!r}, mode={self.mode!r}, k={self.k}, passages={self.manifest.passages}, "
