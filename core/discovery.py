@@ -178,6 +178,10 @@ def discover_endpoints(
     found = assign_roles(url, served, roles)
     for role, settings in empty.items():
         filled = fill(settings, found.get(role))
+        if role == "EMBED" and filled is not settings:
+            query, passage = models.prefixes(CATALOG_ROLES[role])
+            filled = filled.model_copy(update={k: v for k, v in (("query_prefix", query), ("passage_prefix", passage))
+                                               if v and not getattr(settings, k)})
         if filled is not settings:
             logger.info("discovery: %s endpoint %s model %s", role, filled.base_url, filled.model)
         out[role] = filled

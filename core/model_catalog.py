@@ -30,7 +30,7 @@ StructuredOutputsBackend = Literal["auto", "xgrammar", "guidance", "outlines", "
 # engine_kwargs this file sets from typed fields; extra_engine_kwargs may not repeat them.
 TYPED_ENGINE_KWARGS = frozenset(
     {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching",
-     "structured_outputs_config"}
+     "structured_outputs_config", "runner"}
 )
 
 
@@ -43,7 +43,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Role = Field(..., description="target (LM_* settings) or judge (JUDGE_* settings)")
+    role: Role = Field(..., description="target (LM_*), judge (JUDGE_*) or embedder (EMBED_*, /v1/embeddings)")
     model_id: str = Field(..., min_length=1, description="Model id clients send as `model`; /v1/models lists it")
     model_source: str | None = Field(None, description="Hugging Face id or s3:// mirror; default: model_id")
     accelerator_type: str = Field("H100", description="GPU type replicas need (Ray accelerator name)")
@@ -64,6 +64,9 @@ class ModelSpec(BaseModel):
     extra_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments, passed through unchecked"
     )
+    # Embedders only: what discovery puts in EMBED_QUERY_PREFIX / EMBED_PASSAGE_PREFIX when those are unset.
+    query_prefix: str = Field("", description="Text put before each query (e5: 'query: '); embedders only")
+    passage_prefix: str = Field("", description="Text put before each passage (e5: 'passage: '); embedders only")
 
     @field_validator("extra_engine_kwargs")
     @classmethod
@@ -90,10 +93,14 @@ class ModelSpec(BaseModel):
         kwargs: dict[str, Any] = {
             "tensor_parallel_size": self.tensor_parallel_size,
             "gpu_memory_utilization": self.gpu_memory_utilization,
-            "enable_prefix_caching": self.enable_prefix_caching,
-            # Ray turns this dict into vLLM's StructuredOutputsConfig.
-            "structured_outputs_config": {"backend": self.structured_outputs_backend},
         }
+        if self.role == "embedder":
+            # A pooling model: vLLM serves /v1/embeddings; no decoding, so no structured outputs or prefix cache.
+            kwargs["runner"] = "pooling"
+        else:
+            kwargs["enable_prefix_caching"] = self.enable_prefix_caching
+            # Ray turns this dict into vLLM's StructuredOutputsConfig.
+            kwargs["structured_outputs_config"] = {"backend": self.structured_outputs_backend}
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
         return {**kwargs, **self.extra_engine_kwargs}
@@ -152,6 +159,11 @@ class LLMModels(BaseModel):
 
     def by_role(self, role: str) -> ModelSpec | None:
         return next((m for m in self.models if m.role == role), None)
+
+    def prefixes(self, role: str) -> tuple[str, str]:
+        """(query prefix, passage prefix) of the model in ``role`` (empty strings when none)."""
+        spec = self.by_role(role)
+        return (spec.query_prefix, spec.passage_prefix) if spec else ("", "")
 
     def roles(self) -> dict[str, str]:
         """role -> model id, e.g. ``{"target": "Qwen/...-7B-...", "judge": "Qwen/...-72B-..."}``."""

@@ -139,17 +139,20 @@ def test_cluster_yaml_typos_fail_validation(cluster_raw, mutate, names, no_aws):
 def test_models_file_becomes_llm_configs():
     models = serve_llm.load_models(MODELS_YAML)
     configs = serve_llm.llm_configs(models)
-    assert [type(c).__name__ for c in configs] == ["LLMConfig", "LLMConfig"]
+    assert [type(c).__name__ for c in configs] == ["LLMConfig", "LLMConfig", "LLMConfig"]
     by_role = dict(zip((m.role for m in models.models), configs, strict=True))
-    assert set(by_role) == {"target", "judge"}
+    assert set(by_role) == {"target", "judge", "embedder"}
     assert by_role["target"].model_id != by_role["judge"].model_id
 
     for spec, cfg in zip(models.models, configs, strict=True):
         assert cfg.model_id == spec.model_id
         assert cfg.accelerator_type == "H100"
         engine = cfg.engine_kwargs
-        assert engine["enable_prefix_caching"] is True
-        assert engine["structured_outputs_config"]["backend"] in ("xgrammar", "guidance", "auto")
+        if spec.role == "embedder":  # a pooling model: /v1/embeddings, no decoding settings
+            assert engine["runner"] == "pooling" and "structured_outputs_config" not in engine
+        else:
+            assert engine["enable_prefix_caching"] is True
+            assert engine["structured_outputs_config"]["backend"] in ("xgrammar", "guidance", "auto")
         assert engine["tensor_parallel_size"] == spec.tensor_parallel_size
         assert engine["gpu_memory_utilization"] == spec.gpu_memory_utilization
         auto = cfg.deployment_config["autoscaling_config"]
@@ -162,7 +165,8 @@ def test_models_file_becomes_llm_configs():
     # Routes: one app at /llm; the OpenAI base path clients and discovery use.
     assert models.app_name == "llm"
     assert models.base_path() == "/llm/v1"
-    assert models.roles() == {"target": by_role["target"].model_id, "judge": by_role["judge"].model_id}
+    assert models.roles() == {role: cfg.model_id for role, cfg in by_role.items()}
+    assert models.prefixes("embedder") == ("query: ", "passage: ")
 
 
 def test_dry_run_prints_configs_and_starts_nothing(capsys, monkeypatch):
@@ -174,7 +178,8 @@ def test_dry_run_prints_configs_and_starts_nothing(capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert out["openai_base_path"] == "/llm/v1"
     assert [c["model_loading_config"]["model_id"] for c in out["llm_configs"]] == list(out["roles"].values())
-    assert all(c["engine_kwargs"]["enable_prefix_caching"] for c in out["llm_configs"])
+    assert all(c["engine_kwargs"].get("enable_prefix_caching") or c["engine_kwargs"].get("runner") == "pooling"
+               for c in out["llm_configs"])
 
 
 def _write_models(tmp_path: Path, mutate) -> Path:
@@ -367,3 +372,18 @@ def test_discovery_finds_the_serve_app_on_the_cluster(ray_local, tmp_path):
         serve.delete("llm-test")
         if started_serve:
             serve.shutdown()
+
+
+def test_discovery_fills_the_embedder_with_its_prefixes(fake_llm, tmp_path):
+    data = {"models": [{"role": "target", "model_id": "tgt"},
+                       {"role": "embedder", "model_id": "fake-model", "query_prefix": "query: ",
+                        "passage_prefix": "passage: "}]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    empty = resolve_settings("EMBED", env={}, dotenv_path=None)
+    found = discover_endpoints({"EMBED": empty}, models_config=path, base_url=fake_llm.base_url)["EMBED"]
+    assert (found.base_url, found.model, found.origin) == (fake_llm.base_url, "fake-model", "discovery")
+    assert (found.query_prefix, found.passage_prefix) == ("query: ", "passage: ")
+    mine = resolve_settings("EMBED", env={"EMBED_QUERY_PREFIX": "q> "}, dotenv_path=None)
+    kept = discover_endpoints({"EMBED": mine}, models_config=path, base_url=fake_llm.base_url)["EMBED"]
+    assert kept.query_prefix == "q> " and kept.passage_prefix == "passage: "  # what the user set wins
