@@ -209,7 +209,7 @@ class IndexBuild:
         start = time.perf_counter()
         corpus = self.check()
         self.read(corpus)
-        with open_endpoints(embed=self.embed_settings, discover=_ray_connected(), say=self.say) as endpoints:
+        with open_endpoints(embed=self.embed_settings, discover=ray_connected(), say=self.say) as endpoints:
             settings = endpoints.embed
             dim = self.check_embedder(settings)
             failures, embedded = self.embed(settings, dim)
@@ -534,9 +534,15 @@ def _config_cause(exc: BaseException) -> EmbeddingConfigError | None:
     return None
 
 
-def _ray_connected() -> bool:
+def ray_connected() -> bool:
+    """Connect first when this runs as a cluster job (RAY_ADDRESS set), so discovery can find the Serve
+    embedder; a local run starts Ray only when there is something to embed (a local Ray serves no models)."""
     import ray
 
+    if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        from core.ray_runtime import init_ray
+
+        init_ray()
     return ray.is_initialized()
 
 

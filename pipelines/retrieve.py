@@ -47,6 +47,7 @@ from core.endpoints import open_endpoints
 from core.fs import filesystem_for, write_bytes
 from core.retrieval import MODES, RetrievalIndexError, Retriever, RetrieverOptions, read_manifest
 from core.settings import resolve_settings
+from pipelines.index import ray_connected
 from pipelines.inputs import InputError, InputSpec, load_corpus
 
 OUTPUT_SCHEMA = pa.schema([
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         options = RetrieverOptions(mode=mode, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search)
         embed = resolve_settings("EMBED", flags={"base_url": args.embed_base_url, "model": args.embed_model})
         needs_embedder = mode != "bm25"
-        with (open_endpoints(embed=embed, discover=False, say=say) if needs_embedder
+        with (open_endpoints(embed=embed, discover=ray_connected(), say=say) if needs_embedder
               else contextlib.nullcontext(None)) as endpoints:
             retriever = Retriever.open(args.index, endpoints.embed if endpoints else None, options)
             try:

@@ -254,3 +254,28 @@ def test_approximate_index_above_the_threshold(shipped_index, embed_fake, tmp_pa
         assert manifest.index.nlist and manifest.index.trained_on == s.passages and manifest.index.nprobe
     else:
         assert manifest.index.ef_search
+
+
+@pytest.mark.llm
+def test_embedded_embedder_is_the_default(ray_local, tmp_path, monkeypatch, capsys):
+    """No EMBED_BASE_URL: the build starts all-MiniLM-L6-v2 on llama.cpp, and stops it; the retriever does too."""
+    from core.embedded_embedder import DIM, MODEL_ID
+    from core.endpoints import open_endpoints
+    from core.retrieval import open_retriever
+    from core.settings import resolve_settings
+
+    for name in ("EMBED_BASE_URL", "EMBED_MODEL", "EMBED_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(ROOT)
+    corpus = copy_corpus(tmp_path / "corpus", SMALL[:2])
+    code = index_cli.main(["--corpus", str(corpus), "--index", str(tmp_path / "index")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "starting the embedded embedder" in err and f"{DIM}-d {MODEL_ID}" in out
+    manifest = read_manifest(str(tmp_path / "index"))
+    assert (manifest.embedder.model, manifest.embedder.dim, manifest.embedder.origin) == (MODEL_ID, DIM, "embedded")
+    with open_endpoints(embed=resolve_settings("EMBED", env={}, dotenv_path=None), discover=False) as endpoints:
+        retriever = open_retriever(f"{tmp_path / 'index'}?mode=dense&k=1", endpoints.embed)
+        hit = retriever.search("What colour do the most critical calls flash on dispatch screens?")[0]
+        retriever.close()
+    assert hit.source == "dispatch/priority_codes.md"
