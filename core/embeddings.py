@@ -12,8 +12,8 @@ What one call does with ``texts``:
 * puts ``settings.query_prefix`` / ``settings.passage_prefix`` before each text
   (e5-style models want ``"query: "`` / ``"passage: "``);
 * cuts them into requests of ``settings.batch_size`` inputs and keeps up to
-  ``max_in_flight`` requests in flight (per client; the index CLI splits the
-  endpoint's ``EMBED_MAX_IN_FLIGHT`` across its actors);
+  ``max_in_flight`` requests in flight (per client and event loop; the index
+  CLI splits the endpoint's ``EMBED_MAX_IN_FLIGHT`` across its actors);
 * retries each request like an LM call (:mod:`core.lm`): 429 / 5xx / timeouts /
   broken connections, exponential backoff with jitter, never sooner than
   ``Retry-After``, at most ``settings.max_attempts`` attempts;
@@ -34,6 +34,7 @@ import asyncio
 import base64
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -119,9 +120,9 @@ class EmbeddingClient:
         self.retries = 0
         self._transport, self._sleep = transport, sleep
         self._format = "base64"  # 4 bytes a number instead of ~20 of JSON text; "float" if the endpoint refuses
-        self._client: httpx.AsyncClient | None = None
-        self._semaphore: asyncio.Semaphore | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # An HTTP client and a semaphore belong to one event loop: one pair per loop that uses this client
+        # (a Ray actor's loop for aembed, the background loop for the synchronous calls).
+        self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._sync_loop: asyncio.AbstractEventLoop | None = None
         self._sync_lock = threading.Lock()
 
@@ -184,9 +185,10 @@ class EmbeddingClient:
         return len(vectors[0])
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        """Close the running loop's connections."""
+        state = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state[0].aclose()
 
     def close(self) -> None:
         """Release connections and the background loop (the client works again if used afterwards)."""
@@ -279,16 +281,17 @@ class EmbeddingClient:
     # -- event loops -----------------------------------------------------------------
 
     def _loop_state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        """The HTTP client and in-flight limit of the running loop (both belong to one loop)."""
+        """The running loop's HTTP client and in-flight limit."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
+        state = self._per_loop.get(loop)
+        if state is None:
             key = self.settings.api_key.get_secret_value()
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
-            self._client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout_s, limits=limits,
-                                             transport=self._transport)
-            self._semaphore, self._loop = asyncio.Semaphore(self.max_in_flight), loop
-        return self._client, self._semaphore
+            client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout_s, limits=limits,
+                                       transport=self._transport)
+            state = self._per_loop[loop] = (client, asyncio.Semaphore(self.max_in_flight))
+        return state
 
     def _background_loop(self) -> asyncio.AbstractEventLoop:
         with self._sync_lock:

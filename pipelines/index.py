@@ -180,7 +180,7 @@ class _Passages:
 class _Progress:
     """One stderr line every few seconds: embedded so far, rate, failures."""
 
-    def __init__(self, total: int, say: Callable[[str], None], every_s: float = 5.0):
+    def __init__(self, total: int, say: Callable[[str], None], every_s: float = 10.0):
         self.total, self.say, self.every_s = total, say, every_s
         self.start = self.last = time.perf_counter()
 
@@ -389,7 +389,9 @@ class IndexBuild:
         ray.data.DataContext.get_current().enable_progress_bars = False  # _Progress prints one line instead
         stage = self.options.stage
         table = pa.table({"hash": list(todo), "embedding_text": list(todo.values())})
-        per_block = max(1, min(stage.batch_size * 4, -(-table.num_rows // (2 * stage.num_actors))))
+        # One actor batch per block: Ray Data hands a block's results back when the whole block is done,
+        # so smaller blocks mean a steadier stream of results (and of progress) from a slow endpoint.
+        per_block = max(1, min(stage.batch_size, -(-table.num_rows // (2 * stage.num_actors))))
         budget = min(stage.max_in_flight_per_actor, max(1, settings.max_in_flight // stage.num_actors))
         ds = stage.apply(to_dataset(table, rows_per_block=per_block), settings, max_in_flight=budget)
         failures: dict[str, str] = {}
