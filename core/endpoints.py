@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from core.settings import EndpointSettings
 
 # What a user set explicitly (flags, environment, .env) wins over the embedded server's own defaults.
-_USER_TUNABLE = {"temperature", "max_tokens", "max_attempts", "timeout_s", "max_in_flight", "price_in", "price_out"}
+_USER_TUNABLE = {"temperature", "max_tokens", "max_attempts", "timeout_s", "max_in_flight", "adaptive", "price_in",
+                 "price_out"}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 DSPy's JSONAdapter rebuilds a pydantic model and its JSON schema (Literal -> enum)
 for ``response_format`` and re-renders the system message on every call.  Both
 depend only on the signature (and on whether the LM accepts a schema), so a
-long-lived actor can compute them once.  The schema is what lets vLLM and
+long-lived actor can compute them once (the schema's JSON text, too: see
+:func:`core.chat_http.response_format_json`).  A plain string input is put in the
+user message as itself, without DSPy's per-value pydantic round trip.  The schema is what lets vLLM and
 llama.cpp constrain decoding; small models cannot produce parseable JSON
 without it.
 
@@ -22,6 +24,7 @@ from typing import Any
 import dspy
 import pydantic
 from dspy.adapters.json_adapter import _get_structured_outputs_response_format, _has_open_ended_mapping
+from dspy.adapters.utils import format_field_value
 from dspy.adapters.types.tool import ToolCalls
 
 
@@ -77,6 +80,23 @@ class CachingJSONAdapter(dspy.JSONAdapter):
         if cached is None:
             cached = self._system[signature] = super().format_system_message(signature)
         return cached
+
+    def format_user_message_content(self, signature, inputs, prefix: str = "", suffix: str = "",
+                                    main_request: bool = False) -> str:
+        # ChatAdapter's, with a short cut: a plain ``str`` input is formatted as itself (DSPy builds a
+        # pydantic TypeAdapter per value to find that out); anything else goes through DSPy's formatting.
+        messages = [prefix]
+        for name, info in signature.input_fields.items():
+            if name in inputs:
+                value = inputs.get(name)
+                text = value if type(value) is str else format_field_value(field_info=info, value=value)
+                messages.append(f"[[ ## {name} ## ]]\n{text}")
+        if main_request:
+            requirements = self.user_message_output_requirements(signature)
+            if requirements is not None:
+                messages.append(requirements)
+        messages.append(suffix)
+        return "\n\n".join(messages).strip()
 
     def user_message_output_requirements(self, signature) -> str:
         cached = self._requirements.get(signature)

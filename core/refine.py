@@ -24,6 +24,8 @@ from typing import Any
 
 import dspy
 
+from core.usage import Usage
+
 
 @dataclass
 class RefineOutcome:
@@ -33,6 +35,7 @@ class RefineOutcome:
     score: float
     errors: list[str] = field(default_factory=list)
     lm_failure: bool = False  # the endpoint failed after retries (not the output)
+    usage: Usage = field(default_factory=Usage)  # every LM call the row made: first attempt, Refine, retries
 
 
 def is_present(value: Any) -> bool:

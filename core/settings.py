@@ -7,7 +7,7 @@ A role's settings come from, in order of precedence:
 
 1. command-line flags (``--lm-base-url`` ...),
 2. the process environment (``LM_BASE_URL`` ...),
-3. a ``.env`` file in the working directory,
+3. a ``.env`` file in the working directory (or the file ``$DSPY_RAY_DOTENV`` names),
 4. discovery: the cluster's Serve LLM app (:mod:`core.discovery`),
 5. the embedded default model (:mod:`core.embedded`).
 
@@ -55,13 +55,17 @@ class EndpointSettings(BaseModel):
                              json_schema_extra={"env": "TIMEOUT_S"})
     max_attempts: int = Field(6, ge=1, description="Attempts per call on 429/5xx/timeouts/connection errors",
                               json_schema_extra={"env": "MAX_ATTEMPTS"})
-    max_in_flight: int = Field(256, ge=1, description="Ceiling on concurrent requests to this endpoint, all actors together",
+    max_in_flight: int = Field(1024, ge=1, description="Ceiling on concurrent requests to this endpoint, all actors "
+                               "together; below it the limit is found at run time (core.limiter)",
                                json_schema_extra={"env": "MAX_IN_FLIGHT"})
+    adaptive: bool = Field(True, description="Find the endpoint's capacity at run time (AIMD on 429s and latency); "
+                           "false: keep max_in_flight requests in flight", json_schema_extra={"env": "ADAPTIVE"})
     json_schema: bool = Field(True, description="Endpoint accepts response_format json_schema (vLLM, llama.cpp)",
                               json_schema_extra={"env": "JSON_SCHEMA"})
-    price_in: float | None = Field(None, ge=0, description="USD per million prompt tokens (for cost reports)",
-                                   json_schema_extra={"env": "PRICE_IN"})
-    price_out: float | None = Field(None, ge=0, description="USD per million completion tokens (for cost reports)",
+    price_in: float | None = Field(None, ge=0, description="USD per million prompt tokens (cost reports, --max-cost); "
+                                   "default: the model's MODEL_PRICES entry", json_schema_extra={"env": "PRICE_IN"})
+    price_out: float | None = Field(None, ge=0, description="USD per million completion tokens (cost reports, "
+                                    "--max-cost); default: the model's MODEL_PRICES entry",
                                     json_schema_extra={"env": "PRICE_OUT"})
     # Embedding endpoints only (role EMBED).
     batch_size: int = Field(32, ge=1, description="Inputs per /v1/embeddings request",
@@ -99,8 +103,13 @@ def env_names(role: str) -> dict[str, str]:
             if isinstance(info.json_schema_extra, dict) and "env" in info.json_schema_extra}
 
 
+DOTENV_ENV = "DSPY_RAY_DOTENV"  # another file to read instead of ./.env (a secrets file on cluster nodes)
+
+
 def read_dotenv(path: str | os.PathLike | None = ".env") -> dict[str, str]:
-    """``.env`` values (empty when there is no such file)."""
+    """``.env`` values (empty when there is no such file); ``$DSPY_RAY_DOTENV`` names another file."""
+    if path == ".env":
+        path = os.environ.get(DOTENV_ENV) or path
     if not path or not Path(path).is_file():
         return {}
     from dotenv import dotenv_values
@@ -129,7 +138,51 @@ def resolve_settings(
     values.update({k: v for k, v in (flags or {}).items() if v is not None})
     if values.get("base_url"):
         values.setdefault("origin", "configured")
+    if values.get("price_in") is None and values.get("price_out") is None:
+        prices = price_table(env=env, dotenv_path=dotenv_path).get(str(values.get("model", "default")))
+        if prices:
+            values["price_in"], values["price_out"] = prices
     return EndpointSettings(**values)
+
+
+PRICE_TABLE_VAR = "MODEL_PRICES"
+
+
+def price_table(*, env: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env"
+                ) -> dict[str, tuple[float, float]]:
+    """Model id -> (USD per million prompt tokens, per million completion tokens), from ``MODEL_PRICES``.
+
+    ``MODEL_PRICES`` (environment, else ``.env``) is a JSON object, or the path of a JSON file
+    holding one: ``{"gpt-4o-mini": [0.15, 0.60], "Qwen/Qwen3-8B": {"in": 0.05, "out": 0.25}}``.
+    A role's own ``*_PRICE_IN`` / ``*_PRICE_OUT`` win over the table.
+
+        >>> price_table(env={"MODEL_PRICES": '{"m": [0.15, 0.6]}'}, dotenv_path=None)
+        {'m': (0.15, 0.6)}
+    """
+    import json
+
+    source = os.environ if env is None else env
+    raw = source.get(PRICE_TABLE_VAR) or read_dotenv(dotenv_path).get(PRICE_TABLE_VAR)
+    if not raw:
+        return {}
+    text = raw.strip()
+    if not text.startswith("{"):
+        try:
+            text = Path(text).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"{PRICE_TABLE_VAR}: cannot read {raw!r} ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+        table = {}
+        for model, price in data.items():
+            pin, pout = (price["in"], price["out"]) if isinstance(price, dict) else price
+            table[str(model)] = (float(pin), float(pout))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{PRICE_TABLE_VAR} must map model ids to [in, out] or {{\"in\": .., \"out\": ..}} USD per "
+                         f"million tokens ({type(exc).__name__}: {exc})") from None
+    if any(p < 0 for pair in table.values() for p in pair):
+        raise ValueError(f"{PRICE_TABLE_VAR}: prices must not be negative")
+    return table
 
 
 def redact_url(url: str) -> str:

@@ -1,0 +1,189 @@
+"""The endpoint limiter (core/limiter.py): capacity found at run time, rare 429s, the ceiling held, no deadlock.
+
+Real HTTP against the fake endpoint, from many threads through ``build_lm``'s LM (the path every
+stage, judge and optimizer worker takes); the cross-process test uses real Ray actors.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from core.limiter import AimdPolicy, EndpointLimiter, Signals, endpoint_limiter
+from core.lm import build_lm
+from core.settings import EndpointSettings
+from tests.fake_llm import FakeLLM
+
+LATENCY = 0.2
+
+
+def settings_for(fake: FakeLLM, **kw) -> EndpointSettings:
+    return EndpointSettings(base_url=fake.base_url, model="fake-model", **kw)
+
+
+def drive(lm, threads: int, seconds: float) -> dict[str, int]:
+    """``threads`` callers, each sending one request after another for ``seconds``."""
+    stop = time.monotonic() + seconds
+    counts = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            try:
+                lm(messages=[{"role": "user", "content": f"caller {i} call {n}"}])
+                key = "ok"
+            except Exception:  # noqa: BLE001 - counted
+                key = "failed"
+            with lock:
+                counts[key] += 1
+            n += 1
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=seconds + 60)
+    return counts
+
+
+def after(samples: list[dict], seconds: float, until: float) -> list[dict]:
+    active = [s for s in samples if s["requests"] > 0]
+    t0 = active[0]["seconds"]
+    return [s for s in active if seconds <= s["seconds"] - t0 <= until]
+
+
+@pytest.mark.parametrize("capacity", [32, 128])
+def test_finds_the_capacity_of_an_endpoint_that_rejects_what_it_cannot_hold(capacity):
+    with FakeLLM(latency=LATENCY, capacity=capacity, reject_over=0, retry_after=1.0, sample_interval=0.05) as fake:
+        lm = build_lm(settings_for(fake, max_attempts=30))
+        drive(lm, threads=2 * capacity + 16, seconds=9.0)
+        samples, stats = fake.samples(), fake.stats()
+    steady = after(samples, 4.0, 9.0)  # capacity found within 4 s, then held
+    mean_in_flight = sum(s["in_flight"] for s in steady) / len(steady)
+    requests = steady[-1]["requests"] - steady[0]["requests"]
+    rejected = steady[-1]["rate_limited"] - steady[0]["rate_limited"]
+    assert mean_in_flight >= 0.8 * capacity, (mean_in_flight, lm.limiter.state())
+    assert rejected <= 0.03 * requests, (rejected, requests, lm.limiter.state())
+    assert 0.75 * capacity <= lm.limiter.limit <= 1.25 * capacity + 2, lm.limiter.state()
+    assert stats["over_capacity"] > 0  # it did have to find the edge
+
+
+@pytest.mark.parametrize("capacity", [32, 128])
+def test_finds_the_capacity_of_an_endpoint_that_queues(capacity):
+    with FakeLLM(latency=LATENCY, capacity=capacity, sample_interval=0.05) as fake:
+        lm = build_lm(settings_for(fake))
+        drive(lm, threads=3 * capacity, seconds=8.0)
+        samples = fake.samples()
+    steady = after(samples, 4.0, 8.0)
+    busy = sum(s["in_flight"] for s in steady) / len(steady)
+    queued = sum(s["queued"] for s in steady) / len(steady)
+    assert busy >= 0.9 * capacity, (busy, lm.limiter.state())  # the endpoint is kept full ...
+    assert queued <= 0.8 * capacity, (queued, lm.limiter.state())  # ... without piling up a queue
+    assert lm.limiter.limit <= 1.8 * capacity, lm.limiter.state()
+
+
+def test_background_429s_do_not_collapse_the_limit():
+    """A provider that throttles 20% of requests at random: cutting does not help, so it is learned as background."""
+    with FakeLLM(latency=0.1, p_429=0.2, retry_after=0.05, seed=4) as fake:
+        lm = build_lm(settings_for(fake, max_attempts=30))
+        counts = drive(lm, threads=96, seconds=8.0)
+        stats = fake.stats()
+    assert stats["rate_limited"] > 0.1 * stats["requests"]
+    assert counts["failed"] == 0
+    policy = lm.limiter.policy
+    assert policy.background_rate() > 0.1, lm.limiter.state()
+    assert lm.limiter.limit >= 24, lm.limiter.state()  # not collapsed to a few slots
+
+
+def test_the_ceiling_holds_for_all_processes_together(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def run(self, base_url: str, ceiling: int, seconds: float) -> dict:
+            lm = build_lm(EndpointSettings(base_url=base_url, model="fake-model", max_in_flight=ceiling))
+            counts = drive(lm, threads=48, seconds=seconds)
+            return {**counts, "coordinated": lm.limiter.coordinator is not None}
+
+    with FakeLLM(latency=0.1, sample_interval=0.02) as fake:  # unlimited capacity: only the ceiling limits
+        callers = [Caller.remote() for _ in range(3)]
+        results = ray.get([c.run.remote(fake.base_url, 20, 6.0) for c in callers])
+        samples, stats = fake.samples(), fake.stats()
+    assert all(r["coordinated"] and r["ok"] > 0 for r in results), results
+    assert stats["max_in_flight"] <= 20, stats["max_in_flight"]
+    steady = after(samples, 2.0, 5.5)
+    assert sum(s["in_flight"] for s in steady) / len(steady) >= 14  # and it is used
+
+
+def test_no_deadlock_when_the_endpoint_is_down():
+    # Nothing listens: every attempt fails at once; calls end with errors, the limiter keeps no slot.
+    down = EndpointSettings(base_url="http://127.0.0.1:9/v1", model="fake-model", max_attempts=2)
+    lm = build_lm(down)
+    start = time.monotonic()
+    counts = drive(lm, threads=40, seconds=1.0)
+    assert counts["ok"] == 0 and counts["failed"] > 0
+    assert time.monotonic() - start < 30
+    assert lm.limiter.in_flight == 0
+
+    # Every request answered 429: the limit falls to its floor, calls fail after their attempts, and it
+    # grows back when the endpoint recovers.
+    with FakeLLM(latency=0.05, p_429=1.0, retry_after=0.05) as fake:
+        lm = build_lm(settings_for(fake, max_attempts=3))
+        counts = drive(lm, threads=40, seconds=3.0)
+        assert counts["ok"] == 0 and counts["failed"] > 0
+        assert lm.limiter.limit <= 4, lm.limiter.state()
+        fake.configure(p_429=0.0)
+        counts = drive(lm, threads=40, seconds=4.0)
+    assert counts["ok"] > 0 and counts["failed"] == 0
+    assert lm.limiter.limit >= 24, lm.limiter.state()
+    assert lm.limiter.in_flight == 0
+
+
+def test_one_limiter_per_endpoint_in_a_process_and_the_lower_ceiling_wins():
+    with FakeLLM() as fake:
+        a = endpoint_limiter(settings_for(fake, max_in_flight=64), coordinate=False)
+        b = endpoint_limiter(settings_for(fake, max_in_flight=16), coordinate=False)
+        other = endpoint_limiter(EndpointSettings(base_url=fake.base_url, model="judge"), coordinate=False)
+    assert a is b and a.ceiling == 16 and a.share <= 16
+    assert other is not a
+
+
+def test_async_callers_share_the_slots():
+    import asyncio
+
+    limiter = EndpointLimiter("test|async", ceiling=3, adaptive=False)
+    peak = 0
+
+    async def call():
+        nonlocal peak
+        async with limiter.aslot():
+            peak = max(peak, limiter.in_flight)
+            await asyncio.sleep(0.01)
+
+    async def main():
+        await asyncio.gather(*(call() for _ in range(30)))
+
+    asyncio.run(main())
+    assert peak == 3 and limiter.in_flight == 0 and limiter.totals.ok == 0  # totals move on tick()
+    limiter.tick()
+    assert limiter.totals.ok == 30
+
+
+def test_policy_never_passes_the_ceiling_and_cuts_to_what_was_served():
+    policy = AimdPolicy(ceiling=100, initial=16)
+    now = 0.0
+    for _ in range(20):  # slow start against an endpoint that answers everything in 0.25 s
+        now += 0.3
+        level = int(policy.limit)
+        policy.observe(Signals(ok=level, latency_sum=level * 0.25, peak_in_flight=level, demand=2 * level), now)
+        assert policy.limit <= 100
+    assert policy.limit == 100
+    # Now it holds 60: 60 answered per 0.25 s, the rest 429.
+    for _ in range(6):
+        now += 0.3
+        policy.observe(Signals(ok=72, overloads=40, latency_sum=72 * 0.25, peak_in_flight=100, demand=200), now)
+    assert 55 <= policy.limit <= 75, policy.limit
+    assert policy.cuts >= 1
