@@ -7,7 +7,11 @@
 
 Flags come from the task: its text column is the ``--text-column`` default and
 each resource its program needs becomes a flag (the RAG task's ``--index``).
-Exit codes: 0 done, 2 bad input or settings (one line on stderr, no traceback).
+
+Exit codes: 0 done; 2 bad input or settings (one line on stderr, no traceback, no LM
+call made); 3 stopped at the budget (``--max-tokens`` / ``--max-cost``): every finished
+row is written, the summary says how many are left, and the same command with
+``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from core.cli import HelpFormatter, add_embed_args, embed_flags, positive_int
+from core.cli import HelpFormatter, add_embed_args, embed_flags, positive_float, positive_int
 from core.artifacts import ALIASES, ProgramLoadError, best_artifact, latest_artifact
 from core.settings import EndpointSettings, resolve_settings
 from pipelines.inputs import InputError, InputSpec
+from core.usage import Budget
 from pipelines.runner import OutputError, RunResult, run_pipeline
 from stages.base import DSPyStage
 from tasks import Task, TaskError, get_task
 
 _STAGE_DEFAULTS = DSPyStage.model_fields
+EXIT_BUDGET = 3
 
 
 def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
@@ -50,14 +56,16 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     lm.add_argument("--lm-base-url", default=None, help="OpenAI-compatible base URL (env LM_BASE_URL)")
     lm.add_argument("--lm-model", default=None, help="model id (env LM_MODEL)")
     lm.add_argument("--lm-max-in-flight", type=positive_int, default=None,
-                    help="ceiling on concurrent requests, all actors together (env LM_MAX_IN_FLIGHT; default: 256)")
+                    help="ceiling on concurrent requests, all actors together; below it the number is found at "
+                         "run time from the endpoint's answers (env LM_MAX_IN_FLIGHT; default: "
+                         f"{EndpointSettings.model_fields['max_in_flight'].default})")
     if task.needs_embedder:
         add_embed_args(parser)
     run = parser.add_argument_group("execution")
     run.add_argument("--num-actors", type=positive_int, default=_STAGE_DEFAULTS["num_actors"].default,
                      help="actors per stage")
-    run.add_argument("--concurrency", type=positive_int, default=_STAGE_DEFAULTS["max_in_flight_per_actor"].default,
-                     help="requests in flight per actor (at most 100)")
+    run.add_argument("--concurrency", type=positive_int, default=None,
+                     help="cap on rows in flight per actor (default: none; the endpoint's adaptive limit decides)")
     run.add_argument("--batch-size", type=positive_int, default=_STAGE_DEFAULTS["batch_size"].default,
                      help="rows per batch handed to an actor")
     run.add_argument("--refine-attempts", type=positive_int, default=task.refine_attempts,
@@ -67,6 +75,14 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
                           "loads its program's --artifact from it")
     run.add_argument("--artifact", default="best", choices=list(ALIASES),
                      help="with --artifact-dir: the best-scoring or the newest artifact")
+    budget = parser.add_argument_group("budget (reached: no new rows, finished rows written, exit code 3, "
+                                       "--resume continues)")
+    budget.add_argument("--max-tokens", type=positive_int, default=None,
+                        help="stop taking new rows once this run's LM calls used this many tokens (prompt + "
+                             "completion, all stages)")
+    budget.add_argument("--max-cost", type=positive_float, default=None,
+                        help="stop taking new rows once this run's LM calls cost this many USD (needs "
+                             "LM_PRICE_IN / LM_PRICE_OUT or MODEL_PRICES)")
     if task.cli.embedded_artifacts:
         run.add_argument("--no-default-artifact", action="store_true",
                          help=f"on the embedded model, run the programs as written instead of the artifacts tuned "
@@ -95,7 +111,7 @@ def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None]
                 artifacts[name] = str(record.path)
     overrides = {
         "num_actors": args.num_actors,
-        "max_in_flight_per_actor": min(100, args.concurrency),
+        "max_in_flight_per_actor": args.concurrency,
         "batch_size": args.batch_size,
         "refine_attempts": args.refine_attempts,
         "artifact_dir": args.artifact_dir or "artifacts",
@@ -120,9 +136,14 @@ def run_task(task: Task, args: argparse.Namespace) -> RunResult:
                 f"(--no-default-artifact: the program as written)")
         return path
 
-    return run_pipeline(spec, args.output, stage_chain(task, args, say), lm_settings_from_args(args),
+    lm = lm_settings_from_args(args)
+    if args.max_cost is not None and lm.price_in is None and lm.price_out is None:
+        raise TaskError("--max-cost needs the model's price: set LM_PRICE_IN and LM_PRICE_OUT (USD per million "
+                        "tokens) or a MODEL_PRICES entry for it")
+    return run_pipeline(spec, args.output, stage_chain(task, args, say), lm,
                         embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns,
-                        embedded_default=embedded_default if use_default else None)
+                        embedded_default=embedded_default if use_default else None,
+                        budget=Budget(args.max_tokens, args.max_cost))
 
 
 def main(task_ref: str | Task, argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -140,7 +161,7 @@ def main(task_ref: str | Task, argv: list[str] | None = None, prog: str | None =
         print(f"error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
         return 2
     print_result(result)
-    return 0
+    return EXIT_BUDGET if result.stopped else 0
 
 
 def print_result(result: RunResult) -> None:

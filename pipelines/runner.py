@@ -24,8 +24,10 @@ import pyarrow.parquet as pq
 
 from core.endpoints import open_endpoints
 from core.fs import filesystem_for, is_uri
+from core.limiter import ensure_coordinator
 from core.ray_runtime import init_ray
 from core.settings import EndpointSettings
+from core.usage import Budget, RunMeter, Usage
 from pipelines.inputs import InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, DSPyStage
 
@@ -42,15 +44,22 @@ class OutputError(ValueError):
 class RunResult:
     output: str
     rows_total: int  # rows in the output directory after this run
-    rows_this_run: int
+    rows_this_run: int  # rows written by this run
     rows_resumed: int  # rows found already written and skipped
     seconds: float
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     rows_with_errors: int = 0
+    rows_left: int = 0  # rows of the input not written: the budget was reached first
+    stop_reason: str | None = None  # why the run stopped taking rows (the budget), None when it finished
+    usage: dict[str, dict] = field(default_factory=dict)  # stage -> Usage as a dict, this run's LM calls
 
     @property
     def rows_per_s(self) -> float:
         return self.rows_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None and self.rows_left > 0
 
     def summary(self) -> str:
         labels = "; ".join(
@@ -63,7 +72,24 @@ class RunResult:
             f"({self.rows_per_s:.1f} rows/s); {self.rows_total} rows in total, "
             f"{self.rows_with_errors} with errors; {labels}"
         ]
+        lines += self.usage_lines()
+        if self.stopped:
+            lines.append(f"stopped: budget reached ({self.stop_reason}) with {self.rows_left} rows left; every "
+                         f"finished row is written; run the same command with --resume to continue")
         return "\n".join(lines + self.constant_output_warnings())
+
+    def usage_lines(self) -> list[str]:
+        """One line per stage and a total: LM calls, retries, tokens, cost, calls per row."""
+        if not self.usage:
+            return []
+        lines, total = [], Usage()
+        for stage, data in self.usage.items():
+            usage = Usage.from_dict(data)
+            total.add(usage)
+            rows = data.get("rows") or self.rows_this_run
+            per_row = f", {usage.calls / rows:.2f} calls/row" if rows else ""
+            lines.append(f"  {stage}: {usage.describe()}{per_row}")
+        return [f"LM usage this run: {total.describe()}", *lines]
 
     def constant_output_warnings(self, min_rows: int = 20, share: float = 0.9) -> list[str]:
         """One line per label column where one value covers more than ``share`` of ``min_rows`` or more rows."""
@@ -140,13 +166,6 @@ def check_writable(output: str, fs: pafs.FileSystem, root: str) -> None:
 # -- running ----------------------------------------------------------------
 
 
-def per_actor_budget(stages: list[DSPyStage], settings: EndpointSettings) -> int:
-    """Split the endpoint's global in-flight budget across every actor that calls it."""
-    actors = sum(stage.num_actors for stage in stages)
-    per_actor = max(1, settings.max_in_flight // actors)
-    return min(per_actor, max(stage.max_in_flight_per_actor for stage in stages))
-
-
 def run_pipeline(
     spec: InputSpec,
     output: str,
@@ -157,11 +176,14 @@ def run_pipeline(
     resume: bool = False,
     summary_columns: tuple[str, ...] = (),
     embedded_default: Callable[[DSPyStage], str | None] | None = None,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Run ``stages`` over the corpus into ``output``.
 
     ``embed_settings``: when a stage's resources need an embedder.  ``embedded_default``: when
     the LM turns out to be the embedded model, the artifact a stage without one loads instead.
+    ``budget``: ``--max-tokens`` / ``--max-cost``; once reached the run starts no new rows, writes
+    every finished one and returns with ``stopped`` set (``--resume`` continues).
     """
     import ray
 
@@ -171,6 +193,8 @@ def run_pipeline(
     todo = table.filter(pa.compute.invert(pa.compute.is_in(table.column("id"), pa.array(sorted(done), pa.string()))))
     resumed = table.num_rows - todo.num_rows
     start = time.perf_counter()
+    usage: dict[str, dict] = {}
+    stop_reason = None
     if todo.num_rows:
         init_ray()
         with open_endpoints(lm=lm_settings, embed=embed_settings) as endpoints:
@@ -178,23 +202,39 @@ def run_pipeline(
             if settings.origin == "embedded" and embedded_default is not None:
                 stages = [s if s.artifact else s.model_copy(update={"artifact": embedded_default(s)}) for s in stages]
             ray.data.DataContext.get_current().enable_progress_bars = True
+            # The endpoint's limit lives in an actor of this driver, so it lasts as long as the run.
+            ensure_coordinator(settings)
+            meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
+            budget = budget or Budget()
+            meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
+                                                                                      budget.max_cost)
             # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
             # actor (and, streaming, every stage) busy at once.
             actors = max(stage.num_actors for stage in stages)
-            per_block = min(4 * max(stage.batch_size for stage in stages), -(-todo.num_rows // (2 * actors)))
-            ds = to_dataset(todo, rows_per_block=max(1, per_block))
-            budget = per_actor_budget(stages, settings)
-            for stage in stages:
-                ds = stage.apply(ds, settings, max_in_flight=budget, embed_settings=endpoints.embed)
+            per_block = max(1, min(4 * max(stage.batch_size for stage in stages), -(-todo.num_rows // (2 * actors))))
+            ds = to_dataset(todo, rows_per_block=per_block)
+            on_endpoint = sum(stage.num_actors for stage in stages)
+            for i, stage in enumerate(stages):
+                ds = stage.apply(ds, settings, embed_settings=endpoints.embed, rows_per_block=per_block,
+                                 actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0)
             ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
+            report = ray.get(meter.report.remote())
+            usage = {stage: {**data, "rows": report["rows"].get(stage, 0)} for stage, data in report["stages"].items()}
+            stop_reason = report["stop_reason"]
+            ray.kill(meter)
     seconds = time.perf_counter() - start
-    return summarize(out, todo.num_rows, resumed, seconds, summary_columns)
+    result = summarize(out, resumed, seconds, summary_columns, already_written=len(done))
+    result.usage, result.stop_reason = usage, stop_reason
+    result.rows_left = max(0, todo.num_rows - result.rows_this_run)
+    return result
 
 
-def summarize(out: str, rows_this_run: int, resumed: int, seconds: float, columns: tuple[str, ...]) -> RunResult:
+def summarize(out: str, resumed: int, seconds: float, columns: tuple[str, ...], *,
+              already_written: int = 0) -> RunResult:
+    """Read the output back: rows, errors and label counts (``already_written``: rows there before this run)."""
     fs, root = filesystem_for(out)
     wanted = ["id", ERRORS_COLUMN, *columns]
-    result = RunResult(out, 0, rows_this_run, resumed, seconds)
+    result = RunResult(out, 0, 0, resumed, seconds)
     for path in _parquet_files(fs, root):
         with fs.open_input_file(path) as f:
             names = pq.read_schema(f).names
@@ -208,4 +248,5 @@ def summarize(out: str, rows_this_run: int, resumed: int, seconds: float, column
                 for value, n in Counter(t.column(col).to_pylist()).items():
                     key = "null" if value is None else str(value)
                     counts[key] = counts.get(key, 0) + n
+    result.rows_this_run = result.rows_total - already_written
     return result

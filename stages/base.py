@@ -21,15 +21,29 @@ Data flow for one batch (``errors`` is a list of strings per row)::
 
 Output columns are typed from the program's signatures (:mod:`stages.columns`):
 a ``list[str]`` output is an Arrow ``list<string>`` column, an ``int`` an int64.
+``lm_usage`` is one struct column with a field per stage: what the row's LM calls
+cost (:mod:`core.usage`)::
+
+    {"lm_usage": [{"triage": {"calls": 1, "retries": 0, "prompt_tokens": 412,
+                              "completion_tokens": 38, "cost_usd": 0.000085}}, ...]}
+
+How many rows run at once is not a setting: the endpoint's limit (:mod:`core.limiter`,
+found at run time and shared by every actor calling the endpoint) hands each actor its
+share, and the actor admits a few more rows than that share, so its LM calls queue for
+a slot (the demand the limit grows on) and the endpoint never waits for a batch to finish.
 
 Every input row comes out exactly once.  What fails after retries becomes an
 entry in ``errors``; only misconfiguration (bad credentials, unknown model) is
-raised, because it would fail every row the same way.
+raised, because it would fail every row the same way.  The one exception is a
+run's budget (``--max-tokens``, ``--max-cost``): once it is spent, the first stage
+starts no new row and leaves the rows it did not start out of its output, so
+``--resume`` runs them later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
@@ -43,11 +57,17 @@ from core.loading import ProgramSpec, load_program
 from core.runner import ProgramRunner
 from core.settings import EndpointSettings
 from core.signatures import program_fields
+from core.usage import Usage
 from stages.columns import to_column
 
 logger = logging.getLogger(__name__)
 
 ERRORS_COLUMN = "errors"
+USAGE_COLUMN = "lm_usage"
+USAGE_TYPE = pa.struct([("calls", pa.int64()), ("retries", pa.int64()), ("prompt_tokens", pa.int64()),
+                        ("completion_tokens", pa.int64()), ("cost_usd", pa.float64())])
+TICK_S = 0.05  # how often an actor re-reads its share (admission) ...
+METER_EVERY_TICKS = 5  # ... and reports usage to the run's meter
 
 
 class StageInputError(KeyError):
@@ -73,11 +93,13 @@ class DSPyStageUDF:
         output_fields: tuple[str, ...],
         lm_settings: dict[str, Any],
         embed_settings: dict[str, Any] | None = None,
-        max_in_flight: int = 64,
+        max_in_flight: int | None = None,
         refine_attempts: int = 3,
         refine_threshold: float = 1.0,
         reward_fn: Callable[[dict, dspy.Prediction], float] | None = None,
         lm_factory: Callable[[EndpointSettings], dspy.BaseLM] = build_lm,
+        run_meter: str | None = None,
+        budget_gate: bool = False,
     ):
         self.stage_name = stage_name
         self.input_fields = dict(input_fields)
@@ -97,11 +119,29 @@ class DSPyStageUDF:
             refine_attempts=refine_attempts,
             refine_threshold=refine_threshold,
             reward_fn=reward_fn or program.reward,
-            max_in_flight=max_in_flight,
+            max_in_flight=self._admission_ceiling(max_in_flight),
         )
-        self.max_in_flight = max_in_flight
-        self._semaphore: asyncio.Semaphore | None = None
-        self._semaphore_loop: asyncio.AbstractEventLoop | None = None
+        self.max_in_flight = max_in_flight  # an optional cap per actor; None: the endpoint's limit decides
+        self.limiter = getattr(self.lm, "limiter", None)
+        self.budget_gate = budget_gate
+        self.stop_reason: str | None = None  # the run's budget is spent: start no new row
+        self._meter = _run_meter(run_meter)
+        self._unreported, self._unreported_rows = Usage(), 0
+        self._loop_state: _Admission | None = None
+
+    def _admission_ceiling(self, cap: int | None) -> int:
+        """Most rows one actor ever runs at once (one thread each): the endpoint's ceiling and a margin."""
+        ceiling = self.settings.max_in_flight
+        most = ceiling + max(8, ceiling // 4)
+        return min(most, cap) if cap else most
+
+    def _admission_target(self) -> int:
+        """Rows to run now: this actor's share of the endpoint's limit, and a few more ready to take a slot."""
+        if self.limiter is None:
+            return self.max_in_flight or 64
+        share = int(self.limiter.share)
+        target = share + max(2, share // 16)
+        return max(1, min(target, self.max_in_flight) if self.max_in_flight else target)
 
     # -- batch level -------------------------------------------------------
 
@@ -114,47 +154,98 @@ class DSPyStageUDF:
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         self._check_columns(batch)
-        loop = asyncio.get_running_loop()
-        if self._semaphore_loop is not loop:  # a semaphore belongs to one event loop
-            self._semaphore, self._semaphore_loop = asyncio.Semaphore(self.max_in_flight), loop
+        admission = self._admission()
         columns = {arg: batch.column(col).to_pylist() for arg, col in self.input_fields.items()}
         n = batch.num_rows
         tasks = [
-            asyncio.ensure_future(self._run_row(i, {arg: values[i] for arg, values in columns.items()}))
+            asyncio.ensure_future(self._run_row(admission, i, {arg: values[i] for arg, values in columns.items()}))
             for i in range(n)
         ]
-        results: list[tuple[dict[str, Any], list[str]] | None] = [None] * n
-        for index, outputs, errors in await asyncio.gather(*tasks):
-            if results[index] is not None:
+        results: list[tuple[dict[str, Any], list[str], Usage] | None] = [None] * n
+        withheld = [False] * n
+        for index, outcome in await asyncio.gather(*tasks):
+            if results[index] is not None or withheld[index]:
                 raise RuntimeError(f"stage {self.stage_name!r}: row {index} produced twice")
-            results[index] = (outputs, errors)
-        if any(r is None for r in results):
-            raise RuntimeError(f"stage {self.stage_name!r}: {results.count(None)} row(s) produced no output")
+            if outcome is None:
+                withheld[index] = True
+            else:
+                results[index] = outcome
+        missing = sum(1 for r, w in zip(results, withheld) if r is None and not w)
+        if missing:
+            raise RuntimeError(f"stage {self.stage_name!r}: {missing} row(s) produced no output")
+        await self._report_usage()
+        if any(withheld):  # the budget is spent: rows not started stay out, for --resume
+            keep = pa.array([not w for w in withheld])
+            batch = batch.filter(keep)
+            results = [r for r in results if r is not None]
         yield self._merge(batch, results)
 
-    def _merge(self, batch: pa.Table, results: list[tuple[dict[str, Any], list[str]]]) -> pa.Table:
+    # -- admission: how many rows run at once ------------------------------------
+
+    def _admission(self) -> _Admission:
+        loop = asyncio.get_running_loop()
+        if self._loop_state is None or self._loop_state.loop is not loop:  # futures belong to one event loop
+            self._loop_state = _Admission(loop, self._admission_target, self._tick)
+        return self._loop_state
+
+    async def _tick(self, count: int) -> None:
+        if self.limiter is not None and self._loop_state is not None:
+            # Rows waiting to start are demand the endpoint's limit should hear about.
+            self.limiter.note_queued(id(self), len(self._loop_state.waiting))
+        if count % METER_EVERY_TICKS == 0:
+            await self._report_usage()
+
+    async def _report_usage(self) -> None:
+        """Send what rows spent since the last report to the run's meter; learn whether the budget is spent."""
+        if self._meter is None or (not self._unreported.calls and not self._unreported_rows):
+            return
+        usage, rows = self._unreported, self._unreported_rows
+        self._unreported, self._unreported_rows = Usage(), 0
+        try:
+            reason = await self._meter.add.remote(self.stage_name, usage.as_dict(), rows)
+        except Exception as exc:  # noqa: BLE001 - the meter is the driver's; without it, no budget
+            logger.warning("stage %s: run meter unreachable (%s)", self.stage_name, type(exc).__name__)
+            self._meter = None
+            return
+        if reason and self.budget_gate and self.stop_reason is None:
+            self.stop_reason = reason
+            logger.warning("stage %s: budget reached (%s): starting no new rows", self.stage_name, reason)
+
+    def _merge(self, batch: pa.Table, results: list[tuple[dict[str, Any], list[str], Usage]]) -> pa.Table:
         previous = (
             batch.column(ERRORS_COLUMN).to_pylist() if ERRORS_COLUMN in batch.column_names else [None] * len(results)
         )
         out = batch
-        errors = [list(prev or []) + new for prev, (_, new) in zip(previous, results)]
+        errors = [list(prev or []) + new for prev, (_, new, _) in zip(previous, results)]
         for field in self.output_fields:
-            values, bad = to_column([outputs.get(field) for outputs, _ in results], self.output_types[field])
+            values, bad = to_column([outputs.get(field) for outputs, _, _ in results], self.output_types[field])
             for i in bad:
                 errors[i].append(f"{self.stage_name}: output {field!r} does not fit its declared type; stored null")
             out = _set_column(out, field, values)
-        return _set_column(out, ERRORS_COLUMN, pa.array(errors, type=pa.list_(pa.string())))
+        out = _set_column(out, ERRORS_COLUMN, pa.array(errors, type=pa.list_(pa.string())))
+        return _set_usage(out, self.stage_name, [usage for _, _, usage in results])
 
     # -- row level ---------------------------------------------------------
 
-    async def _run_row(self, index: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any], list[str]]:
+    async def _run_row(self, admission: _Admission, index: int, inputs: dict[str, Any]
+                       ) -> tuple[int, tuple[dict[str, Any], list[str], Usage] | None]:
+        """One row's outputs, errors and usage; None when the budget is spent before it started."""
         empty = [arg for arg, value in inputs.items() if value is None or (isinstance(value, str) and not value.strip())]
         if empty:
-            return index, {}, [f"{self.stage_name}: skipped: input {empty[0]!r} is empty"]
-        async with self._semaphore:
+            return index, ({}, [f"{self.stage_name}: skipped: input {empty[0]!r} is empty"], Usage())
+        if self.stop_reason is not None:
+            return index, None
+        await admission.enter()
+        try:
+            if self.stop_reason is not None:
+                return index, None
             outcome = await self.runner.predict(inputs)
+        finally:
+            admission.leave()
+        self._unreported.add(outcome.usage)
+        self._unreported_rows += 1
         outputs = {f: outcome.prediction.get(f) for f in self.output_fields} if outcome.prediction else {}
-        return index, outputs, [f"{self.stage_name}: {e}" for e in outcome.errors]
+        return index, (outputs, [f"{self.stage_name}: {e}" for e in outcome.errors], outcome.usage)
 
 
 class DSPyStage(BaseModel):
@@ -172,9 +263,8 @@ class DSPyStage(BaseModel):
     input_fields: dict[str, str] = Field(..., description="Program argument -> dataset column")
     output_fields: tuple[str, ...] = Field(..., description="Prediction fields written as columns")
     num_actors: int = Field(2, ge=1, description="Actors in this stage's pool")
-    # DSPy's HTTP client keeps at most 100 connections per LM: more rows per actor would only queue.
-    max_in_flight_per_actor: int = Field(64, ge=1, le=100, description="Concurrent rows per actor (<= 100)")
-    # Small batches: a batch is handed back only when its slowest row is done.
+    max_in_flight_per_actor: int | None = Field(
+        None, ge=1, description="Cap on rows in flight per actor; None: the endpoint's adaptive limit decides")
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to an actor")
     num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per actor (the work is I/O bound)")
     refine_attempts: int = Field(3, ge=1, description="dspy.Refine attempts when output fails validation")
@@ -184,7 +274,8 @@ class DSPyStage(BaseModel):
         return self.name or self.program.name
 
     def udf_kwargs(self, lm_settings: EndpointSettings, max_in_flight: int | None = None,
-                   embed_settings: EndpointSettings | None = None) -> dict[str, Any]:
+                   embed_settings: EndpointSettings | None = None, run_meter: str | None = None,
+                   budget_gate: bool = False) -> dict[str, Any]:
         return {
             "stage_name": self.stage_name(),
             "program": self.program,
@@ -199,20 +290,29 @@ class DSPyStage(BaseModel):
             "max_in_flight": max_in_flight or self.max_in_flight_per_actor,
             "refine_attempts": self.refine_attempts,
             "refine_threshold": self.refine_threshold,
+            "run_meter": run_meter,
+            "budget_gate": budget_gate,
         }
 
     def apply(self, ds, lm_settings: EndpointSettings, max_in_flight: int | None = None,
-              embed_settings: EndpointSettings | None = None):
-        """Add this stage to a Ray Dataset: one actor pool, async UDF, pyarrow batches."""
+              embed_settings: EndpointSettings | None = None, *, rows_per_block: int | None = None,
+              actors_on_endpoint: int | None = None, run_meter: str | None = None, budget_gate: bool = False):
+        """Add this stage to a Ray Dataset: one actor pool, async UDF, pyarrow batches.
+
+        ``actors_on_endpoint``: every actor of the run that calls the endpoint (all stages);
+        ``rows_per_block``: the dataset's block size.  Each actor is given enough blocks at once
+        to hold twice its even share of the endpoint's ceiling, so the endpoint stays busy while
+        a batch waits for its slowest row (the limiter, not the batch, decides what runs).
+        """
         from ray.data import ActorPoolStrategy
 
-        in_flight = max_in_flight or self.max_in_flight_per_actor
-        # Enough batches running per actor that its in-flight budget stays full
-        # while the slowest rows of a batch finish.
-        tasks = max(2, -(-in_flight // self.batch_size) * 2)
+        cap = max_in_flight or self.max_in_flight_per_actor
+        per_actor = cap or max(1, lm_settings.max_in_flight // max(1, actors_on_endpoint or self.num_actors))
+        rows_per_task = max(self.batch_size, rows_per_block or self.batch_size)
+        tasks = max(2, -(-2 * per_actor // rows_per_task))
         return ds.map_batches(
             self.udf_class,
-            fn_constructor_kwargs=self.udf_kwargs(lm_settings, in_flight, embed_settings),
+            fn_constructor_kwargs=self.udf_kwargs(lm_settings, cap, embed_settings, run_meter, budget_gate),
             batch_size=self.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
@@ -224,6 +324,79 @@ class DSPyStage(BaseModel):
                 enable_true_multi_threading=True,
             ),
         )
+
+
+class _Admission:
+    """Rows admitted to run in one event loop: at most ``target()`` at once, the rest wait in order.
+
+    A ticker re-reads the target (the endpoint's share moves) and runs the stage's periodic work.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target: Callable[[], int],
+                 tick: Callable[[int], Any]):
+        self.loop, self.target, self.active = loop, target, 0
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._tick = tick
+        self._ticker = loop.create_task(self._run_ticker())
+
+    async def enter(self) -> None:
+        if not self.waiting and self.active < self.target():
+            self.active += 1
+            return
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.leave()  # admitted while being cancelled
+            raise
+
+    def leave(self) -> None:
+        self.active -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        target = self.target()
+        while self.waiting and self.active < target:
+            future = self.waiting.popleft()
+            if not future.done():
+                self.active += 1
+                future.set_result(None)
+
+    async def _run_ticker(self) -> None:
+        count = 0
+        while True:
+            await asyncio.sleep(TICK_S)
+            count += 1
+            self.wake()
+            try:
+                await self._tick(count)
+            except Exception:  # noqa: BLE001 - never let the ticker die
+                logger.exception("stage ticker failed")
+
+
+def _run_meter(name: str | None):
+    """The run's meter actor (usage per stage, the budget), when the driver made one."""
+    if not name:
+        return None
+    import ray
+
+    return ray.get_actor(name)
+
+
+def _set_usage(table: pa.Table, stage: str, usages: list[Usage]) -> pa.Table:
+    """Put this stage's usage in the ``lm_usage`` struct column (one field per stage)."""
+    mine = pa.array([u.as_dict() for u in usages], type=USAGE_TYPE)
+    names, arrays = [], []
+    if USAGE_COLUMN in table.column_names:
+        existing = table.column(USAGE_COLUMN).combine_chunks()
+        for field, array in zip(existing.type, existing.flatten()):
+            if field.name != stage:
+                names.append(field.name)
+                arrays.append(array)
+    column = pa.StructArray.from_arrays([*arrays, mine], names=[*names, stage])
+    return _set_column(table, USAGE_COLUMN, column)
 
 
 def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
