@@ -34,7 +34,8 @@ from core.scoring import EvalSummary, ExampleScore
 from core.settings import EndpointSettings, resolve_settings
 from optimize.config import OptimizeConfig, OptimizeError, ResolvedBudget, resolve_budget
 from optimize.data import dataset_hash, split_train_val
-from optimize.estimate import CallEstimate
+from core.usage import Usage, process_usage, usage_since
+from optimize.estimate import CallEstimate, cost_line, tokens_per_call
 from optimize.evaluation import EvalContext, evaluate_on_ray
 from optimize.optimizers import OPTIMIZERS, Optimizer, RunProgress, SearchJob, SearchOutcome, Sizes
 from optimize.report import TrajectoryPoint, plot_trajectory, score_table
@@ -75,6 +76,7 @@ class OptimizeResult:
     seconds: float
     trials_evaluated_this_run: list[int] = field(default_factory=list)
     judge_errors_during_search: int = 0
+    usage: dict[str, dict] = field(default_factory=dict)  # endpoint (base_url|model) -> this run's LM usage
 
 
 def _say(line: str) -> None:
@@ -215,8 +217,10 @@ def run_optimization(
     _say(f"{cfg.optimizer} on {plan.task.name}: {len(plan.trainset)} train, {len(plan.valset)} val, "
          f"{len(plan.dev)} dev examples; {cfg.workers} worker(s); {plan.optimizer.plan()}")
     _say(("estimated LM calls still to make:\n" if cfg.resume else "estimated LM calls:\n") + estimate.table())
+    cost = estimate_cost(cfg, plan, estimate, lm_settings)
+    _say(f"  {cost}")
     if cfg.max_calls is not None and estimate.total > cfg.max_calls:
-        raise TooManyCalls(f"estimated {estimate.total:,} LM calls exceed --max-calls {cfg.max_calls:,}; "
+        raise TooManyCalls(f"estimated {estimate.total:,} LM calls ({cost}) exceed --max-calls {cfg.max_calls:,}; "
                            f"lower --auto/--num-trials/--num-candidates or raise --max-calls")
     if cfg.judge and judge_settings is None:
         judge_settings = EndpointSettings()  # unset: discovery, else the target judges
@@ -228,10 +232,20 @@ def run_optimization(
         raise Interrupted(storage) from None
 
 
+def estimate_cost(cfg: OptimizeConfig, plan: RunPlan, estimate: CallEstimate, lm: EndpointSettings) -> str:
+    """The estimate's calls priced at the model's price (judge calls counted at the same price)."""
+    if lm.price_in is None and lm.price_out is None:
+        return cost_line(estimate.total, None, None, None)
+    demos = cfg.search.max_bootstrapped_demos + cfg.search.max_labeled_demos
+    tokens = tokens_per_call(plan.task.program.skeleton(), plan.dev[0], demos=demos, max_tokens=lm.max_tokens)
+    return cost_line(estimate.total, tokens, lm.price_in, lm.price_out)
+
+
 def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: CallEstimate,
          lm_settings: EndpointSettings, judge_settings: EndpointSettings | None,
          embed_settings: EndpointSettings | None, start: float) -> OptimizeResult:
     init_ray()
+    before = process_usage()  # this process's own calls (GEPA reflects from the driver)
     with open_endpoints(lm=lm_settings, judge=judge_settings if cfg.judge else None,
                         embed=embed_settings) as endpoints:
         lm, judge = endpoints.lm, endpoints.judge
@@ -259,7 +273,14 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
             outcome = plan.optimizer.run(job)
             program = load_program(plan.task.program, state=outcome.state, resources=resources).program
             optimized = dev_summary(storage, "optimized", program, plan.dev, plan.task, pool)
-    return finish(cfg, plan, storage, lm, judge, program, outcome, baseline, optimized, estimate, start)
+            usage = pool.usage()
+    for endpoint, data in usage_since(before).items():
+        merged = Usage.from_dict(usage.get(endpoint))
+        merged.add(Usage.from_dict(data))
+        usage[endpoint] = merged.as_dict()
+    result = finish(cfg, plan, storage, lm, judge, program, outcome, baseline, optimized, estimate, start)
+    result.usage = usage
+    return result
 
 
 def _threads(cfg: OptimizeConfig, lm: EndpointSettings, judge: EndpointSettings | None) -> int:
@@ -342,6 +363,13 @@ def print_report(result: OptimizeResult) -> None:
     print(score_table(result.baseline, result.optimized))
     if result.judge_errors_during_search:
         print(f"judge errors during the search: {result.judge_errors_during_search} (scored without the judge)")
+    if result.usage:
+        total = Usage()
+        for data in result.usage.values():
+            total.add(Usage.from_dict(data))
+        print(f"LM usage this run: {total.describe()}")
+        for endpoint, data in sorted(result.usage.items()):
+            print(f"  {endpoint.rsplit('|', 1)[-1]}: {Usage.from_dict(data).describe()}")
     print(f"artifact: {result.artifact}")
     print(f"trajectory plot: {result.plot}")
     print(f"run directory: {result.run_dir}  ({result.seconds:.1f} s)")

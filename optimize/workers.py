@@ -35,6 +35,7 @@ from optimize.candidates import (
     quiet_dspy,
     summarize_dataset,
 )
+from core.usage import Usage, process_usage
 from optimize.evaluation import EvalContext, EvalRuntime
 from optimize.trial import TrialRequest, TrialResult, run_trial
 
@@ -75,6 +76,10 @@ class EvalWorker:
 
     def ready(self) -> bool:
         return True
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Every LM call this worker's process made, by endpoint (:func:`core.usage.process_usage`)."""
+        return process_usage()
 
 
 class WorkerPool:
@@ -130,6 +135,20 @@ class WorkerPool:
                 tag, result = self.wait_one()
                 results[tag] = result
             return results
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """The workers' LM usage, summed by endpoint (a worker that cannot answer is left out)."""
+        import ray
+
+        total: dict[str, Usage] = {}
+        for actor in self.actors:
+            try:
+                per_endpoint = ray.get(actor.usage.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - a dead worker's calls are lost to the report, not to the run
+                continue
+            for endpoint, data in per_endpoint.items():
+                total.setdefault(endpoint, Usage()).add(Usage.from_dict(data))
+        return {k: v.as_dict() for k, v in total.items()}
 
     def shutdown(self) -> None:
         import ray
