@@ -18,6 +18,7 @@ to ``benchmarks/results/ann_recall.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -120,6 +121,11 @@ def main() -> None:
         print(f"{name:<22} {param:<13} {recall:>9.3f} {qps:>10,.0f} {qps / flat_qps:>7.1f}x {build_s:>8.1f} "
               f"{per_vector:>9.0f} {mark}")
     print("* = the default search setting (core/retrieval/dense.py)")
+    RESULTS.mkdir(exist_ok=True)
+    keys = ("index", "search", "recall_at_10", "queries_per_s", "build_s", "bytes_per_vector", "default")
+    (RESULTS / "ann_recall.json").write_text(json.dumps({"n": args.n, "dim": args.dim, "queries": args.queries,
+                                                         "threads": args.threads,
+                                                         "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
     plot(rows, flat_qps, args)
 
 
