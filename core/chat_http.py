@@ -6,9 +6,10 @@ history on every call: about 0.7 ms of CPU, more than the rest of a row.  For a 
 chat call (text messages, one choice, no tools, no streaming, no cache)
 :class:`core.lm.ResilientLM` sends the request through this client instead:
 
-* one keep-alive connection per thread and endpoint, so connections are only ever as
-  many as the requests in flight, which the endpoint limiter bounds (lm15's pool stops
-  at 100 connections per LM, a limit the limiter may need to pass);
+* one keep-alive HTTP/1.1 connection per thread and endpoint (:class:`_Connection`, plain
+  sockets), so connections are only ever as many as the requests in flight, which the
+  endpoint limiter bounds (lm15's pool stops at 100 connections per LM, a limit the
+  limiter may need to pass);
 * the body is assembled from JSON fragments, the response format's schema serialized
   once per signature (:func:`response_format_json`);
 * HTTP errors become DSPy's own exception types, as lm15 maps them (429 ->
@@ -81,7 +82,7 @@ def response_format_json(response_format: Any) -> str:
     return _dumps(response_format)
 
 
-def parse_retry_after(headers: http.client.HTTPMessage) -> float | None:
+def parse_retry_after(headers) -> float | None:
     """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     from dspy.clients._http import retry_after_seconds
 
@@ -132,6 +133,91 @@ def error_for(status: int, body: str, *, retry_after: float | None, model: str,
     return LMProviderError(message, **meta)
 
 
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: what a JSON POST and its answer need, and no more.
+
+    ``http.client`` parses every answer's headers with the ``email`` package, a tenth of a
+    row's CPU at these rates; an OpenAI-compatible server answers with a status line, a few
+    headers and a body sized by ``Content-Length`` (or chunked), which is all read here.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext | None):
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = context.wrap_socket(sock, server_hostname=host) if context is not None else sock
+        self.buffer = b""
+        self.used = False  # has answered a request (a reused connection may have been closed by the server)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _more(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise http.client.RemoteDisconnected("the server closed the connection")
+        return chunk
+
+    def post(self, request: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+        """Send one request; (status, headers with lower-case names, body, connection still usable)."""
+        self.sock.sendall(request)
+        while True:
+            data = self.buffer
+            while (end := data.find(b"\r\n\r\n")) < 0:
+                data += self._more()
+            lines = data[:end].decode("latin-1").split("\r\n")
+            data = data[end + 4:]
+            version, _, rest = lines[0].partition(" ")
+            status = int(rest[:3])
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if 100 <= status < 200:  # an interim answer: the real one follows
+                self.buffer = data
+                continue
+            break
+        keep = headers.get("connection", "").lower() != "close" and version != "HTTP/1.0"
+        if status in (204, 304):
+            body = b""
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            body, data = self._chunked(data)
+        elif "content-length" in headers:
+            size = int(headers["content-length"])
+            while len(data) < size:
+                data += self._more()
+            body, data = data[:size], data[size:]
+        else:  # no length: the body runs to the end of the connection
+            chunks = [data]
+            while chunk := self.sock.recv(65536):
+                chunks.append(chunk)
+            body, data, keep = b"".join(chunks), b"", False
+        self.buffer = data
+        self.used = True
+        return status, headers, body, keep
+
+    def _chunked(self, data: bytes) -> tuple[bytes, bytes]:
+        parts = []
+        while True:
+            while (eol := data.find(b"\r\n")) < 0:
+                data += self._more()
+            size = int(data[:eol].split(b";", 1)[0].strip() or b"0", 16)
+            data = data[eol + 2:]
+            if size == 0:
+                while (end := data.find(b"\r\n")) != 0:  # trailers, then the blank line
+                    if end < 0:
+                        data += self._more()
+                    else:
+                        data = data[end + 2:]
+                return b"".join(parts), data[2:]
+            while len(data) < size + 2:
+                data += self._more()
+            parts.append(data[:size])
+            data = data[size + 2:]
+
+
 class ChatHTTP:
     """``POST {base_url}/chat/completions`` over per-thread keep-alive connections."""
 
@@ -143,9 +229,11 @@ class ChatHTTP:
         self.path = (parts.path or "") + "/chat/completions"
         self.timeout_s = timeout_s
         self.model = model
-        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
+        default_port = self.port == (443 if self.https else 80)
+        host = self.host if default_port else f"{self.host}:{self.port}"
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self._head = (f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Accept: application/json\r\nUser-Agent: dspy-ray\r\n{auth}Content-Length: ")
         self._ssl = ssl.create_default_context() if self.https else None
         self._local = threading.local()
         proxies = urllib.request.getproxies()
@@ -153,15 +241,10 @@ class ChatHTTP:
         # A proxy, or user info in the URL, is DSPy's client's job.
         self.usable = parts.scheme in ("http", "https") and not proxied and not parts.username
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> _Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self.https:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-            self._local.conn = conn
-            self._local.fresh = True
+            conn = self._local.conn = _Connection(self.host, self.port, self.timeout_s, self._ssl)
         return conn
 
     def _drop(self) -> None:
@@ -172,14 +255,13 @@ class ChatHTTP:
 
     def complete(self, body: bytes) -> dict[str, Any]:
         """Send one request; the parsed JSON answer, or a DSPy ``LMError``."""
+        request = (self._head + f"{len(body)}\r\n\r\n").encode("latin-1") + body
         for _ in range(2):  # a kept-alive connection the server has closed gets one fresh retry
-            conn = self._connection()
-            reused = not getattr(self._local, "fresh", True)
-            self._local.fresh = False
+            reused = False
             try:
-                conn.request("POST", self.path, body=body, headers=self.headers)
-                response = conn.getresponse()
-                data = response.read()
+                conn = self._connection()
+                reused = conn.used
+                status, headers, data, keep = conn.post(request)
             except _STALE as exc:
                 self._drop()
                 if reused:
@@ -189,21 +271,20 @@ class ChatHTTP:
             except (socket.timeout, TimeoutError):
                 self._drop()
                 raise LMTimeoutError(f"no answer within {self.timeout_s:g}s", model=self.model) from None
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 self._drop()
                 raise LMTransportError(f"connection to the endpoint failed: {type(exc).__name__}: "
                                        f"{' '.join(str(exc).split())[:200]}", model=self.model) from None
-            if response.will_close:
+            if not keep:
                 self._drop()
-            if response.status >= 400:
-                raise error_for(response.status, data.decode("utf-8", "replace"),
-                                retry_after=parse_retry_after(response.headers), model=self.model,
-                                request_id=response.headers.get("x-request-id"))
+            if status >= 400:
+                raise error_for(status, data.decode("utf-8", "replace"), retry_after=parse_retry_after(headers),
+                                model=self.model, request_id=headers.get("x-request-id"))
             try:
                 answer = json.loads(data)
                 answer["choices"][0]["message"]  # noqa: B018 - the shape the caller reads
             except (ValueError, KeyError, IndexError, TypeError):
-                raise LMServerError(f"malformed chat completion (HTTP {response.status})", model=self.model,
-                                    status=response.status) from None
+                raise LMServerError(f"malformed chat completion (HTTP {status})", model=self.model,
+                                    status=status) from None
             return answer
         raise LMTransportError("connection to the endpoint failed twice", model=self.model)  # pragma: no cover

@@ -43,6 +43,7 @@ class CachingJSONAdapter(dspy.JSONAdapter):
         self._formats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._system: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._requirements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._inputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # signature -> (input fields, history)
         self._lm_caps: dict[int, tuple[bool, bool]] = {}
 
     def _lm_capabilities(self, lm) -> tuple[bool, bool]:
@@ -86,7 +87,7 @@ class CachingJSONAdapter(dspy.JSONAdapter):
         # ChatAdapter's, with a short cut: a plain ``str`` input is formatted as itself (DSPy builds a
         # pydantic TypeAdapter per value to find that out); anything else goes through DSPy's formatting.
         messages = [prefix]
-        for name, info in signature.input_fields.items():
+        for name, info in self._input_fields(signature)[0]:
             if name in inputs:
                 value = inputs.get(name)
                 text = value if type(value) is str else format_field_value(field_info=info, value=value)
@@ -97,6 +98,17 @@ class CachingJSONAdapter(dspy.JSONAdapter):
                 messages.append(requirements)
         messages.append(suffix)
         return "\n\n".join(messages).strip()
+
+    def _input_fields(self, signature) -> tuple[list, str | None]:
+        # DSPy rebuilds signature.input_fields (a scan of the pydantic fields) each time it is read.
+        cached = self._inputs.get(signature)
+        if cached is None:
+            items = list(signature.input_fields.items())
+            cached = self._inputs[signature] = (items, super()._get_history_field_name(signature))
+        return cached
+
+    def _get_history_field_name(self, signature) -> str | None:
+        return self._input_fields(signature)[1]
 
     def user_message_output_requirements(self, signature) -> str:
         cached = self._requirements.get(signature)

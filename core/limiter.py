@@ -18,9 +18,9 @@ finds a path's capacity, with the signals an LM endpoint gives:
 
 One limit per endpoint (base URL + model).  In one process every caller of that endpoint
 (both stages of a task in one actor, the judge, the embedding client) shares one
-:class:`EndpointLimiter`; with Ray, the processes of a job share one small named actor per
-endpoint (:class:`LimitCoordinator`) that merges their signals every 100 ms, runs the limit
-and hands each process its share (by demand).  The hot path makes no Ray call: a process
+:class:`EndpointLimiter`; with Ray, the processes of a job share one small named actor
+(:class:`LimitService`, one :class:`LimitCoordinator` per endpoint) that merges their
+signals every 100 ms, runs the limit and hands each process its share (by demand).  The hot path makes no Ray call: a process
 takes and returns slots locally, reacts to a burst of 429s at once, and reports in the
 background.  Without Ray (tests, a notebook) the same policy runs in the process.
 
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 OVERLOAD_STATUS = frozenset({429, 503})
 SYNC_INTERVAL_S = 0.1  # how often a process reports to its coordinator (and a local policy decides)
-MEMBER_TIMEOUT_S = 5.0  # a process silent this long gives its share back
+MEMBER_TIMEOUT_S = 30.0  # a process silent this long gives its share back (it may be busy, not dead)
 
 
 def is_overload(exc: BaseException | None) -> bool:
@@ -228,8 +228,9 @@ class AimdPolicy:
         served = ok_rate * self.latency_floor if ok_rate is not None and self.latency_floor else None
         while self.held and self.held[0][0] < now - 3.0:
             self.held.popleft()
-        held = max((n for _, n in self.held), default=0)
-        # What the endpoint served (Little's law) or, when more, what it held lately without complaint.
+        # What the endpoint served (Little's law) or, after a small excess (a probe), the most it held
+        # lately without complaint below the level that failed; after a large one only what it served.
+        held = max((n for _, n in self.held if n < before), default=0) if rate < 0.1 else 0
         target = max(served or 0.0, held) or before * 0.5
         self.limit = max(float(self.min_limit), min(before - 1, max(target, before * 0.5)))
         probing = self.w_max is not None and before >= self.w_max
@@ -247,17 +248,19 @@ class AimdPolicy:
         """Judge the last 429 cut by its effect; True when it is undone.
 
         An endpoint at capacity serves as much after the cut as before (the 429s were the
-        excess), so each slot answers more calls.  An endpoint that throttles at random
-        serves less, in proportion: each slot answers as many as before.  Then its 429
-        share is background, the cut is undone and the capacity is looked for again.
+        excess), so each slot answers more calls and the share of 429s falls.  An endpoint
+        that throttles at random serves less, in proportion, and refuses the same share:
+        only when both say so is that share background, the cut undone and the capacity
+        looked for again.
         """
         cut, self.last_cut = self.last_cut, None
         w = cut["after"]
         level = max(1.0, min(self.limit, w.peak_in_flight or self.limit))
         gain = cut["level"] / level  # > 1: fewer requests held after the cut
         per_slot = w.ok / max(cut["seconds"], self.MIN_WINDOW_S) / level
-        if gain < 1.05 or per_slot >= cut["per_slot"] * (1 + gain) / 2:
-            return False
+        rate = w.overloads / max(1, w.answered)
+        if gain < 1.05 or per_slot >= cut["per_slot"] * (1 + gain) / 2 or rate < 0.6 * cut["rate"]:
+            return False  # the cut helped: more answered per slot, or fewer 429s
         self.background = max(self.background, min(cut["rate"], w.overloads / max(1, w.answered) + 0.05))
         self.limit = max(self.limit, cut["before"])
         self.w_max = None  # the failures were noise: find the capacity again
@@ -297,8 +300,8 @@ class EndpointLimiter:
 
     Thread-safe; sync callers block in :meth:`slot`, async callers await :meth:`aslot`.
     The share comes from the policy (in this process) or from the endpoint's coordinator
-    actor; between reports the limiter itself paces growth (+1 slot per call answered) and
-    gives slots back at once when 429s pile up.
+    actor; between reports the limiter gives slots back at once when 429s pile up (and takes
+    them again one per call answered).
     """
 
     def __init__(self, key: str, ceiling: int, *, adaptive: bool = True, initial: int = 16):
@@ -320,6 +323,8 @@ class EndpointLimiter:
         # Work queued for this endpoint outside the limiter (a stage's rows waiting to start), by
         # caller: counted as demand, so callers need not park threads in slot() to ask for more.
         self.queued_elsewhere: dict[int, int] = {}
+        self.coordinated = False  # meant to share a coordinator (Ray): report to it, re-attach if it goes away
+        self.cap: float | None = None  # the last share granted, while the coordinator does not answer
 
     # -- taking and giving back slots -----------------------------------------------
 
@@ -436,34 +441,35 @@ class EndpointLimiter:
         with self._lock:
             # 0 is possible with a coordinator: every slot of the job is held by other processes.
             self.share = max(0.0, min(float(self.ceiling), share))
-            if self.limit > self.share:
-                self.limit = self.share  # cuts apply at once; growth is paced in _release
-            elif not self._waiters:
-                self.limit = self.share  # nobody waits: pacing has nothing to protect
-            else:
-                self.limit = min(self.share, max(self.limit, self.in_flight + 1))  # one more now, more as calls end
+            # At once, both ways: the policy already paced the total (and a share that moves between
+            # processes does not change it); a quick local cut on 429s lasts until this report.
+            self.limit = self.share
             if background is not None:
                 self.background = background
             self._grant()
 
     def tick(self, now: float | None = None) -> None:
-        """One report: to the coordinator when there is one, else to the local policy."""
+        """One decision of the local policy (a limiter without a coordinator)."""
         now = time.monotonic() if now is None else now
         signals = self.take_interval()
-        if self.coordinator is not None:
-            try:
-                answer = _ray_get(self.coordinator.report.remote(self.member, asdict(signals)), timeout=2.0)
-                self.set_share(answer["share"], answer["background"])
-                return
-            except Exception as exc:  # noqa: BLE001 - the coordinator is gone: decide locally again
-                logger.warning("endpoint limiter %s: coordinator unreachable (%s); deciding locally",
-                               self.key.split("|")[-1], type(exc).__name__)
-                self.coordinator = None
-                if self.policy is not None:
-                    self.policy.limit = self.share
         if self.policy is not None:
             limit = self.policy.observe(signals, now)
+            if self.cap is not None:  # cut off from the job's coordinator: never more than it last granted
+                limit = self.policy.limit = min(limit, self.cap)
             self.set_share(limit, self.policy.background_rate())
+
+    def coordinated_report(self) -> tuple[str, str, dict[str, Any], int, bool]:
+        """What the endpoint's coordinator needs from this process since the last report."""
+        return self.key, self.member, asdict(self.take_interval()), self.ceiling, self.adaptive
+
+    def lost_coordinator(self) -> None:
+        """Decide locally until a coordinator answers again: from the current share, and never above it
+        (the other processes still hold theirs, so growing alone could pass the ceiling)."""
+        if self.policy is not None:
+            self.policy.limit = self.share
+        if self.cap is None:
+            self.cap = self.share
+        self.coordinator = None
 
     def state(self) -> dict[str, Any]:
         return {"key": self.key, "limit": self.limit, "share": self.share, "in_flight": self.in_flight,
@@ -478,6 +484,7 @@ class EndpointLimiter:
 class _Member:
     granted: float
     demand: int = 0  # in the last report
+    held: int = 0  # requests in flight at the last report (a process keeps them while its share shrinks)
     seen: float = field(default_factory=time.monotonic)
     window_peak: int = 0  # peaks over the policy's current round
     window_demand: int = 0
@@ -487,8 +494,9 @@ class LimitCoordinator:
     """Runs one endpoint's limit for every process of a Ray job and splits it into shares.
 
     Each process reports its :class:`Signals` every ``SYNC_INTERVAL_S``; the merged
-    signals drive one :class:`AimdPolicy`.  A process's share follows its demand; the
-    granted shares never add up to more than the limit, so the ceiling holds for the job.
+    signals drive one :class:`AimdPolicy`.  A process's share follows its demand; a share
+    grows only out of what the other processes neither are granted nor still hold in flight,
+    so the ceiling holds for the job at every moment.
     """
 
     def __init__(self, key: str, ceiling: int, adaptive: bool = True, initial: int = 16):
@@ -504,7 +512,7 @@ class LimitCoordinator:
     def join(self, member: str) -> dict[str, float]:
         now = time.monotonic()
         self._prune(now)
-        spare = self.policy.limit - sum(m.granted for m in self.members.values())
+        spare = self.policy.limit - sum(max(m.granted, m.held) for m in self.members.values())
         share = max(0.0, min(spare, self.policy.limit / (len(self.members) + 1)))  # 0: wait for the next report
         self.members[member] = _Member(granted=share, seen=now)
         return {"share": share, "background": self.policy.background_rate()}
@@ -518,6 +526,7 @@ class LimitCoordinator:
         state.seen = now
         incoming = Signals(**signals)
         state.demand = incoming.demand
+        state.held = incoming.peak_in_flight
         state.window_peak = max(state.window_peak, incoming.peak_in_flight)
         state.window_demand = max(state.window_demand, incoming.demand)
         self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,
@@ -553,7 +562,8 @@ class LimitCoordinator:
         target = max(1.0, target)
         state = self.members[member]
         if target > state.granted:  # growth only from what the others do not hold (so never past the ceiling)
-            others = sum(m.granted for name, m in self.members.items() if name != member)
+            # A process whose share just shrank still has its requests in flight until they end.
+            others = sum(max(m.granted, m.held) for name, m in self.members.items() if name != member)
             target = max(state.granted, min(target, limit - others))
         state.granted = target
         return target
@@ -563,6 +573,37 @@ class LimitCoordinator:
         return {"history": list(self.history) if history else None, "key": self.key, "limit": p.limit, "ceiling": p.ceiling, "latency_floor": p.latency_floor,
                 "w_max": p.w_max, "cuts": p.cuts, "reverted": p.reverted, "background": p.background_rate(),
                 "members": {n: {"granted": m.granted, "demand": m.demand} for n, m in self.members.items()}}
+
+
+class LimitService:
+    """The Ray actor of a job's endpoint limits: one :class:`LimitCoordinator` per endpoint.
+
+    One process for all endpoints (LM, judge, embedder) of the job; each process of the job
+    sends one :meth:`report` every ``SYNC_INTERVAL_S`` for all the endpoints it calls.
+    """
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, LimitCoordinator] = {}
+
+    def _endpoint(self, key: str, ceiling: int, adaptive: bool) -> LimitCoordinator:
+        coordinator = self.endpoints.get(key)
+        if coordinator is None:
+            coordinator = self.endpoints[key] = LimitCoordinator(key, ceiling, adaptive)
+        elif ceiling < coordinator.policy.ceiling:  # two callers disagree: the lower ceiling holds
+            coordinator.policy.ceiling = ceiling
+            coordinator.policy.limit = min(coordinator.policy.limit, ceiling)
+        return coordinator
+
+    def join(self, key: str, member: str, ceiling: int, adaptive: bool = True) -> dict[str, float]:
+        return self._endpoint(key, ceiling, adaptive).join(member)
+
+    def report(self, reports: list[tuple[str, str, dict[str, Any], int, bool]]) -> list[dict[str, float]]:
+        return [self._endpoint(key, ceiling, adaptive).report(member, signals)
+                for key, member, signals, ceiling, adaptive in reports]
+
+    def state(self, key: str, history: bool = False) -> dict[str, Any] | None:
+        coordinator = self.endpoints.get(key)
+        return coordinator.state(history) if coordinator is not None else None
 
 
 # -- one limiter per endpoint per process ---------------------------------------------
@@ -576,8 +617,7 @@ def endpoint_key(base_url: str, model: str) -> str:
     return f"{base_url.rstrip('/')}|{model}"
 
 
-def coordinator_name(key: str) -> str:
-    return "dspy-endpoint-limit-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+SERVICE_NAME = "dspy-endpoint-limits"
 
 
 def endpoint_limiter(settings: Any, *, coordinate: bool | None = None) -> EndpointLimiter:
@@ -597,6 +637,7 @@ def endpoint_limiter(settings: Any, *, coordinate: bool | None = None) -> Endpoi
             if coordinate is None:
                 coordinate = _ray_initialized()
             if coordinate:
+                limiter.coordinated = True
                 _attach(limiter)
             _registry[key] = limiter
             _start_ticker()
@@ -614,15 +655,19 @@ def limiters() -> list[EndpointLimiter]:
         return list(_registry.values())
 
 
-_owned: dict[str, Any] = {}  # coordinator handles this process keeps alive (Ray collects an unreferenced actor)
+_service = None  # this process's handle on the job's LimitService (held: Ray collects an unreferenced actor)
+_service_retry_at = 0.0
 
 
-def ensure_coordinator(settings: Any):
-    """Create the endpoint's coordinator from this process (the driver), so it lives as long as the job."""
-    key = endpoint_key(settings.base_url, settings.model)
-    if key not in _owned:
-        _owned[key] = _coordinator_handle(key, int(settings.max_in_flight), bool(getattr(settings, "adaptive", True)))
-    return _owned[key]
+def ensure_coordinator(settings: Any | None = None):
+    """Create the job's limit service from this process (the driver), so it lives as long as the job."""
+    return _service_handle()
+
+
+def coordinator_state(base_url: str, model: str, history: bool = False) -> dict[str, Any] | None:
+    """The job-wide state of an endpoint's limit (for reports and plots); None without a service."""
+    handle = _service_handle()
+    return _ray_get(handle.state.remote(endpoint_key(base_url, model), history), timeout=30.0)
 
 
 def _ray_initialized() -> bool:
@@ -639,23 +684,58 @@ def _ray_get(ref, timeout: float):
     return ray.get(ref, timeout=timeout)
 
 
-def _coordinator_handle(key: str, ceiling: int, adaptive: bool):
-    import ray
+def _service_handle():
+    global _service
+    if _service is None:
+        import ray
 
-    actor = ray.remote(num_cpus=0, max_restarts=0)(LimitCoordinator)
-    return actor.options(name=coordinator_name(key), get_if_exists=True).remote(key, ceiling, adaptive)
+        actor = ray.remote(num_cpus=0, max_restarts=0)(LimitService)
+        _service = actor.options(name=SERVICE_NAME, get_if_exists=True).remote()
+    return _service
 
 
 def _attach(limiter: EndpointLimiter) -> None:
     try:
-        handle = _coordinator_handle(limiter.key, limiter.ceiling, limiter.adaptive)
-        answer = _ray_get(handle.join.remote(limiter.member), timeout=30.0)
+        handle = _service_handle()
+        answer = _ray_get(handle.join.remote(limiter.key, limiter.member, limiter.ceiling, limiter.adaptive),
+                          timeout=30.0)
     except Exception as exc:  # noqa: BLE001 - no coordinator: this process decides alone
         logger.warning("endpoint limiter: no coordinator (%s); this process decides its own limit",
                        type(exc).__name__)
         return
     limiter.coordinator = handle
-    limiter.share = limiter.limit = float(answer["share"])
+    limiter.set_share(float(answer["share"]))
+
+
+def _tick_all(now: float) -> None:
+    """One round: local limiters decide; coordinated ones report together in one call to the service."""
+    global _service, _service_retry_at
+    coordinated = []
+    for limiter in limiters():
+        if limiter.coordinated and (limiter.coordinator is not None or now >= _service_retry_at):
+            coordinated.append(limiter)
+        else:
+            limiter.tick(now)
+    if not coordinated:
+        return
+    if not _ray_initialized():  # Ray was shut down in this process: never start it again from here
+        for limiter in coordinated:
+            limiter.lost_coordinator()
+            limiter.coordinated = False
+        _service = None
+        return
+    try:
+        handle = _service_handle()
+        answers = _ray_get(handle.report.remote([lim.coordinated_report() for lim in coordinated]), timeout=5.0)
+    except Exception as exc:  # noqa: BLE001 - the service is gone (its owner exited): local until it is back
+        logger.warning("endpoint limits: coordinator unreachable (%s); deciding locally", type(exc).__name__)
+        _service, _service_retry_at = None, now + 1.0
+        for limiter in coordinated:
+            limiter.lost_coordinator()
+        return
+    for limiter, answer in zip(coordinated, answers):
+        limiter.coordinator, limiter.cap = handle, None
+        limiter.set_share(answer["share"], answer["background"])
 
 
 def _start_ticker() -> None:
@@ -672,8 +752,9 @@ def _tick_forever() -> None:
         time.sleep(SYNC_INTERVAL_S)
         if os.getpid() != pid:  # a forked child does not report for its parent
             return
-        for limiter in limiters():
-            try:
-                limiter.tick()
-            except Exception:  # noqa: BLE001 - never let the reporter die
-                logger.exception("endpoint limiter %s: tick failed", limiter.key.split("|")[-1])
+        try:
+            _tick_all(time.monotonic())
+        except SystemExit:  # Ray raises it in threads while the process shuts down
+            return
+        except Exception:  # noqa: BLE001 - never let the reporter die
+            logger.exception("endpoint limits: tick failed")
