@@ -29,7 +29,7 @@ from core.ray_runtime import init_ray
 from core.settings import EndpointSettings
 from core.usage import Budget, RunMeter, Usage
 from pipelines.inputs import InputSpec, load_corpus, to_dataset
-from stages.base import ERRORS_COLUMN, DSPyStage
+from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,6 @@ def run_pipeline(
     todo = table.filter(pa.compute.invert(pa.compute.is_in(table.column("id"), pa.array(sorted(done), pa.string()))))
     resumed = table.num_rows - todo.num_rows
     start = time.perf_counter()
-    usage: dict[str, dict] = {}
     stop_reason = None
     if todo.num_rows:
         init_ray()
@@ -204,10 +203,11 @@ def run_pipeline(
             ray.data.DataContext.get_current().enable_progress_bars = True
             # The endpoint's limit lives in an actor of this driver, so it lasts as long as the run.
             ensure_coordinator(settings)
-            meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
-            budget = budget or Budget()
-            meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
-                                                                                      budget.max_cost)
+            meter_name, meter = None, None
+            if budget is not None and budget.set:  # what the rows spend, gathered while they run
+                meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
+                meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
+                                                                                          budget.max_cost)
             # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
             # actor (and, streaming, every stage) busy at once.
             actors = max(stage.num_actors for stage in stages)
@@ -218,23 +218,25 @@ def run_pipeline(
                 ds = stage.apply(ds, settings, embed_settings=endpoints.embed, rows_per_block=per_block,
                                  actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0)
             ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
-            report = ray.get(meter.report.remote())
-            usage = {stage: {**data, "rows": report["rows"].get(stage, 0)} for stage, data in report["stages"].items()}
-            stop_reason = report["stop_reason"]
-            ray.kill(meter)
+            if meter is not None:
+                stop_reason = ray.get(meter.report.remote())["stop_reason"]
+                ray.kill(meter)
     seconds = time.perf_counter() - start
-    result = summarize(out, resumed, seconds, summary_columns, already_written=len(done))
-    result.usage, result.stop_reason = usage, stop_reason
+    result = summarize(out, resumed, seconds, summary_columns, done=done)
+    result.stop_reason = stop_reason
     result.rows_left = max(0, todo.num_rows - result.rows_this_run)
     return result
 
 
 def summarize(out: str, resumed: int, seconds: float, columns: tuple[str, ...], *,
-              already_written: int = 0) -> RunResult:
-    """Read the output back: rows, errors and label counts (``already_written``: rows there before this run)."""
+              done: set[str] | frozenset[str] = frozenset()) -> RunResult:
+    """Read the output back: rows, errors, label counts, and the LM usage of the rows this run wrote
+    (``done``: the ids that were there before it)."""
     fs, root = filesystem_for(out)
-    wanted = ["id", ERRORS_COLUMN, *columns]
+    wanted = ["id", ERRORS_COLUMN, USAGE_COLUMN, *columns]
     result = RunResult(out, 0, 0, resumed, seconds)
+    usage: dict[str, Usage] = {}
+    rows_run: Counter = Counter()
     for path in _parquet_files(fs, root):
         with fs.open_input_file(path) as f:
             names = pq.read_schema(f).names
@@ -248,5 +250,15 @@ def summarize(out: str, resumed: int, seconds: float, columns: tuple[str, ...], 
                 for value, n in Counter(t.column(col).to_pylist()).items():
                     key = "null" if value is None else str(value)
                     counts[key] = counts.get(key, 0) + n
-    result.rows_this_run = result.rows_total - already_written
+        if USAGE_COLUMN in t.column_names:
+            ids = t.column("id").to_pylist()
+            for rid, row in zip(ids, t.column(USAGE_COLUMN).to_pylist()):
+                if rid in done or not row:
+                    continue
+                for stage, data in row.items():
+                    if data and data.get("calls"):
+                        usage.setdefault(stage, Usage()).add(Usage.from_dict(data))
+                        rows_run[stage] += 1
+    result.rows_this_run = result.rows_total - len(done)
+    result.usage = {stage: {**u.as_dict(), "rows": rows_run[stage]} for stage, u in usage.items()}
     return result

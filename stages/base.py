@@ -66,8 +66,7 @@ ERRORS_COLUMN = "errors"
 USAGE_COLUMN = "lm_usage"
 USAGE_TYPE = pa.struct([("calls", pa.int64()), ("retries", pa.int64()), ("prompt_tokens", pa.int64()),
                         ("completion_tokens", pa.int64()), ("cost_usd", pa.float64())])
-TICK_S = 0.05  # how often an actor re-reads its share (admission) ...
-METER_EVERY_TICKS = 5  # ... and reports usage to the run's meter
+TICK_S = 0.05  # how often an actor re-reads its share (admission) and reports usage to a budget's meter
 
 
 class StageInputError(KeyError):
@@ -173,7 +172,7 @@ class DSPyStageUDF:
         missing = sum(1 for r, w in zip(results, withheld) if r is None and not w)
         if missing:
             raise RuntimeError(f"stage {self.stage_name!r}: {missing} row(s) produced no output")
-        await self._report_usage()
+        await self._report_usage()  # a run with a budget hears of this batch's spending at once
         if any(withheld):  # the budget is spent: rows not started stay out, for --resume
             keep = pa.array([not w for w in withheld])
             batch = batch.filter(keep)
@@ -192,11 +191,11 @@ class DSPyStageUDF:
         if self.limiter is not None and self._loop_state is not None:
             # Rows waiting to start are demand the endpoint's limit should hear about.
             self.limiter.note_queued(id(self), len(self._loop_state.waiting))
-        if count % METER_EVERY_TICKS == 0:
-            await self._report_usage()
+        await self._report_usage()
 
     async def _report_usage(self) -> None:
-        """Send what rows spent since the last report to the run's meter; learn whether the budget is spent."""
+        """Send what rows spent since the last report to the run's meter (only a run with a budget has one);
+        learn whether the budget is spent.  The run's summary reads the ``lm_usage`` column instead."""
         if self._meter is None or (not self._unreported.calls and not self._unreported_rows):
             return
         usage, rows = self._unreported, self._unreported_rows
@@ -387,7 +386,11 @@ def _run_meter(name: str | None):
 
 def _set_usage(table: pa.Table, stage: str, usages: list[Usage]) -> pa.Table:
     """Put this stage's usage in the ``lm_usage`` struct column (one field per stage)."""
-    mine = pa.array([u.as_dict() for u in usages], type=USAGE_TYPE)
+    mine = pa.StructArray.from_arrays([
+        pa.array([u.calls for u in usages], pa.int64()), pa.array([u.retries for u in usages], pa.int64()),
+        pa.array([u.prompt_tokens for u in usages], pa.int64()),
+        pa.array([u.completion_tokens for u in usages], pa.int64()),
+        pa.array([u.cost_usd for u in usages], pa.float64())], fields=list(USAGE_TYPE))
     names, arrays = [], []
     if USAGE_COLUMN in table.column_names:
         existing = table.column(USAGE_COLUMN).combine_chunks()

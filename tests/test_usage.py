@@ -193,3 +193,58 @@ def test_optimize_reports_usage_and_cost(ray_local, tmp_path, capsys):
     assert total.cost_usd == pytest.approx((1.0 * total.prompt_tokens + 4.0 * total.completion_tokens) / 1e6)
     assert "LM usage this run:" in shown.out and "$" in shown.out
     assert "cost: about $" in shown.err  # the estimate, priced
+
+
+def test_lean_client_reads_lengths_chunks_and_reconnects():
+    """The lean HTTP client against a scripted server: Content-Length, chunked with a trailer, a 429 that
+    closes the connection (a new one follows), and a kept-alive connection the server dropped."""
+    import socket
+    import threading
+
+    from dspy.utils.exceptions import LMRateLimitError
+
+    from core.chat_http import ChatHTTP
+
+    answer = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(answer), answer)
+    scripts = [
+        [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer),
+         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+         b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"],
+        [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer),
+         None],  # None: read the request, then close without answering
+        [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)],
+    ]
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    seen = []
+
+    def serve():
+        for script in scripts:
+            conn, _ = server.accept()
+            with conn:
+                for reply in script:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, _, rest = data.partition(b"\r\n\r\n")
+                    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                      if line.lower().startswith(b"content-length")))
+                    while len(rest) < length:
+                        rest += conn.recv(65536)
+                    seen.append(json.loads(rest))
+                    if reply is None:
+                        break
+                    conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = ChatHTTP(f"http://127.0.0.1:{port}/v1", api_key="k", timeout_s=5.0, model="m")
+    assert client.complete(b'{"n": 1}')["choices"][0]["message"]["content"] == "hi"
+    assert client.complete(b'{"n": 2}')["choices"][0]["message"]["content"] == "hi"
+    with pytest.raises(LMRateLimitError) as error:
+        client.complete(b'{"n": 3}')
+    assert error.value.retry_after == 2.0
+    assert client.complete(b'{"n": 4}')["choices"][0]["message"]["content"] == "hi"  # new connection, after a 100
+    assert client.complete(b'{"n": 5}')["choices"][0]["message"]["content"] == "hi"  # dropped, sent again once
+    assert [r["n"] for r in seen] == [1, 2, 3, 4, 5, 5]
+    server.close()
