@@ -27,21 +27,14 @@ Run by hand: ``python -m core.embedded_embedder --port 8090`` serves until inter
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
+from core.child_server import EXIT_WITH_PARENT_FLAG, ChildServer, free_port, stop_when_parent_dies
 from core.embedder_weights import MODEL_ID, gguf_path, source_folder
 from core.settings import EndpointSettings
 
@@ -58,28 +51,18 @@ PARALLEL = 8  # llama.cpp sequences batched together
 STARTUP_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 class EmbeddedEmbedder:
     """The embedding server's child process, bound to 127.0.0.1; a context manager that stops it."""
 
     model = MODEL_ID
     dim = DIM
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
-        self.proc, self.port, self.log_path = proc, port, log_path
+    def __init__(self, server: ChildServer):
+        self.server = server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def base_url(self) -> str:
@@ -98,37 +81,20 @@ class EmbeddedEmbedder:
     @classmethod
     def start(cls, *, parallel: int = PARALLEL, threads: int | None = None,
               timeout_s: float = STARTUP_TIMEOUT_S) -> EmbeddedEmbedder:
+        """A child server that stops with this process, however it ends (:mod:`core.child_server`)."""
         model = gguf_path()  # converted now if the install step did not (local, ~1 s)
-        port = _free_port()
-        log_path = Path(tempfile.gettempdir()) / f"embedded-embedder-{port}.log"
+        port = free_port()
         cmd = [sys.executable, "-m", "core.embedded_embedder", "--port", str(port), "--model", str(model),
                "--parallel", str(parallel)]
         if threads:
             cmd += ["--threads", str(threads)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                            os.environ.get("PYTHONPATH", "")])}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        server = cls(proc, port, log_path)
-        atexit.register(server.stop)
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(f"http://127.0.0.1:{port}/health"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"embedded embedder did not become ready (log {log_path}):\n{tail}")
-            time.sleep(0.1)
-        logger.info("embedded embedder ready at %s (%s, %s)", server.base_url, MODEL_ID, model.name)
-        return server
+        server = ChildServer.start(cmd, port=port, health_path="/health", name="embedded-embedder",
+                                   timeout_s=timeout_s)
+        logger.info("embedded embedder ready at http://127.0.0.1:%d/v1 (%s, %s)", port, MODEL_ID, model.name)
+        return cls(server)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.server.stop()
 
     def __enter__(self) -> EmbeddedEmbedder:
         return self
@@ -157,7 +123,7 @@ class _Engine:
         params.verbosity = 0  # the default logs every slot of every request
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
         params.hostnames = ["127.0.0.1"]
-        params.port = _free_port()  # llama.cpp's own listener: private, unused
+        params.port = free_port()  # llama.cpp's own listener: private, unused
         params.n_parallel = parallel
         params.n_ctx = parallel * 512
         # A micro-batch must hold whole sequences (non-causal attention): 512 holds several inputs.
@@ -255,13 +221,13 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 64
 
 
-def serve(port: int, model: str, parallel: int = PARALLEL, threads: int | None = None) -> None:
-    """Serve on 127.0.0.1:``port`` until SIGTERM/SIGINT."""
+def serve(port: int, model: str, parallel: int = PARALLEL, threads: int | None = None,
+          exit_with_parent: bool = False) -> None:
+    """Serve on 127.0.0.1:``port`` until SIGTERM/SIGINT (or, when started by EmbeddedEmbedder, its parent ends)."""
     _Handler.engine = _Engine(model, parallel, threads or min(os.cpu_count() or 2, 8))
     httpd = _Server(("127.0.0.1", port), _Handler)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_when_parent_dies(stop.set, watch_stdin=exit_with_parent)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     print(f"embedded embedder {MODEL_ID} ({DIM}-d) on http://127.0.0.1:{port}/v1", flush=True)
     while not stop.is_set():
@@ -276,9 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="GGUF path (default: the converted all-MiniLM-L6-v2)")
     parser.add_argument("--parallel", type=int, default=PARALLEL, help="llama.cpp sequences batched together")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: CPUs, at most 8)")
+    parser.add_argument(EXIT_WITH_PARENT_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    serve(args.port, args.model or str(gguf_path()), args.parallel, args.threads)
+    serve(args.port, args.model or str(gguf_path()), args.parallel, args.threads,
+          exit_with_parent=args.exit_with_parent)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARENT = """
 import sys, time
 from core.embedded import EmbeddedLM
-server = EmbeddedLM.start()
+from core.embedded_embedder import EmbeddedEmbedder
+server = {"lm": EmbeddedLM, "embedder": EmbeddedEmbedder}[sys.argv[1]].start()
 print(server.server.proc.pid, flush=True)
 time.sleep(600)
 """
@@ -34,8 +35,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.llm
-def test_embedded_lm_dies_with_a_sigkilled_parent():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+@pytest.mark.parametrize("which", ["lm", "embedder"])
+def test_embedded_server_dies_with_a_sigkilled_parent(which):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, which], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         child = int(parent.stdout.readline())
