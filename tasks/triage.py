@@ -37,5 +37,6 @@ TASK = Task(
                     "said and the summary states the incident faithfully; partial: one of them is wrong or the "
                     "summary misses an important detail; bad: mostly wrong, invented or empty.",
     ),
-    cli=CliDefaults(text_column="transcript", summary_columns=("priority", "category")),
+    cli=CliDefaults(text_column="transcript", summary_columns=("priority", "category"),
+                    embedded_artifacts="data/artifacts"),  # made by: python -m optimize --optimizer knn
 )
