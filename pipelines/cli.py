@@ -121,13 +121,13 @@ def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None]
                                                if k in {r.name for r in s.program.resources}}}) for s in stages]
 
 
-def run_task(task: Task, args: argparse.Namespace) -> RunResult:
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    spec = InputSpec(args.input, text_column=args.text_column, id_column=args.id_column,
-                     limit=args.limit, max_chars=args.max_chars)
-    embed = resolve_settings("EMBED", flags=embed_flags(args)) if task.needs_embedder else None
-    use_default = task.cli.embedded_artifacts and not args.artifact_dir and not getattr(args, "no_default_artifact",
-                                                                                          False)
+def embedded_default_hook(task: Task, args: argparse.Namespace,
+                          say: Callable[[str], None]) -> Callable[[DSPyStage], str | None] | None:
+    """What a stage with no artifact runs when the endpoint turns out to be the embedded model: the
+    task's artifact tuned for that model, unless this run chose artifacts (``--artifact-dir``) or
+    asked for the programs as written (``--no-default-artifact``).  None: no default."""
+    if not task.cli.embedded_artifacts or args.artifact_dir or getattr(args, "no_default_artifact", False):
+        return None
 
     def embedded_default(stage: DSPyStage) -> str | None:
         path = task.embedded_artifact(stage.program.name)
@@ -136,13 +136,21 @@ def run_task(task: Task, args: argparse.Namespace) -> RunResult:
                 f"(--no-default-artifact: the program as written)")
         return path
 
+    return embedded_default
+
+
+def run_task(task: Task, args: argparse.Namespace) -> RunResult:
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    spec = InputSpec(args.input, text_column=args.text_column, id_column=args.id_column,
+                     limit=args.limit, max_chars=args.max_chars)
+    embed = resolve_settings("EMBED", flags=embed_flags(args)) if task.needs_embedder else None
     lm = lm_settings_from_args(args)
     if args.max_cost is not None and lm.price_in is None and lm.price_out is None:
         raise TaskError("--max-cost needs the model's price: set LM_PRICE_IN and LM_PRICE_OUT (USD per million "
                         "tokens) or a MODEL_PRICES entry for it")
     return run_pipeline(spec, args.output, stage_chain(task, args, say), lm,
                         embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns,
-                        embedded_default=embedded_default if use_default else None,
+                        embedded_default=embedded_default_hook(task, args, say),
                         budget=Budget(args.max_tokens, args.max_cost))
 
 

@@ -17,7 +17,7 @@ here knows about Ray, files or endpoints.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 from pydantic import BaseModel, Field
@@ -65,7 +65,11 @@ class CitedRAG(dspy.Module):
         query = self.rewrite(question=question).search_query
         passages = self.retriever.search(query or question, k=self.k)
         context = "\n\n".join(f"[{p.id}] {p.text}" for p in passages)
-        out = self.respond(question=question, passages=context)
+        signature = self.respond.predict.signature
+        if passages:  # citations can only be ids of these passages: an enum in the JSON schema (vLLM, llama.cpp)
+            ids = tuple(dict.fromkeys(p.id for p in passages))
+            signature = signature.with_updated_fields("citations", type_=list[Literal[ids]])
+        out = self.respond(question=question, passages=context, signature=signature)
         by_id = {p.id: p for p in passages}
         citations = [c.strip().strip("[]") for c in (out.citations or [])]
         cited = [CitedPassage(id=c, source=by_id[c].source, snippet=by_id[c].text[:SNIPPET_CHARS])

@@ -261,7 +261,7 @@ def app_builder(args: dict[str, Any]):
               "JUDGE": resolve_settings("JUDGE", flags=options.judge) if options.judge or _judge_configured() else None,
               "EMBED": resolve_settings("EMBED") if needs_embedder else None}
     found = discover_endpoints(wanted)
-    for role, what in (("LM", "an LM"), ("EMBED", "an embedding")):
+    for role, what in (("LM", "LM"), ("EMBED", "embedding")):
         if found[role] is not None and not found[role].base_url:
             raise ValueError(f"no {what} endpoint for the served program: set {role}_BASE_URL (environment or "
                              f".env), or deploy the cluster's LLM app for discovery")

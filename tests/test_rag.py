@@ -79,7 +79,7 @@ def test_metric_scores_grounded_citations_and_abstention():
 
 def test_program_is_pure_dspy_and_cites_what_it_retrieved():
     retriever = StubRetriever(PASSAGES)
-    with FakeLLM() as fake:
+    with FakeLLM(field_overrides={"answerable": True}) as fake:  # the fake picks booleans by hash: pinned
         runner = ProgramRunner(CitedRAG(retriever), build_lm(EndpointSettings(base_url=fake.base_url, model="m")),
                                output_fields=RAG.output_fields(), reward_fn=citation_reward)
         outcome = runner.run({"question": "Where is station 7?"})
@@ -88,6 +88,25 @@ def test_program_is_pure_dspy_and_cites_what_it_retrieved():
     assert pred.citations == ["fire/stations.md:0"] and pred.retrieved_ids == [p.id for p in PASSAGES]
     assert pred.cited[0].source == "fire/stations.md" and pred.cited[0].snippet.startswith("Station 7")
     assert retriever.queries  # it searched with the rewritten query
+
+
+def test_citations_are_constrained_to_the_retrieved_ids():
+    """The answer's JSON schema lists the retrieved ids as the only citations a model may write."""
+    from core.json_adapter import response_schema
+
+    program = CitedRAG(StubRetriever(PASSAGES))
+    seen = {}
+
+    def respond(**kwargs):
+        seen.update(kwargs)
+        return dspy.Prediction(answer="At Kettle Bay.", answerable=True, citations=[PASSAGES[0].id])
+
+    program.rewrite.forward = lambda question: dspy.Prediction(search_query=question)
+    program.respond.forward = respond
+    program(question="Where is station 7?")
+    citations = response_schema(seen["signature"])["properties"]["citations"]
+    assert citations["items"]["enum"] == [p.id for p in PASSAGES]
+    assert "enum" not in response_schema(program.respond.predict.signature)["properties"]["citations"]["items"]
 
 
 def test_batch_rag_over_the_shipped_index_under_faults(shipped_index, embed_fake, ray_local, tmp_path):

@@ -100,3 +100,21 @@ def test_constant_output_warning(counts, warned):
     assert bool(lines) == warned
     if warned:
         assert "priority=urgent" in lines[0] and "95%" in lines[0] and lines[0] in result.summary()
+
+
+@pytest.mark.parametrize(("argv", "default"), [
+    ([], True),                                  # the embedded model gets the tuned artifact ...
+    (["--no-default-artifact"], False),          # ... unless the run asks for the program as written
+    (["--artifact-dir", "some/registry"], False),  # ... or chose its own artifacts
+])
+def test_cli_flags_decide_the_embedded_default(argv, default):
+    from pipelines.cli import build_parser, embedded_default_hook
+
+    said = []
+    args = build_parser(TRIAGE, "python -m pipelines triage").parse_args(["--input", "x", "--output", "y", *argv])
+    hook = embedded_default_hook(TRIAGE, args, said.append)
+    assert (hook is not None) == default
+    if default:
+        stages = {s.program.name: s for s in TRIAGE.stages_for()}
+        assert hook(stages["triage"]) == TRIAGE.embedded_artifact("triage") and "tuned" in said[0]
+        assert hook(stages["extract_details"]) is None  # nothing shipped for that stage
