@@ -121,7 +121,9 @@ def limit_history(base_url: str) -> list[list[float]]:
     try:
         from core.limiter import coordinator_state
 
-        return [list(h) for h in coordinator_state(base_url, "fake-model", history=True)["history"]]
+        state = coordinator_state(base_url, "fake-model", history=True)
+        print("  limit state:", {k: v for k, v in state.items() if k not in ("history", "members")}, flush=True)
+        return [list(h) for h in state["history"]]
     except Exception:  # noqa: BLE001 - the code before the limiter: nothing to show
         return []
 
