@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from core.settings import EndpointSettings
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline, written_ids
 from tasks import get_task
+from tests.batch_helpers import read_output, write_calls
 from tests.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
@@ -29,17 +29,6 @@ TRIAGE = get_task("triage")
 
 def triage_stages(**overrides):
     return TRIAGE.stages_for(overrides=overrides)
-
-
-def write_calls(path: Path, n: int) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"call-{i:05d}", "transcript": f"Call {i}: my neighbour's shed is on fire"}) + "\n")
-    return path
-
-
-def read_output(out: Path):
-    return pq.read_table(sorted(out.glob("*.parquet")))
 
 
 def cli_env(ray_local, **extra) -> dict:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from core.chat_http import error_for
@@ -18,25 +17,16 @@ from core.usage import Budget, RunMeter, Usage
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline
 from tasks import get_task
+from tests.batch_helpers import read_output, write_calls
 from tests.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = get_task("triage")
-
-
-def write_calls(path: Path, n: int) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"call-{i:05d}", "transcript": f"Call {i}: a car is on fire on Elm St"}) + "\n")
-    return path
-
-
-def read_output(out: Path):
-    return pq.read_table(sorted(out.glob("*.parquet")))
+CALL = "Call {i}: a car is on fire on Elm St"
 
 
 def test_usage_per_row_and_stage_and_the_run_summary(ray_local, tmp_path):
-    src = write_calls(tmp_path / "calls.jsonl", 24)
+    src = write_calls(tmp_path / "calls.jsonl", 24, text=CALL)
     with FakeLLM(latency=0.01, p_429=0.15, retry_after=0.01, seed=2) as fake:
         settings = EndpointSettings(base_url=fake.base_url, model="fake-model", price_in=2.0, price_out=8.0)
         result = run_pipeline(InputSpec(str(src), text_column="transcript"), str(tmp_path / "out"),
@@ -126,7 +116,7 @@ def _cli(args: list[str], ray_local, **env) -> subprocess.CompletedProcess:
 
 def test_budget_stop_writes_finished_rows_exits_3_and_resume_finishes_the_rest(ray_local, tmp_path):
     n = 240
-    src = write_calls(tmp_path / "calls.jsonl", n)
+    src = write_calls(tmp_path / "calls.jsonl", n, text=CALL)
     out = tmp_path / "out"
     with FakeLLM(latency=0.05) as fake:
         base = ["--input", str(src), "--output", str(out), "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
