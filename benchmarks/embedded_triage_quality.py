@@ -48,14 +48,14 @@ def configure(name: str, program, train: list) -> None:
     from programs.demo_pool import demo_pool
 
     if name.endswith("-priority-first"):  # the signature's outputs in the order they had before the change
-        signature = program.triage.signature
-        outputs = list(signature.output_fields)
-        for field in ("summary", "category", "priority"):
+        original = signature = program.triage.signature
+        order = ("priority", "category", "summary")
+        for field in order:
             signature = signature.delete(field)
-        for field in ("priority", "category", "summary"):
-            signature = signature.append(field, signature_field(program, field), type_=signature_type(program, field))
+        for field in order:
+            signature = signature.append(field, original.fields[field], type_=original.fields[field].annotation)
         program.triage.signature = signature
-        assert list(signature.output_fields) == ["priority", "category", "summary"], outputs
+        assert tuple(signature.output_fields) == order, list(original.output_fields)
         name = name.removesuffix("-priority-first")
     fields = tuple(program.triage.signature.fields)
     if name.startswith("labeled"):
@@ -64,14 +64,6 @@ def configure(name: str, program, train: list) -> None:
     elif name.startswith("knn"):
         program.triage.demos = demo_pool(train, fields)
         program.nearest.k = int(name.removeprefix("knn"))
-
-
-def signature_field(program, name: str):
-    return program.triage.signature.fields[name]
-
-
-def signature_type(program, name: str):
-    return program.triage.signature.fields[name].annotation
 
 
 def load_unseen():
