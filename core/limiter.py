@@ -110,6 +110,8 @@ class AimdPolicy:
     CUT_LATENCY = 1.7  # ... above floor x this: a queue is forming, cut
     MIN_WINDOW_S = 0.1
     MAX_PROBE_WAIT_S = 32.0
+    LEAK_SPAN_S = 1.0  # 429s beyond the background, added up over this long, also say "full"
+    LEAK_CUT = 0.9  # ... and cut at least this deep, so the cut's effect can be judged
     FLOOR_DRIFT = 1.005  # per window: the latency floor follows a lasting change of the endpoint
 
     def __init__(self, ceiling: int, initial: int = 16, min_limit: int = 1, adaptive: bool = True):
@@ -119,17 +121,20 @@ class AimdPolicy:
         self.limit = float(min(self.ceiling, initial) if adaptive else self.ceiling)
         self.latency_floor: float | None = None
         self.w_max: float | None = None  # lowest level that failed recently (None: still in slow start)
+        self.fail_peak: int | None = None  # requests in flight when the endpoint last complained
         self.probe_wait = 1.0
         self.probe_at = 0.0
         self.probe_step = 1.0
         self.cooldown_until = 0.0
         self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=16)  # (429s, answered), not cut
+        self.leak: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, 429s, answered) since a cut
         self.background = 0.0  # share of 429s learned not to be caused by the level (see _check_cut)
         self.last_cut: dict[str, Any] | None = None  # a 429 cut waiting for its effect to be judged
         self.recent_ok: collections.deque[tuple[float, float, int, float]] = collections.deque()  # start, end, ok, level
         self.held: collections.deque[tuple[float, int]] = collections.deque()  # (time, in flight) of clean windows
         self.window = Signals()
         self.window_start: float | None = None
+        self.leak_rate = 0.0
         self.cuts = 0
         self.reverted = 0
         self.rounding = 0  # slots lost to whole-number shares (one per process, set by the coordinator)
@@ -194,17 +199,18 @@ class AimdPolicy:
         ratio = latency / self.latency_floor if latency is not None and self.latency_floor and w.ok >= 5 else 1.0
         overloaded = w.overloads > self.overload_threshold(w.answered)
         if overloaded or ratio > self.CUT_LATENCY:
-            self._cut(now, by_overloads=overloaded, rate=w.overloads / max(1, w.answered))
+            self._cut(now, w.peak_in_flight, by_overloads=overloaded, rate=w.overloads / max(1, w.answered))
             return
         if w.answered >= 10:
             self.recent.append((w.overloads, w.answered))
-        if w.overloads > w.answered * self.background_rate() + 1:
-            # At the edge: hold, and never far above what was in flight when the 429s came.
-            self.limit = max(float(self.min_limit), min(self.limit, 1.25 * max(1, w.peak_in_flight)))
+        if self._leaking(now, w):
+            self._cut(now, w.peak_in_flight, by_overloads=True, rate=self.leak_rate, keep=self.LEAK_CUT)
             return
+        if w.overloads > w.answered * self.background_rate():
+            return  # at the edge: hold (a few such windows in a row are a leak, cut above)
         if ratio > self.HOLD_LATENCY:
             return
-        self.held.append((now, w.peak_in_flight))  # the endpoint held this many without complaint
+        self.held.append((now, w.peak_in_flight))  # the endpoint held this many without a 429 beyond the usual
         limit = self.limit
         if w.peak_in_flight < limit - max(1.0, 0.1 * limit) - self.rounding:
             return  # the callers do not use what they have: growing would prove nothing
@@ -213,16 +219,30 @@ class AimdPolicy:
         elif limit < self.w_max - 1:
             self.limit = min(self.w_max - 1, limit + max(1.0, (self.w_max - limit) / 2))  # back to the plateau
         elif now >= self.probe_at:
-            if limit >= self.w_max:  # a probe above the old failure level held: there is more room
-                self.w_max = limit + self.probe_step
+            # A probe held: in flight reached the level that failed last (with several processes in
+            # whole-number shares the limit can be above what is really sent), and no complaint.
+            if limit >= self.w_max and w.peak_in_flight >= (self.fail_peak or int(self.w_max)):
+                self.fail_peak = None
+                self.w_max = max(limit, w.peak_in_flight) + self.probe_step
                 self.probe_step = min(self.probe_step * 2, max(1.0, limit / 8))
                 self.probe_wait = 1.0
             self.limit = min(self.ceiling, max(limit + 1, self.w_max))
             self.probe_at = now  # judged by the next window
         self.limit = max(float(self.min_limit), self.limit)
 
-    def _cut(self, now: float, *, by_overloads: bool, rate: float) -> None:
+    def _leaking(self, now: float, w: Signals) -> bool:
+        """A few 429s in every window, none enough alone: added up over ``LEAK_SPAN_S`` they say "full" too."""
+        self.leak.append((now, w.overloads, w.answered))
+        while self.leak and self.leak[0][0] < now - self.LEAK_SPAN_S:
+            self.leak.popleft()
+        overloads = sum(o for _, o, _ in self.leak)
+        answered = sum(n for _, _, n in self.leak)
+        self.leak_rate = overloads / max(1, answered)
+        return overloads > self.overload_threshold(answered)
+
+    def _cut(self, now: float, peak: int, *, by_overloads: bool, rate: float, keep: float = 1.0) -> None:
         before, w_max_before, recent = self.limit, self.w_max, self._ok_per_s(now)
+        self.fail_peak = peak or None
         ok_rate, level = recent if recent is not None else (None, before)
         served = ok_rate * self.latency_floor if ok_rate is not None and self.latency_floor else None
         while self.held and self.held[0][0] < now - 3.0:
@@ -231,7 +251,8 @@ class AimdPolicy:
         # lately without complaint below the level that failed; after a large one only what it served.
         held = max((n for _, n in self.held if n < before), default=0) if rate < 0.1 else 0
         target = max(served or 0.0, held) or before * 0.5
-        self.limit = max(float(self.min_limit), min(before - 1, max(target, before * 0.5)))
+        self.limit = max(float(self.min_limit), min(before - 1, keep * before, max(target, before * 0.5)))
+        self.leak.clear()
         probing = self.w_max is not None and before >= self.w_max
         self.probe_wait = min(self.MAX_PROBE_WAIT_S, self.probe_wait * 2) if probing else 1.0
         # The level that failed, or (after an overshoot) just above what was actually held.
@@ -262,7 +283,7 @@ class AimdPolicy:
             return False  # the cut helped: more answered per slot, or fewer 429s
         self.background = max(self.background, min(cut["rate"], w.overloads / max(1, w.answered) + 0.05))
         self.limit = max(self.limit, cut["before"])
-        self.w_max = None  # the failures were noise: find the capacity again
+        self.w_max = self.fail_peak = None  # the failures were noise: find the capacity again
         self.reverted += 1
         return True
 
@@ -324,6 +345,10 @@ class EndpointLimiter:
         self.queued_elsewhere: dict[int, int] = {}
         self.coordinated = False  # meant to share a coordinator (Ray): report to it, re-attach if it goes away
         self.cap: float | None = None  # the last share granted, while the coordinator does not answer
+        self.reports = 0  # intervals handed to the policy so far
+        # A quick local cut on a burst of 429s: (the interval it happened in, the limit it left). It holds,
+        # and the limit is not paced up, until a share decided with that interval's signals comes back.
+        self.backoff: tuple[int, float] | None = None
 
     # -- taking and giving back slots -----------------------------------------------
 
@@ -415,13 +440,14 @@ class EndpointLimiter:
             if exc is None:
                 s.ok += 1
                 s.latency_sum += latency or 0.0
-                if self.limit < self.share:  # pace growth: one more slot per answer
+                if self.limit < self.share and self.backoff is None:  # pace growth: one more slot per answer
                     self.limit = min(self.share, self.limit + 1)
             elif is_overload(exc):
                 s.overloads += 1
                 # Many 429s already in this interval: give this slot back now, not at the next report.
                 if s.overloads > overload_threshold(s.answered, self.background):
                     self.limit = max(min(1.0, self.share), min(self.limit, self.in_flight + 1) - 1)
+                    self.backoff = (self.reports, self.limit)
             else:
                 s.errors += 1
             self._grant()
@@ -431,18 +457,23 @@ class EndpointLimiter:
     def take_interval(self) -> Signals:
         with self._lock:
             signals, self._interval = self._interval, Signals()
+            self.reports += 1
             self._note_demand()  # the next interval starts with the current gauges
             self.totals.merge(Signals(ok=signals.ok, overloads=signals.overloads, errors=signals.errors,
                                       latency_sum=signals.latency_sum))
             return signals
 
-    def set_share(self, share: float, background: float | None = None) -> None:
+    def set_share(self, share: float, background: float | None = None, decided: int | None = None) -> None:
+        """Use ``share`` from now on; ``decided``: how many of this process's intervals (:attr:`reports`)
+        the policy had seen when it decided (None: all of them)."""
         with self._lock:
             # 0 is possible with a coordinator: every slot of the job is held by other processes.
             self.share = max(0.0, min(float(self.ceiling), share))
             # At once, both ways: the policy already paced the total (and a share that moves between
-            # processes does not change it); a quick local cut on 429s lasts until this report.
-            self.limit = self.share
+            # processes does not change it).  A quick local cut on 429s holds until the policy saw them.
+            if self.backoff is not None and (decided is None or self.backoff[0] < decided):
+                self.backoff = None
+            self.limit = self.share if self.backoff is None else min(self.share, self.backoff[1])
             if background is not None:
                 self.background = background
             self._grant()
@@ -457,9 +488,10 @@ class EndpointLimiter:
                 limit = self.policy.limit = min(limit, self.cap)
             self.set_share(limit, self.policy.background_rate())
 
-    def coordinated_report(self) -> tuple[str, str, dict[str, Any], int, bool]:
-        """What the endpoint's coordinator needs from this process since the last report."""
-        return self.key, self.member, asdict(self.take_interval()), self.ceiling, self.adaptive
+    def coordinated_report(self) -> tuple[str, str, dict[str, Any], int, bool, int]:
+        """What the endpoint's coordinator needs from this process since the last report, numbered."""
+        signals = asdict(self.take_interval())
+        return self.key, self.member, signals, self.ceiling, self.adaptive, self.reports
 
     def lost_coordinator(self) -> None:
         """Decide locally until a coordinator answers again: from the current share, and never above it
@@ -484,9 +516,11 @@ class _Member:
     granted: float
     demand: int = 0  # in the last report
     held: int = 0  # requests in flight at the last report (a process keeps them while its share shrinks)
-    seen: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)  # when its latest report came
     window_peak: int = 0  # peaks over the policy's current round
     window_demand: int = 0
+    last_report: int = 0  # the number of its latest report
+    decided: int = 0  # the number of its latest report the policy has decided with
 
 
 class LimitCoordinator:
@@ -505,7 +539,7 @@ class LimitCoordinator:
         self.pending = Signals()
         self.pending_reports = 0
         self.started = time.monotonic()
-        # (seconds, limit, demand, in flight) per policy step, for plots and tests.
+        # (seconds, limit, demand, peak in flight, answered ok, 429s) per policy step, for plots and tests.
         self.history: collections.deque[tuple[float, float, int, int]] = collections.deque(maxlen=20_000)
 
     def join(self, member: str) -> dict[str, float]:
@@ -513,16 +547,19 @@ class LimitCoordinator:
         self._prune(now)
         spare = self.policy.limit - sum(max(m.granted, m.held) for m in self.members.values())
         share = max(0.0, min(spare, self.policy.limit / (len(self.members) + 1)))  # 0: wait for the next report
-        self.members[member] = _Member(granted=share, seen=now)
+        self.members[member] = _Member(granted=share, heard=now)
         return {"share": share, "background": self.policy.background_rate()}
 
-    def report(self, member: str, signals: dict[str, Any]) -> dict[str, float]:
+    def report(self, member: str, signals: dict[str, Any], number: int = 0) -> dict[str, float]:
+        """Add one process's signals (its report ``number``); its share, and the latest of its reports the
+        policy has decided with (``decided``: a quick local cut on 429s holds until then)."""
         now = time.monotonic()
         state = self.members.get(member)
         if state is None:
             self.join(member)
             state = self.members[member]
-        state.seen = now
+        state.heard = now
+        state.last_report = number
         incoming = Signals(**signals)
         state.demand = incoming.demand
         state.held = incoming.peak_in_flight
@@ -538,27 +575,33 @@ class LimitCoordinator:
             self.pending.demand = sum(m.window_demand for m in self.members.values())
             for m in self.members.values():
                 m.window_peak = m.window_demand = 0
+                m.decided = m.last_report
             self.policy.rounding = len(self.members)
             self.policy.observe(self.pending, now)
             self.history.append((round(now - self.started, 3), round(self.policy.limit, 1), self.pending.demand,
-                                 self.pending.peak_in_flight))
+                                 self.pending.peak_in_flight, self.pending.ok, self.pending.overloads))
             self.pending, self.pending_reports = Signals(), 0
-        return {"share": self._share(member), "background": self.policy.background_rate()}
+        return {"share": self._share(member), "background": self.policy.background_rate(), "decided": state.decided}
 
     def _prune(self, now: float) -> None:
-        for name in [n for n, m in self.members.items() if now - m.seen > MEMBER_TIMEOUT_S]:
+        for name in [n for n, m in self.members.items() if now - m.heard > MEMBER_TIMEOUT_S]:
             del self.members[name]
 
     def _share(self, member: str) -> float:
         limit = self.policy.limit
         demands = {name: max(1, m.demand) for name, m in self.members.items()}
         total = sum(demands.values())
-        mine = demands[member]
         if total <= limit:
-            target = mine + (limit - total) / len(demands)
+            wanted = {name: d + (limit - total) / len(demands) for name, d in demands.items()}
         else:
-            target = limit * mine / total
-        target = max(1.0, target)
+            wanted = {name: limit * d / total for name, d in demands.items()}
+        # A process sends whole requests: whole shares that add up to the limit's whole part (the
+        # floors, then one more slot each to the largest remainders), so no slot is lost to rounding.
+        whole = {name: math.floor(v) for name, v in wanted.items()}
+        largest = sorted(wanted, key=lambda name: (whole[name] - wanted[name], name))
+        for name in largest[:max(0, int(limit) - sum(whole.values()))]:
+            whole[name] += 1
+        target = max(1.0, float(whole[member]))
         state = self.members[member]
         if target > state.granted:  # growth only from what the others do not hold (so never past the ceiling)
             # A process whose share just shrank still has its requests in flight until they end.
@@ -596,9 +639,9 @@ class LimitService:
     def join(self, key: str, member: str, ceiling: int, adaptive: bool = True) -> dict[str, float]:
         return self._endpoint(key, ceiling, adaptive).join(member)
 
-    def report(self, reports: list[tuple[str, str, dict[str, Any], int, bool]]) -> list[dict[str, float]]:
-        return [self._endpoint(key, ceiling, adaptive).report(member, signals)
-                for key, member, signals, ceiling, adaptive in reports]
+    def report(self, reports: list[tuple[str, str, dict[str, Any], int, bool, int]]) -> list[dict[str, float]]:
+        return [self._endpoint(key, ceiling, adaptive).report(member, signals, number)
+                for key, member, signals, ceiling, adaptive, number in reports]
 
     def state(self, key: str, history: bool = False) -> dict[str, Any] | None:
         coordinator = self.endpoints.get(key)
@@ -734,7 +777,7 @@ def _tick_all(now: float) -> None:
         return
     for limiter, answer in zip(coordinated, answers):
         limiter.coordinator, limiter.cap = handle, None
-        limiter.set_share(answer["share"], answer["background"])
+        limiter.set_share(answer["share"], answer["background"], answer["decided"])
 
 
 def _start_ticker() -> None:

@@ -194,3 +194,56 @@ def test_policy_never_passes_the_ceiling_and_cuts_to_what_was_served():
         policy.observe(Signals(ok=72, overloads=40, latency_sum=72 * 0.25, peak_in_flight=100, demand=200), now)
     assert 55 <= policy.limit <= 75, policy.limit
     assert policy.cuts >= 1
+
+
+def test_a_few_429s_in_every_window_add_up_to_a_cut():
+    """Two 429s per window never pass one window's threshold; over a second they are a leak, and it is cut."""
+    policy = AimdPolicy(ceiling=64, initial=32)
+    policy.w_max = 33.0  # at the plateau, just under the level that failed last
+    now = 0.0
+    for _ in range(3):  # clean: the endpoint holds 32
+        now += 0.25
+        policy.observe(Signals(ok=32, latency_sum=32 * 0.2, peak_in_flight=32, demand=64), now)
+    before, cuts = policy.limit, policy.cuts
+    for _ in range(5):
+        now += 0.25
+        policy.observe(Signals(ok=31, overloads=2, latency_sum=31 * 0.2, peak_in_flight=33, demand=64), now)
+        if policy.cuts > cuts:
+            break
+    assert policy.cuts == cuts + 1, policy.limit
+    assert policy.limit <= 0.9 * before  # deep enough that its effect can be judged
+    assert now - 0.75 <= 1.0  # within the leak span
+
+
+def test_a_quick_local_cut_holds_until_the_policy_has_seen_its_429s():
+    class Overloaded(Exception):
+        status = 429
+
+    limiter = EndpointLimiter("test|backoff", ceiling=64, initial=8)
+    for _ in range(8):  # eight requests in flight, three answered 429 at once
+        limiter._acquire()
+    for _ in range(3):
+        limiter._release(None, Overloaded())
+    assert limiter.limit < 8 and limiter.backoff is not None
+    cut = limiter.limit
+    report = limiter.coordinated_report()  # the interval with the 429s goes to the coordinator ...
+    limiter.set_share(8.0, decided=report[-1] - 1)  # ... whose answer was decided before it came
+    assert limiter.limit == cut
+    limiter._release(0.1, None)  # an answer does not pace the limit back up meanwhile
+    assert limiter.limit == cut
+    limiter.set_share(8.0, decided=report[-1])  # decided with it: the policy's share holds
+    assert limiter.limit == 8.0 and limiter.backoff is None
+
+
+def test_the_coordinator_says_which_reports_it_decided_with():
+    from core.limiter import LimitCoordinator
+
+    coordinator = LimitCoordinator("test|decided", ceiling=64)
+    coordinator.join("a")
+    coordinator.join("b")
+    signals = {"ok": 4, "latency_sum": 0.4, "peak_in_flight": 4, "demand": 8}
+    first = coordinator.report("a", signals, 1)
+    assert first["decided"] == 0  # b has not reported yet: no policy step
+    second = coordinator.report("b", signals, 1)
+    assert second["decided"] == 1
+    assert coordinator.report("a", signals, 2)["decided"] == 1  # a's first report was in that step
