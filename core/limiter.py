@@ -6,9 +6,11 @@ finds a path's capacity, with the signals an LM endpoint gives:
 
 * it **grows** while calls succeed and latency stays flat: doubling each window at first
   (slow start), later quickly back to just under the last level that failed, then one
-  probe above it now and then (1 s, 2 s, 4 s ... 32 s apart while probes keep failing);
+  probe above it now and then (1 s, 2 s, 4 s ... 32 s apart while probes keep failing; a
+  probe counts as held once the requests in flight reached the level that failed);
 * it is **cut** when the endpoint says it is full (more 429 / 503 answers than its
-  background rate of them) or latency rises well above its floor (a queue is forming).
+  background rate of them, in one window or added up over a second) or latency rises well
+  above its floor (a queue is forming).
   The cut goes to what the endpoint actually served, by Little's law: calls answered per
   second x the latency floor.  A provider that throttles at random is told apart by
   cause and effect: when a cut leaves the share of 429s as it was, that share is
@@ -20,9 +22,11 @@ One limit per endpoint (base URL + model).  In one process every caller of that 
 (both stages of a task in one actor, the judge, the embedding client) shares one
 :class:`EndpointLimiter`; with Ray, the processes of a job share one small named actor
 (:class:`LimitService`, one :class:`LimitCoordinator` per endpoint) that merges their
-signals every 100 ms, runs the limit and hands each process its share (by demand).  The hot path makes no Ray call: a process
-takes and returns slots locally, reacts to a burst of 429s at once, and reports in the
-background.  Without Ray (tests, a notebook) the same policy runs in the process.
+signals every 100 ms, runs the limit and hands each process its share (by demand, in whole
+slots that add up to the limit).  The hot path makes no Ray call: a process takes and
+returns slots locally, reacts to a burst of 429s at once (and holds that cut until the
+coordinator has decided with those 429s), and reports in the background.  Without Ray
+(tests, a notebook) the same policy runs in the process.
 
 Using it, from threads or from asyncio (the LM client and the embedding client do)::
 
@@ -137,7 +141,7 @@ class AimdPolicy:
         self.leak_rate = 0.0
         self.cuts = 0
         self.reverted = 0
-        self.rounding = 0  # slots lost to whole-number shares (one per process, set by the coordinator)
+        self.rounding = 0  # slack for shares moving between processes (one per process, set by the coordinator)
 
     # -- what the callers learn back --------------------------------------------
 
@@ -540,7 +544,7 @@ class LimitCoordinator:
         self.pending_reports = 0
         self.started = time.monotonic()
         # (seconds, limit, demand, peak in flight, answered ok, 429s) per policy step, for plots and tests.
-        self.history: collections.deque[tuple[float, float, int, int]] = collections.deque(maxlen=20_000)
+        self.history: collections.deque[tuple[float, float, int, int, int, int]] = collections.deque(maxlen=20_000)
 
     def join(self, member: str) -> dict[str, float]:
         now = time.monotonic()
