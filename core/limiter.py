@@ -138,7 +138,6 @@ class AimdPolicy:
         self.held: collections.deque[tuple[float, int]] = collections.deque()  # (time, in flight) of clean windows
         self.window = Signals()
         self.window_start: float | None = None
-        self.leak_rate = 0.0
         self.cuts = 0
         self.reverted = 0
         self.rounding = 0  # slack for shares moving between processes (one per process, set by the coordinator)
@@ -207,8 +206,9 @@ class AimdPolicy:
             return
         if w.answered >= 10:
             self.recent.append((w.overloads, w.answered))
-        if self._leaking(now, w):
-            self._cut(now, w.peak_in_flight, by_overloads=True, rate=self.leak_rate, keep=self.LEAK_CUT)
+        leak = self._leak(now, w)
+        if leak is not None:
+            self._cut(now, w.peak_in_flight, by_overloads=True, rate=leak, keep=self.LEAK_CUT)
             return
         if w.overloads > w.answered * self.background_rate():
             return  # at the edge: hold (a few such windows in a row are a leak, cut above)
@@ -234,15 +234,17 @@ class AimdPolicy:
             self.probe_at = now  # judged by the next window
         self.limit = max(float(self.min_limit), self.limit)
 
-    def _leaking(self, now: float, w: Signals) -> bool:
-        """A few 429s in every window, none enough alone: added up over ``LEAK_SPAN_S`` they say "full" too."""
+    def _leak(self, now: float, w: Signals) -> float | None:
+        """A few 429s in every window, none enough alone: added up over ``LEAK_SPAN_S`` they say "full" too.
+
+        Their share over that span when they do; None when not.
+        """
         self.leak.append((now, w.overloads, w.answered))
         while self.leak and self.leak[0][0] < now - self.LEAK_SPAN_S:
             self.leak.popleft()
         overloads = sum(o for _, o, _ in self.leak)
         answered = sum(n for _, _, n in self.leak)
-        self.leak_rate = overloads / max(1, answered)
-        return overloads > self.overload_threshold(answered)
+        return overloads / max(1, answered) if overloads > self.overload_threshold(answered) else None
 
     def _cut(self, now: float, peak: int, *, by_overloads: bool, rate: float, keep: float = 1.0) -> None:
         before, w_max_before, recent = self.limit, self.w_max, self._ok_per_s(now)
