@@ -8,7 +8,7 @@ L2-normalised; a query's 10th neighbour sits at cosine ~0.48 (uniform random
 vectors have no neighbours worth finding; tight clusters make every index look
 perfect).  Queries come from the same distribution, not from the base.
 
-Each index is built the way :mod:`core.retrieval.dense` builds it (same
+Each index is built the way :mod:`dspy_ray.retrieval.dense` builds it (same
 factory strings, same nlist rule, same training sample size) and searched
 at several nprobe / efSearch values; recall@10 is the share of the exact
 top 10 found.  The default rows are marked ``*``.  A plot of recall vs QPS goes
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.retrieval import dense  # noqa: E402
+from dspy_ray.retrieval import dense  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -120,7 +120,7 @@ def main() -> None:
         mark = "*" if is_default else " "
         print(f"{name:<22} {param:<13} {recall:>9.3f} {qps:>10,.0f} {qps / flat_qps:>7.1f}x {build_s:>8.1f} "
               f"{per_vector:>9.0f} {mark}")
-    print("* = the default search setting (core/retrieval/dense.py)")
+    print("* = the default search setting (dspy_ray/retrieval/dense.py)")
     RESULTS.mkdir(exist_ok=True)
     keys = ("index", "search", "recall_at_10", "queries_per_s", "build_s", "bytes_per_vector", "default")
     (RESULTS / "ann_recall.json").write_text(json.dumps({"n": args.n, "dim": args.dim, "queries": args.queries,

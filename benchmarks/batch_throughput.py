@@ -34,12 +34,12 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import dspy  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from core.lm import build_lm  # noqa: E402
-from core.settings import EndpointSettings  # noqa: E402
+from dspy_ray.client.lm import build_lm  # noqa: E402
+from dspy_ray.endpoints.settings import EndpointSettings  # noqa: E402
 from programs.triage import CallTriager  # noqa: E402
 from stages.base import DSPyStageUDF  # noqa: E402
 from tasks import get_task  # noqa: E402
-from tests.fake_llm import FakeLLM  # noqa: E402
+from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
 
 
 def triage_stage(**overrides):

@@ -81,8 +81,8 @@ def main() -> None:
                         help=f"comma-separated, from: {', '.join(CONFIGS)}")
     args = parser.parse_args()
 
-    from core.embedded import EmbeddedLM
-    from core.scoring import EvalSummary
+    from dspy_ray.endpoints.local.llm_server import EmbeddedLM
+    from dspy_ray.execution.scoring import EvalSummary
     from optimize.evaluation import EvalContext, EvalRuntime
     from tasks import get_task
     from tasks.examples import load_task_data

@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 for _var in ("LM_BASE_URL", "LM_MODEL", "LM_MAX_IN_FLIGHT"):  # default flags: nothing about the endpoint's limits
     os.environ.pop(_var, None)
 
-from tests.fake_llm import FakeLLM  # noqa: E402
+from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WARMUP_S = 5.0
@@ -119,7 +119,7 @@ def run_one(kind: str, capacity: int, args, workdir: Path) -> dict:
 def limit_history(base_url: str) -> list[list[float]]:
     """The endpoint limit over the run, from its coordinator actor ([] before the limiter existed)."""
     try:
-        from core.limiter import coordinator_state
+        from dspy_ray.client.limiter import coordinator_state
 
         state = coordinator_state(base_url, "fake-model", history=True)
         print("  limit state:", {k: v for k, v in state.items() if k not in ("history", "members")}, flush=True)

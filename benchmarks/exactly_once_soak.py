@@ -37,7 +37,7 @@ for _var in ("LM_BASE_URL", "LM_MODEL", "LM_MAX_IN_FLIGHT", "LM_TIMEOUT_S", "LM_
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from tests.fake_llm import FakeLLM  # noqa: E402
+from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
 
 FAULTS = {"p_429": 0.20, "retry_after": 1.0, "p_500": 0.05, "p_hang": 0.01, "p_malformed": 0.05}
 

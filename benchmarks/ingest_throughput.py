@@ -2,7 +2,7 @@
 
     python benchmarks/ingest_throughput.py [--passages 20000] [--capacity 8] [--latency 0.2] [--batch 32]
 
-The fake endpoint (``tests/fake_llm.py``, its own process) works on at most C
+The fake endpoint (``dspy_ray/testing/fake_llm.py``, its own process) works on at most C
 requests at once and takes L seconds per request; with B inputs per request
 its limit is C x B / L passages/s.  One run measures, side by side:
 
@@ -91,7 +91,7 @@ class InFlightSampler(threading.Thread):
 def run_pipeline(corpus: Path, fake, args) -> dict:
     import ray
 
-    from core.settings import EndpointSettings
+    from dspy_ray.endpoints.settings import EndpointSettings
     from pipelines.index import IndexBuild, IndexOptions
     from stages.embed import EmbedStage
 
@@ -121,8 +121,8 @@ def run_pipeline(corpus: Path, fake, args) -> dict:
 def run_udf(texts: list[str], fake, args) -> dict:
     import pyarrow as pa
 
-    from core.retrieval.passages import content_hash
-    from core.settings import EndpointSettings
+    from dspy_ray.retrieval.passages import content_hash
+    from dspy_ray.endpoints.settings import EndpointSettings
     from stages.embed import EmbedStageUDF
 
     settings = EndpointSettings(base_url=fake.base_url, model="fake-embed", batch_size=args.batch)
@@ -145,7 +145,7 @@ def run_udf(texts: list[str], fake, args) -> dict:
 
 
 def main() -> None:
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passages", type=int, default=20_000)

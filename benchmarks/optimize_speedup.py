@@ -44,11 +44,11 @@ def main() -> None:
     import ray
     from dspy.teleprompt import MIPROv2
 
-    from core.json_adapter import CachingJSONAdapter
-    from core.lm import build_lm
-    from core.loading import load_program
-    from core.scoring import DSPyMetric, EvalSummary
-    from core.settings import EndpointSettings
+    from dspy_ray.client.json_adapter import CachingJSONAdapter
+    from dspy_ray.client.lm import build_lm
+    from dspy_ray.execution.loading import load_program
+    from dspy_ray.execution.scoring import DSPyMetric, EvalSummary
+    from dspy_ray.endpoints.settings import EndpointSettings
     from optimize.config import SearchSettings, resolve_budget
     from optimize.data import split_train_val
     from optimize.evaluation import EvalContext, EvalRuntime
@@ -57,7 +57,7 @@ def main() -> None:
     from optimize.workers import WorkerPool
     from tasks import get_task
     from tasks.examples import load_task_data
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
     from tests.gold import triage_gold
 
     logging.getLogger("dspy").setLevel(logging.ERROR)

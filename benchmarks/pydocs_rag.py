@@ -42,7 +42,7 @@ def folder_size(path: Path) -> int:
 def main() -> None:
     import ray
 
-    from core.retrieval import open_retriever
+    from dspy_ray.retrieval import open_retriever
     from pipelines.index import IndexBuild, IndexOptions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

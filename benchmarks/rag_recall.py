@@ -60,11 +60,11 @@ def print_table(title: str, results: dict[str, dict], ks=KS) -> None:
 @contextlib.contextmanager
 def embedder(fake: bool):
     """Resolved EMBED settings: the fake endpoint, or flags/env/.env, else the embedded embedder."""
-    from core.endpoints import open_endpoints
-    from core.settings import EndpointSettings, resolve_settings
+    from dspy_ray.endpoints.fallback import open_endpoints
+    from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 
     if fake:
-        from tests.fake_llm import FakeLLM
+        from dspy_ray.testing.fake_llm import FakeLLM
 
         with FakeLLM() as server:
             yield EndpointSettings(base_url=server.base_url, model="fake-embed", origin="configured")
@@ -76,7 +76,7 @@ def embedder(fake: bool):
 def main() -> None:
     import ray
 
-    from core.retrieval import open_retriever
+    from dspy_ray.retrieval import open_retriever
     from pipelines.chunking import ChunkSettings
     from pipelines.index import IndexBuild, IndexOptions
 

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from core.settings import EndpointSettings  # noqa: E402
+from dspy_ray.endpoints.settings import EndpointSettings  # noqa: E402
 from serve.app import ServeOptions, build_app  # noqa: E402
-from tests.fake_llm import FakeLLM  # noqa: E402
+from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
 
 STEPS = [1, 4, 16, 16, 4, 0, 0]  # concurrent clients per step
 

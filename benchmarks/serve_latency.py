@@ -31,13 +31,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import http.client  # noqa: E402
 
-from core.lm import build_lm  # noqa: E402
-from core.loading import load_program  # noqa: E402
-from core.runner import ProgramRunner  # noqa: E402
-from core.settings import EndpointSettings  # noqa: E402
+from dspy_ray.client.lm import build_lm  # noqa: E402
+from dspy_ray.execution.loading import load_program  # noqa: E402
+from dspy_ray.execution.runner import ProgramRunner  # noqa: E402
+from dspy_ray.endpoints.settings import EndpointSettings  # noqa: E402
 from serve.app import ServeOptions, build_app  # noqa: E402
 from tasks import get_task  # noqa: E402
-from tests.fake_llm import FakeLLM  # noqa: E402
+from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
 
 TASK = get_task("triage")
 

@@ -32,10 +32,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 def drive(rows: int) -> None:
     import pyarrow as pa
 
-    from core.settings import EndpointSettings
+    from dspy_ray.endpoints.settings import EndpointSettings
     from stages.base import DSPyStageUDF
     from tasks import get_task
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     with FakeLLM(latency=0.0) as fake:
         stage = get_task("triage").stages[0].model_copy(update={"max_in_flight_per_actor": 32})

@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 
-from core.cli import HelpFormatter, add_embed_args, embed_flags, positive_int
+from dspy_ray.util.cli import HelpFormatter, add_embed_args, embed_flags, positive_int
 from optimize.config import OptimizeConfig, SearchSettings
 from optimize.optimizers import OPTIMIZERS
 from tasks import Task, TaskError, get_task, task_names
@@ -98,8 +98,8 @@ def config_from_args(args: argparse.Namespace, task: Task) -> OptimizeConfig:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from core.artifacts import ProgramLoadError
-    from core.settings import resolve_settings
+    from dspy_ray.execution.artifacts import ProgramLoadError
+    from dspy_ray.endpoints.settings import resolve_settings
     from tasks.examples import DatasetError
     from optimize.mipro import SearchError
     from optimize.run import Interrupted, OptimizeError, TooManyCalls, print_report, run_optimization

@@ -73,7 +73,7 @@ def _tokens(text: str) -> int:
 
 def tokens_per_call(program, example, *, demos: int, max_tokens: int) -> TokenEstimate:
     """Format ``example`` for the program's first predictor as the adapter would send it; add ``demos`` demos."""
-    from core.json_adapter import CachingJSONAdapter
+    from dspy_ray.client.json_adapter import CachingJSONAdapter
 
     predictors = program.predictors()
     signature = predictors[0].signature

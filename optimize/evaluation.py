@@ -1,8 +1,8 @@
 """Evaluating a program on examples: in threads, on the Ray worker pool, or inside DSPy's own optimizers.
 
-Every example runs through :class:`core.runner.ProgramRunner` - the same call,
+Every example runs through :class:`dspy_ray.execution.runner.ProgramRunner` - the same call,
 retries and Refine policy as batch and Serve - and is scored by the task's
-metric (:func:`core.scoring.score_prediction`), so the score an artifact
+metric (:func:`dspy_ray.execution.scoring.score_prediction`), so the score an artifact
 records is the score its users get.
 
 * :func:`evaluate_program` - one program, many examples, a bounded thread pool;
@@ -25,11 +25,11 @@ from typing import Any, Protocol
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.lm import build_lm
-from core.loading import load_program
-from core.runner import ProgramRunner
-from core.scoring import DSPyMetric, EvalSummary, ExampleScore, FieldJudge, TaskMetric, score_prediction
-from core.settings import EndpointSettings
+from dspy_ray.client.lm import build_lm
+from dspy_ray.execution.loading import load_program
+from dspy_ray.execution.runner import ProgramRunner
+from dspy_ray.execution.scoring import DSPyMetric, EvalSummary, ExampleScore, FieldJudge, TaskMetric, score_prediction
+from dspy_ray.endpoints.settings import EndpointSettings
 from tasks.base import Task
 
 
@@ -158,7 +158,7 @@ class RayEvaluate(dspy.Evaluate):
 
     DSPy's optimizers build ``Evaluate(devset=..., metric=..., num_threads=...)``
     themselves; :func:`ray_evaluation` makes that name resolve to this class.  The
-    metric they pass must be the run's :class:`~core.scoring.DSPyMetric` (the same
+    metric they pass must be the run's :class:`~dspy_ray.execution.scoring.DSPyMetric` (the same
     scoring runs on the workers); judge failures seen there are added to its tally.
     """
 

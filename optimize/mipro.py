@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import dspy
 from pydantic import BaseModel, Field
 
-from core.scoring import TaskMetric
+from dspy_ray.execution.scoring import TaskMetric
 from optimize.candidates import CandidateSet, generate_candidates
 from optimize.config import ResolvedBudget, SearchSettings, candidate_plan
 from optimize.evaluation import EvalContext, chunked

@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 
 import dspy
 
-from core.json_adapter import CachingJSONAdapter
-from core.lm import build_lm
-from core.scoring import DSPyMetric, FieldJudge
+from dspy_ray.client.json_adapter import CachingJSONAdapter
+from dspy_ray.client.lm import build_lm
+from dspy_ray.execution.scoring import DSPyMetric, FieldJudge
 from optimize.config import AUTO_RUN_SETTINGS, OptimizeConfig, OptimizeError, ResolvedBudget, candidate_plan
 from optimize.estimate import COPRO_AUTO, CallEstimate, bootstrap_calls
 from optimize.evaluation import EvalContext, EvalLog, ray_evaluation

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from core.scoring import EvalSummary
+from dspy_ray.execution.scoring import EvalSummary
 
 
 class TrajectoryPoint(BaseModel):

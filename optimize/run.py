@@ -25,16 +25,16 @@ from typing import Any
 
 import dspy
 
-from core.artifacts import ArtifactMetadata, redacted_settings, save_artifact, sidecar_path
-from core.endpoints import open_endpoints
-from core.fs import filesystem_for, is_uri, write_bytes
-from core.loading import load_program
-from core.ray_runtime import init_ray
-from core.scoring import EvalSummary, ExampleScore
-from core.settings import EndpointSettings, resolve_settings
+from dspy_ray.execution.artifacts import ArtifactMetadata, redacted_settings, save_artifact, sidecar_path
+from dspy_ray.endpoints.fallback import open_endpoints
+from dspy_ray.util.fs import filesystem_for, is_uri, write_bytes
+from dspy_ray.execution.loading import load_program
+from dspy_ray.util.ray_runtime import init_ray
+from dspy_ray.execution.scoring import EvalSummary, ExampleScore
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from optimize.config import OptimizeConfig, OptimizeError, ResolvedBudget, resolve_budget
 from optimize.data import dataset_hash, split_train_val
-from core.usage import Usage, process_usage, usage_since
+from dspy_ray.client.usage import Usage, process_usage, usage_since
 from optimize.estimate import CallEstimate, cost_line, tokens_per_call
 from optimize.evaluation import EvalContext, evaluate_on_ray
 from optimize.optimizers import OPTIMIZERS, Optimizer, RunProgress, SearchJob, SearchOutcome, Sizes

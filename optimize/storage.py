@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from optuna.storages.journal import BaseJournalBackend
 
-from core.fs import filesystem_for, read_bytes, write_bytes
+from dspy_ray.util.fs import filesystem_for, read_bytes, write_bytes
 
 
 class RunStorage:

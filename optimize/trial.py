@@ -21,7 +21,7 @@ from typing import Literal
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.scoring import EvalSummary, ExampleScore, TaskMetric
+from dspy_ray.execution.scoring import EvalSummary, ExampleScore, TaskMetric
 from optimize.candidates import CandidateSet
 from optimize.evaluation import EvalRuntime
 

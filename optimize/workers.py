@@ -23,8 +23,8 @@ from typing import Any
 
 import dspy
 
-from core.json_adapter import CachingJSONAdapter
-from core.scoring import DSPyMetric
+from dspy_ray.client.json_adapter import CachingJSONAdapter
+from dspy_ray.execution.scoring import DSPyMetric
 from optimize.candidates import (
     CandidateSet,
     DemoSetPlan,
@@ -35,7 +35,7 @@ from optimize.candidates import (
     quiet_dspy,
     summarize_dataset,
 )
-from core.usage import Usage, process_usage
+from dspy_ray.client.usage import Usage, process_usage
 from optimize.evaluation import EvalContext, EvalRuntime
 from optimize.trial import TrialRequest, TrialResult, run_trial
 
@@ -78,7 +78,7 @@ class EvalWorker:
         return True
 
     def usage(self) -> dict[str, dict[str, Any]]:
-        """Every LM call this worker's process made, by endpoint (:func:`core.usage.process_usage`)."""
+        """Every LM call this worker's process made, by endpoint (:func:`dspy_ray.client.usage.process_usage`)."""
         return process_usage()
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.retrieval.passages import content_hash, embedding_text
+from dspy_ray.retrieval.passages import content_hash, embedding_text
 from pipelines.documents import Block, Document  # noqa: F401 - Block is used in the docstring's example
 
 TOKEN = re.compile(r"\w+|[^\w\s]")

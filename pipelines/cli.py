@@ -25,11 +25,11 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from core.cli import HelpFormatter, add_embed_args, embed_flags, positive_float, positive_int
-from core.artifacts import ALIASES, ProgramLoadError, best_artifact, latest_artifact
-from core.settings import EndpointSettings, resolve_settings
+from dspy_ray.util.cli import HelpFormatter, add_embed_args, embed_flags, positive_float, positive_int
+from dspy_ray.execution.artifacts import ALIASES, ProgramLoadError, best_artifact, latest_artifact
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from pipelines.inputs import InputError, InputSpec
-from core.usage import Budget
+from dspy_ray.client.usage import Budget
 from pipelines.runner import OutputError, RunResult, run_pipeline
 from stages.base import DSPyStage
 from tasks import Task, TaskError, get_task

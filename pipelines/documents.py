@@ -51,7 +51,7 @@ from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
-from core.fs import filesystem_for
+from dspy_ray.util.fs import filesystem_for
 
 TEXT_KINDS = {".txt": "txt", ".md": "md", ".markdown": "md", ".rst": "rst", ".html": "html", ".htm": "html"}
 RECORD_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}

@@ -24,7 +24,7 @@ What a build does, in order:
 4. **publish**: ``passages.parquet``, the FAISS index (exact below
    ``--exact-below`` passages, else ``--ann``, trained on a sample), the BM25
    index, ``files.parquet``, ``errors.parquet`` and, last, ``manifest.json``
-   (layout: :mod:`core.retrieval.manifest`).
+   (layout: :mod:`dspy_ray.retrieval.manifest`).
 
 The last line says what happened: files read / skipped (named) / passages /
 embedded now / reused / removed / failed, and the time.  Exit codes: 0 done
@@ -54,11 +54,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from core.embeddings import EmbeddingClient, EmbeddingConfigError
-from core.endpoints import open_endpoints
-from core.fs import filesystem_for, is_uri, read_bytes, write_bytes
-from core.retrieval import dense
-from core.retrieval.manifest import (
+from dspy_ray.client.embeddings import EmbeddingClient, EmbeddingConfigError
+from dspy_ray.endpoints.fallback import open_endpoints
+from dspy_ray.util.fs import filesystem_for, is_uri, read_bytes, write_bytes
+from dspy_ray.retrieval import dense
+from dspy_ray.retrieval.manifest import (
     BM25_DIR,
     BUILD_STATE,
     ERRORS,
@@ -78,12 +78,12 @@ from core.retrieval.manifest import (
     join,
     read_manifest,
 )
-from core.retrieval.passages import PASSAGE_SCHEMA, embedding_text
-from core.retrieval.retriever import MODES
-from core.retrieval.sparse import SETTINGS as BM25_SETTINGS
-from core.retrieval.sparse import BM25Index
-from core.retrieval.store import SHARD_ROWS, EmbeddingStore, as_matrix
-from core.settings import EndpointSettings, resolve_settings
+from dspy_ray.retrieval.passages import PASSAGE_SCHEMA, embedding_text
+from dspy_ray.retrieval.retriever import MODES
+from dspy_ray.retrieval.sparse import SETTINGS as BM25_SETTINGS
+from dspy_ray.retrieval.sparse import BM25Index
+from dspy_ray.retrieval.store import SHARD_ROWS, EmbeddingStore, as_matrix
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from pipelines.chunking import ChunkSettings, chunk_document
 from pipelines.documents import Corpus, CorpusError, Problem, RecordColumns, file_digest, parse_bytes, scan_corpus
 from pipelines.runner import OutputError, check_writable
@@ -382,7 +382,7 @@ class IndexBuild:
                    dim: int) -> dict[str, str]:
         import ray
 
-        from core.ray_runtime import init_ray
+        from dspy_ray.util.ray_runtime import init_ray
         from pipelines.inputs import to_dataset
 
         init_ray()
@@ -542,7 +542,7 @@ def ray_connected() -> bool:
     import ray
 
     if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        from core.ray_runtime import init_ray
+        from dspy_ray.util.ray_runtime import init_ray
 
         init_ray()
     return ray.is_initialized()
@@ -553,7 +553,7 @@ def _now() -> str:
 
 
 def _redacted_location(location: str) -> str:
-    from core.settings import redact_url
+    from dspy_ray.endpoints.settings import redact_url
 
     return redact_url(location) if is_uri(location) else os.path.abspath(location)
 

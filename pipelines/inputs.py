@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from core.fs import filesystem_for, is_uri, json_lines
+from dspy_ray.util.fs import filesystem_for, is_uri, json_lines
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
            ".txt": "txt"}

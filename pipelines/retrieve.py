@@ -42,11 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from core.embeddings import EmbeddingConfigError, EmbeddingRequestError
-from core.endpoints import open_endpoints
-from core.fs import filesystem_for, write_bytes
-from core.retrieval import MODES, RetrievalIndexError, Retriever, RetrieverOptions, read_manifest
-from core.settings import resolve_settings
+from dspy_ray.client.embeddings import EmbeddingConfigError, EmbeddingRequestError
+from dspy_ray.endpoints.fallback import open_endpoints
+from dspy_ray.util.fs import filesystem_for, write_bytes
+from dspy_ray.retrieval import MODES, RetrievalIndexError, Retriever, RetrieverOptions, read_manifest
+from dspy_ray.endpoints.settings import resolve_settings
 from pipelines.index import ray_connected
 from pipelines.inputs import InputError, InputSpec, load_corpus
 

@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from core.endpoints import open_endpoints
-from core.fs import filesystem_for, is_uri
-from core.limiter import ensure_coordinator
-from core.ray_runtime import init_ray
-from core.settings import EndpointSettings
-from core.usage import Budget, RunMeter, Usage
+from dspy_ray.endpoints.fallback import open_endpoints
+from dspy_ray.util.fs import filesystem_for, is_uri
+from dspy_ray.client.limiter import ensure_coordinator
+from dspy_ray.util.ray_runtime import init_ray
+from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.client.usage import Budget, RunMeter, Usage
 from pipelines.inputs import InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
 

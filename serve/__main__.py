@@ -16,8 +16,8 @@ import signal
 import sys
 import threading
 
-from core.cli import HelpFormatter, add_embed_args, embed_flags
-from core.settings import read_dotenv, resolve_settings
+from dspy_ray.util.cli import HelpFormatter, add_embed_args, embed_flags
+from dspy_ray.endpoints.settings import read_dotenv, resolve_settings
 from serve.app import TOKEN_ENV, ServeOptions, build_app
 from tasks import TaskError, get_task, task_names
 
@@ -116,8 +116,8 @@ def run(name, options, lm, judge, embed, token, host, port, embedded_default=Non
     import ray
     from ray import serve
 
-    from core.endpoints import open_endpoints
-    from core.ray_runtime import init_ray
+    from dspy_ray.endpoints.fallback import open_endpoints
+    from dspy_ray.util.ray_runtime import init_ray
 
     init_ray()
     stop = stop_event()  # after ray.init, which installs a SIGTERM handler of its own that exits at once

@@ -9,9 +9,9 @@ Routes (``<p>`` is the program name)::
     GET  /docs          OpenAPI docs
 
 The program is a registered task's (``tasks/``), loaded by
-:func:`core.loading.load_program`.  Replicas are async and hold many requests in
+:func:`dspy_ray.execution.loading.load_program`.  Replicas are async and hold many requests in
 flight; each request runs the program under ``dspy.context(lm=...)`` through
-the same :class:`core.runner.ProgramRunner` as the batch stages and the
+the same :class:`dspy_ray.execution.runner.ProgramRunner` as the batch stages and the
 optimizer, with the task's Refine policy.  Overload past ``max_queued_requests`` answers 503 with
 ``Retry-After`` (Serve's backpressure); an LM that still fails after retries
 answers 502 with a short reason.  ``reconfigure`` (Serve ``user_config``) swaps
@@ -22,7 +22,7 @@ started with.
     >>> serve.run(app, route_prefix="/")                                 # doctest: +SKIP
 
 Endpoint settings (keys included) and the API token reach replicas as
-constructor arguments, resolved once by the caller (:mod:`core.settings`):
+constructor arguments, resolved once by the caller (:mod:`dspy_ray.endpoints.settings`):
 never through ``runtime_env``, which Ray writes to its logs.
 """
 
@@ -38,7 +38,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from core.settings import EndpointSettings, resolve_settings
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from serve.drift import DriftMonitor
 from serve.http import (
     ERROR_RESPONSES,
@@ -58,7 +58,7 @@ def build_app(options: ServeOptions, lm: EndpointSettings, judge: EndpointSettin
               token: str | None = None, embed: EndpointSettings | None = None):
     """The Serve application: one ingress deployment (+ the drift monitor when a judge is given).
 
-    ``lm``/``judge``/``embed``: fully resolved endpoint settings (:mod:`core.endpoints`); they
+    ``lm``/``judge``/``embed``: fully resolved endpoint settings (:mod:`dspy_ray.endpoints.fallback`); they
     and ``token`` are passed to the replicas as constructor arguments.
     """
     from ray import serve
@@ -100,9 +100,9 @@ class ProgramServer:
 
     def __init__(self, options: dict[str, Any], lm: dict[str, Any], token: str | None = None, monitor=None,
                  embed: dict[str, Any] | None = None):
-        from core.lm import build_lm
-        from core.loading import load_program
-        from core.runner import ProgramRunner
+        from dspy_ray.client.lm import build_lm
+        from dspy_ray.execution.loading import load_program
+        from dspy_ray.execution.runner import ProgramRunner
         from serve.metrics import ServeMetrics
         from serve.schemas import ProgramAPI
         from tasks import get_task
@@ -132,7 +132,7 @@ class ProgramServer:
 
     # Serve calls this with user_config on deploy and on every config change.
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from core.loading import load_program
+        from dspy_ray.execution.loading import load_program
 
         loaded = load_program(self.task.program, user_config.get("artifact"), resources=self.resources,
                               artifact_dir=self.options.artifact_dir)
@@ -251,7 +251,7 @@ def app_builder(args: dict[str, Any]):
     an LM that is still unset is an error: a cluster deployment does not start the embedded model.
     """
 
-    from core.discovery import discover_endpoints
+    from dspy_ray.endpoints.discovery import discover_endpoints
 
     from tasks import get_task
 

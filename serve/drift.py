@@ -2,7 +2,7 @@
 
 One monitor per app (a single-replica Serve deployment) so decisions are made
 once.  Replicas send it a sampled (inputs, outputs) pair fire-and-forget; the
-monitor rates it with the task's live judge (:class:`core.scoring.LiveJudge`:
+monitor rates it with the task's live judge (:class:`dspy_ray.execution.scoring.LiveJudge`:
 the judge LM and the task's ``live_rubric``, 0..1), stores it in SQLite, and
 compares the rolling score over the window with the same judge's score of the
 same program on the task's dev inputs (measured once per artifact and stored):
@@ -148,9 +148,9 @@ class DriftMonitor:
 
     def __init__(self, options: dict[str, Any], policy: dict[str, Any] | None, lm: dict[str, Any],
                  judge: dict[str, Any], embed: dict[str, Any] | None = None, job_client_factory=None):
-        from core.lm import build_lm
-        from core.scoring import LiveJudge
-        from core.settings import EndpointSettings
+        from dspy_ray.client.lm import build_lm
+        from dspy_ray.execution.scoring import LiveJudge
+        from dspy_ray.endpoints.settings import EndpointSettings
         from serve.metrics import JudgeMetrics
         from tasks import get_task
 
@@ -186,9 +186,9 @@ class DriftMonitor:
         return cached
 
     def _calibrate(self) -> float | None:
-        from core.lm import build_lm
-        from core.loading import load_program
-        from core.runner import ProgramRunner
+        from dspy_ray.client.lm import build_lm
+        from dspy_ray.execution.loading import load_program
+        from dspy_ray.execution.runner import ProgramRunner
         from tasks.examples import load_task_data
 
         _, dev = load_task_data(self.task.data, dev_limit=self.policy.calibration_examples)
@@ -247,7 +247,7 @@ class DriftMonitor:
     def _submit_job(self) -> str:
         import shlex
 
-        from core.fs import filesystem_for, is_uri, write_bytes
+        from dspy_ray.util.fs import filesystem_for, is_uri, write_bytes
 
         name = f"drift_samples_{int(time.time())}.jsonl"
         # The job may run on another node: with an object-store registry the samples go there too.
@@ -280,7 +280,7 @@ class DriftMonitor:
 
     def _adopt_best(self, job_id: str) -> None:
         """Adopt the registry's best artifact when its dev score beats the active one's (same metric, same data)."""
-        from core.artifacts import best_artifact, read_metadata
+        from dspy_ray.execution.artifacts import best_artifact, read_metadata
 
         record = best_artifact(self.options.artifact_dir, self.task.program.name)
         candidate = str(record.path) if record else None

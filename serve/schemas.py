@@ -2,7 +2,7 @@
 
 Inputs are the program's ``forward`` parameters (typed from the predictor's
 input fields when names match); outputs are the task's declared output fields,
-typed from the predictors' signatures (:mod:`core.signatures`), so ``Literal``
+typed from the predictors' signatures (:mod:`dspy_ray.execution.signatures`), so ``Literal``
 outputs become enums in the OpenAPI schema and a ``list[str]`` is a JSON array.
 
     >>> from programs.triage import CallTriager
@@ -20,7 +20,7 @@ from typing import Any, Optional
 import dspy
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from core.signatures import program_fields
+from dspy_ray.execution.signatures import program_fields
 
 MAX_TEXT_CHARS = 200_000  # per text input; the limit shows in the OpenAPI schema and in a 422
 

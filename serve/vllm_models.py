@@ -1,6 +1,6 @@
 """Serve the target, judge and embedder models with vLLM through Ray Serve LLM (OpenAI-compatible routes).
 
-One YAML file (``serve/llm_models.yaml``, schema in :mod:`core.model_catalog`)
+One YAML file (``serve/llm_models.yaml``, schema in :mod:`dspy_ray.endpoints.model_catalog`)
 says which models run and how: model, tensor parallelism, GPU memory share,
 context length, replicas and the queue depth the autoscaler aims for.  This
 module turns it into ``ray.serve.llm.LLMConfig`` objects and one
@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from core.model_catalog import DEFAULT_CONFIG, LLMModels, LLMModelsError, load_models, resolve_path
+from dspy_ray.endpoints.model_catalog import DEFAULT_CONFIG, LLMModels, LLMModelsError, load_models, resolve_path
 
 IMPORT_PATH = "serve.vllm_models:app_builder"
 

@@ -22,12 +22,12 @@ Data flow for one batch (``errors`` is a list of strings per row)::
 Output columns are typed from the program's signatures (:mod:`stages.columns`):
 a ``list[str]`` output is an Arrow ``list<string>`` column, an ``int`` an int64.
 ``lm_usage`` is one struct column with a field per stage: what the row's LM calls
-cost (:mod:`core.usage`)::
+cost (:mod:`dspy_ray.client.usage`)::
 
     {"lm_usage": [{"triage": {"calls": 1, "retries": 0, "prompt_tokens": 412,
                               "completion_tokens": 38, "cost_usd": 0.000085}}, ...]}
 
-How many rows run at once is not a setting: the endpoint's limit (:mod:`core.limiter`,
+How many rows run at once is not a setting: the endpoint's limit (:mod:`dspy_ray.client.limiter`,
 found at run time and shared by every actor calling the endpoint) hands each actor its
 share, and the actor admits a few more rows than that share, so its LM calls queue for
 a slot (the demand the limit grows on) and the endpoint never waits for a batch to finish.
@@ -52,12 +52,12 @@ import dspy
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.lm import build_lm
-from core.loading import ProgramSpec, load_program
-from core.runner import ProgramRunner
-from core.settings import EndpointSettings
-from core.signatures import program_fields
-from core.usage import Usage
+from dspy_ray.client.lm import build_lm
+from dspy_ray.execution.loading import ProgramSpec, load_program
+from dspy_ray.execution.runner import ProgramRunner
+from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.execution.signatures import program_fields
+from dspy_ray.client.usage import Usage
 from stages.columns import to_column
 
 logger = logging.getLogger(__name__)

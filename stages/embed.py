@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.embeddings import EmbeddingClient
-from core.settings import EndpointSettings
+from dspy_ray.client.embeddings import EmbeddingClient
+from dspy_ray.endpoints.settings import EndpointSettings
 
 
 class EmbedStageInputError(KeyError):

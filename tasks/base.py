@@ -12,7 +12,7 @@ A task is one file in this package (or any importable module) holding a
   ``metric.live_rubric``.
 
 Resources (a retrieval index) are declared on the program
-(:class:`core.loading.Resource`); each becomes a CLI flag (``--index``) and is
+(:class:`dspy_ray.execution.loading.Resource`); each becomes a CLI flag (``--index``) and is
 opened once per actor or replica.
 """
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.loading import ProgramSpec, Resource
-from core.scoring import TaskMetric
+from dspy_ray.execution.loading import ProgramSpec, Resource
+from dspy_ray.execution.scoring import TaskMetric
+from dspy_ray.util.paths import REPO_ROOT, repo_path
 from stages.base import DSPyStage
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ class TaskData:
 def resolve_repo_path(path: str | os.PathLike) -> str:
     """``path`` as given when it exists or is a URI, else relative to the repository."""
     text = str(path)
-    if "://" in text or Path(text).is_absolute() or Path(text).exists():
-        return text
-    return str(REPO_ROOT / text)
+    return text if "://" in text else str(repo_path(text))
 
 
 @dataclass(frozen=True)
@@ -110,8 +108,8 @@ class Task:
         """The best shipped artifact of ``program`` made for the embedded model, or None."""
         if not self.cli.embedded_artifacts:
             return None
-        from core.artifacts import list_artifacts
-        from core.embedded import MODEL_ALIAS
+        from dspy_ray.execution.artifacts import list_artifacts
+        from dspy_ray.endpoints.local.llm_server import MODEL_ALIAS
 
         made_for_it = [r for r in list_artifacts(resolve_repo_path(self.cli.embedded_artifacts), program)
                        if r.metadata.model == MODEL_ALIAS and r.metadata.dev_score is not None]

@@ -17,7 +17,7 @@ from typing import Any
 
 import dspy
 
-from core.fs import filesystem_for, is_uri, json_lines, read_bytes
+from dspy_ray.util.fs import filesystem_for, is_uri, json_lines, read_bytes
 from tasks.base import TaskData, resolve_repo_path
 
 

@@ -7,14 +7,14 @@
     python -m serve --program rag --index out/rag-index       # POST /rag/predict
 
 ``--index`` takes the folder (or URI) ``pipelines.index`` wrote, optionally with
-retrieval options: ``out/rag-index?mode=hybrid&k=5`` (see core/retrieval).
+retrieval options: ``out/rag-index?mode=hybrid&k=5`` (see dspy_ray/retrieval).
 """
 
 from typing import Any
 
-from core.loading import ProgramSpec, Resource
-from core.retrieval import open_retriever
-from core.scoring import JudgedField, TaskMetric
+from dspy_ray.execution.loading import ProgramSpec, Resource
+from dspy_ray.retrieval import open_retriever
+from dspy_ray.execution.scoring import JudgedField, TaskMetric
 from programs.rag import CitedPassage, CitedRAG, citation_reward
 from stages.base import DSPyStage
 from tasks.base import CliDefaults, Task, TaskData

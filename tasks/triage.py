@@ -5,8 +5,8 @@
     python -m serve --program triage
 """
 
-from core.loading import ProgramSpec
-from core.scoring import JudgedField, TaskMetric
+from dspy_ray.execution.loading import ProgramSpec
+from dspy_ray.execution.scoring import JudgedField, TaskMetric
 from programs.triage import CallTriager, DetailExtractor
 from stages.base import DSPyStage
 from tasks.base import CliDefaults, Task, TaskData

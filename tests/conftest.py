@@ -34,7 +34,7 @@ def ray_local():
 
 @pytest.fixture
 def fake_llm():
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     with FakeLLM() as fake:
         yield fake

@@ -2,7 +2,7 @@
 
 The fake answers an input correctly only for the label values its prompt teaches
 (a demo showing the value, or the gold keyword in the instruction); see
-``FakeSettings.gold`` in :mod:`tests.fake_llm`.  That makes prompt optimization
+``FakeSettings.gold`` in :mod:`dspy_ray.testing.fake_llm`.  That makes prompt optimization
 measurably raise the metric, deterministically.
 
     >>> gold = triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"])   # doctest: +SKIP
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.fake_llm import input_key
+from dspy_ray.testing.fake_llm import input_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def triage_gold(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     """input_key(user message as the triage program sends it) -> {priority, category}."""
     from programs.triage import TriageCall
-    from core.json_adapter import CachingJSONAdapter
+    from dspy_ray.client.json_adapter import CachingJSONAdapter
 
     adapter = CachingJSONAdapter()
     gold: dict[str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from tests.index_helpers import CORPUS, build, embed_settings
 
 @pytest.fixture(scope="session")
 def embed_fake():
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     with FakeLLM() as fake:
         yield fake

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.settings import EndpointSettings
+from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.index import IndexBuild, IndexOptions, IndexSummary
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.discovery import discover_endpoints, list_models, serve_app_base_url
-from core.settings import EndpointSettings, resolve_settings
+from dspy_ray.endpoints.discovery import discover_endpoints, list_models, serve_app_base_url
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from serve import vllm_models as serve_llm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,7 +298,7 @@ def test_explicit_base_url_is_never_overridden(fake_llm, tmp_path, monkeypatch):
     assert judge is empty_judge  # the judge's model is not served either
 
     # Both explicit: nothing is probed at all.
-    import core.discovery as discovery
+    import dspy_ray.endpoints.discovery as discovery
 
     monkeypatch.setattr(discovery, "list_models", lambda *a, **k: pytest.fail("probed despite explicit URLs"))
     explicit_judge = EndpointSettings(base_url="http://judge.example/v1", model="j")

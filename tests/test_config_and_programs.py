@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from core.artifacts import ProgramLoadError
-from core.loading import ProgramSpec, load_program
-from core.settings import EndpointSettings, resolve_settings
+from dspy_ray.execution.artifacts import ProgramLoadError
+from dspy_ray.execution.loading import ProgramSpec, load_program
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from programs.triage import CallTriager, DetailExtractor
 
 TRIAGE = ProgramSpec("triage", CallTriager)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PARENT = """
 import sys, time
-from core.embedded import EmbeddedLM
-from core.embedded_embedder import EmbeddedEmbedder
+from dspy_ray.endpoints.local.llm_server import EmbeddedLM
+from dspy_ray.endpoints.local.embedder_server import EmbeddedEmbedder
 server = {"lm": EmbeddedLM, "embedder": EmbeddedEmbedder}[sys.argv[1]].start()
 print(server.server.proc.pid, flush=True)
 time.sleep(600)

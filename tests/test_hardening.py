@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-live-key-7c41f0e2-never-logged"

@@ -1,6 +1,6 @@
 """``python -m pipelines.index`` against the fake embedding endpoint: builds, bad files, resume, incremental.
 
-Real Ray (the session's), real HTTP to ``tests/fake_llm.py``'s ``/v1/embeddings``.
+Real Ray (the session's), real HTTP to ``dspy_ray/testing/fake_llm.py``'s ``/v1/embeddings``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import faiss
 import pyarrow.parquet as pq
 import pytest
 
-from core.retrieval import read_manifest
-from core.retrieval.manifest import BUILD_STATE, ERRORS, FILES, PASSAGES
-from core.retrieval.store import EmbeddingStore
+from dspy_ray.retrieval import read_manifest
+from dspy_ray.retrieval.manifest import BUILD_STATE, ERRORS, FILES, PASSAGES
+from dspy_ray.retrieval.store import EmbeddingStore
 from pipelines import index as index_cli
 from tests.index_helpers import (
     CORPUS,
@@ -109,7 +109,7 @@ def test_bad_files_are_named_counted_and_listed(ray_local, embed_fake, tmp_path,
 
 
 def test_failed_passages_are_recorded_left_out_and_retried(ray_local, tmp_path):
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     corpus = copy_corpus(tmp_path / "corpus", SMALL)
     index = tmp_path / "index"
@@ -151,7 +151,7 @@ def test_incremental_rebuild_embeds_only_new_and_changed_passages(shipped_index,
     gone = {i for i in before if i.startswith("volunteers/explorer_post.txt:")}
     assert gone and s.removed == len(gone | (set(before) - set(after))) and not gone & set(after)
     assert "1 new, 1 changed, 48 unchanged, 1 removed" in s.line()
-    from core.retrieval import open_retriever
+    from dspy_ray.retrieval import open_retriever
 
     hits = open_retriever(f"{index}?mode=bm25", None).search("zebra protocol midnight", k=1)
     assert hits[0].source == "dispatch/priority_codes.md" and "zebra" in hits[0].text
@@ -173,7 +173,7 @@ def test_resume_refuses_another_embedder_or_chunking(shipped_index, embed_fake, 
 
 
 def test_bad_key_fails_before_any_passage_and_keys_are_never_written(ray_local, tmp_path, monkeypatch, capsys):
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     corpus = copy_corpus(tmp_path / "corpus", SMALL[:2])
     secret = "sk-test-DO-NOT-WRITE-4242"
@@ -191,7 +191,7 @@ def test_bad_key_fails_before_any_passage_and_keys_are_never_written(ray_local, 
 
 def test_killed_build_resumes_without_reembedding_finished_passages(ray_local, tmp_path):
     """SIGKILL a real CLI process mid-embedding (it joins this session's Ray), then --resume in-process."""
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     index = tmp_path / "index"
     with FakeLLM(latency=0.25) as fake:
@@ -225,7 +225,7 @@ def test_killed_build_resumes_without_reembedding_finished_passages(ray_local, t
 def test_index_on_object_storage(ray_local, embed_fake):
     import fsspec
 
-    from core.retrieval import open_retriever
+    from dspy_ray.retrieval import open_retriever
 
     mem = fsspec.filesystem("memory")
     for rel in SMALL[:3]:
@@ -259,10 +259,10 @@ def test_approximate_index_above_the_threshold(shipped_index, embed_fake, tmp_pa
 @pytest.mark.llm
 def test_embedded_embedder_is_the_default(ray_local, tmp_path, monkeypatch, capsys):
     """No EMBED_BASE_URL: the build starts all-MiniLM-L6-v2 on llama.cpp, and stops it; the retriever does too."""
-    from core.embedded_embedder import DIM, MODEL_ID
-    from core.endpoints import open_endpoints
-    from core.retrieval import open_retriever
-    from core.settings import resolve_settings
+    from dspy_ray.endpoints.local.embedder_server import DIM, MODEL_ID
+    from dspy_ray.endpoints.fallback import open_endpoints
+    from dspy_ray.retrieval import open_retriever
+    from dspy_ray.endpoints.settings import resolve_settings
 
     for name in ("EMBED_BASE_URL", "EMBED_MODEL", "EMBED_API_KEY"):
         monkeypatch.delenv(name, raising=False)

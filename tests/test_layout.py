@@ -1,6 +1,6 @@
 """The package's shape: every module imports on its own, and imports only run down the layers.
 
-Layers: ``programs`` (pure DSPy) <- ``core`` <- ``stages`` <- ``tasks`` <- ``pipelines`` / ``optimize``
+Layers: ``programs`` (pure DSPy) <- ``dspy_ray`` <- ``stages`` <- ``tasks`` <- ``pipelines`` / ``optimize``
 / ``serve``.  A module may import its own package and the packages below it; the three top packages
 do not import each other.  Imports inside functions count too: they tie modules together just the same.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"programs": 0, "core": 1, "stages": 2, "tasks": 3, "pipelines": 4, "optimize": 4, "serve": 4}
+LAYERS = {"programs": 0, "dspy_ray": 1, "stages": 2, "tasks": 3, "pipelines": 4, "optimize": 4, "serve": 4}
 
 
 def package_modules() -> list[str]:

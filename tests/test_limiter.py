@@ -1,4 +1,4 @@
-"""The endpoint limiter (core/limiter.py): capacity found at run time, rare 429s, the ceiling held, no deadlock.
+"""The endpoint limiter (dspy_ray/client/limiter.py): capacity found at run time, rare 429s, the ceiling held, no deadlock.
 
 Real HTTP against the fake endpoint, from many threads through ``build_lm``'s LM (the path every
 stage, judge and optimizer worker takes); the cross-process test uses real Ray actors.
@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from core.limiter import AimdPolicy, EndpointLimiter, Signals, coordinator_state, endpoint_limiter
-from core.lm import build_lm
-from core.settings import EndpointSettings
-from tests.fake_llm import FakeLLM
+from dspy_ray.client.limiter import AimdPolicy, EndpointLimiter, Signals, coordinator_state, endpoint_limiter
+from dspy_ray.client.lm import build_lm
+from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.testing.fake_llm import FakeLLM
 
 LATENCY = 0.2
 
@@ -236,7 +236,7 @@ def test_a_quick_local_cut_holds_until_the_policy_has_seen_its_429s():
 
 
 def test_the_coordinator_says_which_reports_it_decided_with():
-    from core.limiter import LimitCoordinator
+    from dspy_ray.client.limiter import LimitCoordinator
 
     coordinator = LimitCoordinator("test|decided", ceiling=64)
     coordinator.join("a")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -53,8 +53,8 @@ class SentimentRater(dspy.Module):
 TASK = '''
 from pathlib import Path
 
-from core.loading import ProgramSpec
-from core.scoring import TaskMetric
+from dspy_ray.execution.loading import ProgramSpec
+from dspy_ray.execution.scoring import TaskMetric
 from sentiment_program import SentimentRater
 from stages.base import DSPyStage
 from tasks.base import CliDefaults, Task, TaskData

@@ -18,7 +18,7 @@ from pathlib import Path
 import dspy
 import pytest
 
-from core.artifacts import (
+from dspy_ray.execution.artifacts import (
     ArtifactMetadata,
     ArtifactMismatchError,
     ProgramLoadError,
@@ -26,13 +26,13 @@ from core.artifacts import (
     save_artifact,
     sidecar_path,
 )
-from core.loading import load_program
-from core.scoring import EvalSummary
-from core.settings import EndpointSettings
+from dspy_ray.execution.loading import load_program
+from dspy_ray.execution.scoring import EvalSummary
+from dspy_ray.endpoints.settings import EndpointSettings
 from optimize.config import OptimizeConfig, SearchSettings
 from programs.triage import CallTriager
 from tasks import get_task
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,14 +269,14 @@ def test_dspy_optimizers_run_with_evaluation_on_ray(ray_local, gold_llm, tmp_pat
 
 
 def _runner(program, lm):
-    from core.runner import ProgramRunner
+    from dspy_ray.execution.runner import ProgramRunner
 
     return ProgramRunner(program, lm, output_fields=TRIAGE.output_fields(), refine_attempts=TRIAGE.refine_attempts)
 
 
 def test_judge_errors_are_counted_not_scored_zero(gold):
-    from core.lm import build_lm
-    from core.scoring import FieldJudge
+    from dspy_ray.client.lm import build_lm
+    from dspy_ray.execution.scoring import FieldJudge
     from optimize.evaluation import evaluate_program
 
     rows = [json.loads(line) for line in (ROOT / "data/triage_dev.jsonl").read_text().splitlines()[:6]]
@@ -299,8 +299,8 @@ def test_judge_errors_are_counted_not_scored_zero(gold):
 
 
 def test_working_judge_scores_the_summary(gold):
-    from core.lm import build_lm
-    from core.scoring import FieldJudge
+    from dspy_ray.client.lm import build_lm
+    from dspy_ray.execution.scoring import FieldJudge
     from optimize.evaluation import evaluate_program
 
     row = json.loads((ROOT / "data/triage_dev.jsonl").read_text().splitlines()[0])

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import EndpointSettings
+from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline, written_ids
 from tasks import get_task
 from tests.batch_helpers import read_output, write_calls
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +128,8 @@ def test_stages_load_the_best_artifact_from_a_registry(ray_local, tmp_path):
     """--artifact-dir: each stage loads its program's best artifact (through the one loader) or runs unoptimized."""
     import dspy
 
-    from core.artifacts import ArtifactMetadata, save_artifact
-    from core.loading import load_program
+    from dspy_ray.execution.artifacts import ArtifactMetadata, save_artifact
+    from dspy_ray.execution.loading import load_program
     from pipelines.cli import build_parser, stage_chain
 
     registry = tmp_path / "artifacts"

@@ -13,16 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.lm import build_lm
-from core.loading import load_program
-from core.runner import ProgramRunner
-from core.settings import EndpointSettings
+from dspy_ray.client.lm import build_lm
+from dspy_ray.execution.loading import load_program
+from dspy_ray.execution.runner import ProgramRunner
+from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline
 from programs.rag import CitedRAG, citation_reward
 from tasks import get_task
 from tasks.rag import citations_check
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 from tests.index_helpers import embed_settings
 
 pytest_plugins = ("tests.index_fixtures",)  # embed_fake, shipped_index
@@ -92,7 +92,7 @@ def test_program_is_pure_dspy_and_cites_what_it_retrieved():
 
 def test_citations_are_constrained_to_the_retrieved_ids():
     """The answer's JSON schema lists the retrieved ids as the only citations a model may write."""
-    from core.json_adapter import response_schema
+    from dspy_ray.client.json_adapter import response_schema
 
     program = CitedRAG(StubRetriever(PASSAGES))
     seen = {}

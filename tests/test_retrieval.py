@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from core.embeddings import EmbeddingClient, EmbeddingConfigError
-from core.loading import ProgramSpec, Resource
-from core.retrieval import (
+from dspy_ray.client.embeddings import EmbeddingClient, EmbeddingConfigError
+from dspy_ray.execution.loading import ProgramSpec, Resource
+from dspy_ray.retrieval import (
     IndexMismatchError,
     IndexNotFoundError,
     Passage,
@@ -20,8 +20,8 @@ from core.retrieval import (
     open_retriever,
     parse_setting,
 )
-from core.retrieval.retriever import reciprocal_rank_fusion
-from core.settings import EndpointSettings
+from dspy_ray.retrieval.retriever import reciprocal_rank_fusion
+from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines import retrieve as retrieve_cli
 from pipelines.retrieve import OUTPUT_SCHEMA
 from tests.index_helpers import (
@@ -199,7 +199,7 @@ def test_bm25_mode_needs_no_embedder(shipped_index):
 
 
 def test_another_embedder_is_refused_naming_both(shipped_index, embed_fake):
-    from tests.fake_llm import FakeLLM
+    from dspy_ray.testing.fake_llm import FakeLLM
 
     index, _ = shipped_index
     with pytest.raises(IndexMismatchError, match="'fake-embed'.*'other-embed'"):

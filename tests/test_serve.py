@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from core.loading import load_program
-from core.settings import EndpointSettings
+from dspy_ray.execution.loading import load_program
+from dspy_ray.endpoints.settings import EndpointSettings
 from serve.app import ServeOptions, build_app
 from serve.drift import DriftMonitor, DriftPolicy, SampleStore, decide
 from tasks import get_task
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 
 TRIAGE = get_task("triage")
 
@@ -270,7 +270,7 @@ def test_decision_rule():
 
 
 def _artifact(artifact_dir: Path, score: float, when: str) -> Path:
-    from core.artifacts import ArtifactMetadata, save_artifact
+    from dspy_ray.execution.artifacts import ArtifactMetadata, save_artifact
 
     return save_artifact(load_program(TRIAGE.program).program, artifact_dir,
                          ArtifactMetadata(program="triage", model="fake-model", dev_score=score, created_at=when))

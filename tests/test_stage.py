@@ -8,12 +8,12 @@ import time
 import pyarrow as pa
 import pytest
 
-from core.lm import backoff_seconds, build_lm
-from core.runner import ProgramRunner
-from core.settings import EndpointSettings
+from dspy_ray.client.lm import backoff_seconds, build_lm
+from dspy_ray.execution.runner import ProgramRunner
+from dspy_ray.endpoints.settings import EndpointSettings
 from stages.base import DSPyStageUDF, StageInputError
 from tasks import get_task
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 
 PRIORITIES = {"urgent", "non_urgent", "not_an_emergency"}
 CATEGORIES = {"crime", "medical", "fire", "animal", "noise", "other"}

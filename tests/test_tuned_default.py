@@ -10,15 +10,15 @@ from pathlib import Path
 import dspy
 import pytest
 
-from core.artifacts import ArtifactMetadata, save_artifact
-from core.embedded import MODEL_ALIAS
-from core.loading import load_program
-from core.settings import EndpointSettings
+from dspy_ray.execution.artifacts import ArtifactMetadata, save_artifact
+from dspy_ray.endpoints.local.llm_server import MODEL_ALIAS
+from dspy_ray.execution.loading import load_program
+from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.inputs import InputSpec
 from pipelines.runner import RunResult, run_pipeline
 from programs.demo_pool import demo_pool
 from tasks import get_task
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from core.chat_http import error_for
-from core.settings import EndpointSettings, price_table, resolve_settings
-from core.usage import Budget, RunMeter, Usage
+from dspy_ray.client.chat_http import error_for
+from dspy_ray.endpoints.settings import EndpointSettings, price_table, resolve_settings
+from dspy_ray.client.usage import Budget, RunMeter, Usage
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline
 from tasks import get_task
 from tests.batch_helpers import read_output, write_calls
-from tests.fake_llm import FakeLLM
+from dspy_ray.testing.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = get_task("triage")
@@ -193,7 +193,7 @@ def test_lean_client_reads_lengths_chunks_and_reconnects():
 
     from dspy.utils.exceptions import LMRateLimitError
 
-    from core.chat_http import ChatHTTP
+    from dspy_ray.client.chat_http import ChatHTTP
 
     answer = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()
     chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(answer), answer)

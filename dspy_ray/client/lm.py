@@ -1,0 +1,312 @@
+"""Build a ``dspy.LM`` for an OpenAI-compatible endpoint: retries, the endpoint's limit, usage.
+
+Every endpoint (embedded llama.cpp, vLLM, a hosted provider) is declared to
+DSPy's native engine as its own provider, which does two things:
+
+* DSPy learns that the endpoint accepts ``response_format`` with a JSON schema,
+  so :class:`dspy.JSONAdapter` constrains decoding (Literal fields become enums);
+* the model is not looked up in LiteLLM's price table on every call (a scan that
+  costs milliseconds of CPU per call for model names it does not know).
+
+    >>> from dspy_ray.endpoints.settings import EndpointSettings
+    >>> lm = build_lm(EndpointSettings(base_url="http://127.0.0.1:8000/v1", model="m"))
+    >>> lm.model.endswith("/m")
+    True
+
+Each call of :class:`ResilientLM`:
+
+* is sent by :mod:`dspy_ray.client.chat_http` when it is a plain chat call (text messages, one
+  choice, no tools, no streaming, no cache), by DSPy's own client otherwise;
+* holds one of the endpoint's slots per HTTP attempt (:mod:`dspy_ray.client.limiter`: the limit
+  found at run time, shared by every caller of the endpoint), never during a retry's wait;
+* is retried on 429 / 5xx / timeouts / broken connections: exponential backoff with
+  jitter, never sooner than ``Retry-After``, at most ``max_attempts`` attempts;
+* adds its requests, retries, tokens and cost to the row being run and to this
+  process's totals (:mod:`dspy_ray.client.usage`).
+
+Retries live here, at the LM call, so a two-predictor module retries only the
+call that failed.  Validation failures (unparseable output) are not retried
+here: that is :mod:`dspy_ray.execution.refine`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import dspy
+from dspy.utils.callback import with_callbacks
+from dspy.utils.exceptions import (
+    LMRateLimitError,
+    LMServerError,
+    LMTimeoutError,
+    LMTransportError,
+)
+
+from dspy_ray.client.chat_http import ChatHTTP, response_format_json
+from dspy_ray.client.limiter import EndpointLimiter, endpoint_key, endpoint_limiter
+from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.client.usage import Usage, call_cost, record
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+logger = logging.getLogger(__name__)
+_dspy_logger = logging.getLogger("dspy.clients.lm")
+
+# Failures worth another attempt: throttling, server-side errors, timeouts and
+# broken connections.  Everything else (bad request, auth, context too long) is
+# permanent and surfaces at once.
+RETRYABLE_ERRORS = (LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError)
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 30.0
+
+# Call settings that are not request fields, and request fields the lean path leaves to DSPy.
+_NOT_SENT = frozenset({"api_key", "api_base", "base_url", "timeout", "num_retries", "rollout_id", "cache"})
+_DSPY_ONLY = frozenset({"n", "tools", "tool_choice", "stream", "prompt_cache", "num_generations", "extra_headers",
+                        "headers", "extra_query", "organization", "project", "api_version", "custom_llm_provider",
+                        "azure_ad_token_provider", "functions", "parallel_tool_calls"})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RETRYABLE_ERRORS):
+        return True
+    return getattr(exc, "status", None) in RETRYABLE_STATUS
+
+
+def backoff_seconds(attempt: int, retry_after: float | None, base: float = 0.5) -> float:
+    """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
+    exp = min(MAX_BACKOFF_S, base * 2 ** (attempt - 1))
+    wait = random.uniform(0, exp)
+    if retry_after is not None and retry_after > 0:
+        wait = max(wait, min(retry_after, MAX_BACKOFF_S * 4))
+    return wait
+
+
+class ResilientLM(dspy.LM):
+    """``dspy.LM`` with retries, the endpoint's adaptive limit, usage accounting and a lean call path.
+
+    A long-lived actor makes millions of calls; DSPy's per-LM history would grow
+    with each one, so it is switched off here.
+    """
+
+    max_attempts: int = 6
+    # Optional callable(usage_dict) told about every completed call (Serve exports it as metrics).
+    usage_hook = None
+
+    def bind(self, settings: EndpointSettings) -> ResilientLM:
+        """Attach the endpoint's settings: its limiter, its price and the lean client."""
+        self._settings = settings
+        self.max_attempts = settings.max_attempts
+        self._endpoint = endpoint_key(settings.base_url, settings.model)
+        self._limiter: EndpointLimiter | None = None
+        self._http: ChatHTTP | None = None
+        return self
+
+    # Locks, sockets and thread-locals do not pickle; they are rebuilt on first use.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_limiter", None)
+        state.pop("_http", None)
+        return state
+
+    @property
+    def limiter(self) -> EndpointLimiter | None:
+        settings = getattr(self, "_settings", None)
+        if settings is None:
+            return None
+        if getattr(self, "_limiter", None) is None:
+            self._limiter = endpoint_limiter(settings)
+        return self._limiter
+
+    @property
+    def http(self) -> ChatHTTP | None:
+        settings = getattr(self, "_settings", None)
+        if settings is None:
+            return None
+        if getattr(self, "_http", None) is None:
+            self._http = ChatHTTP(settings.base_url, api_key=settings.api_key.get_secret_value(),
+                                  timeout_s=settings.timeout_s, model=self.model)
+        return self._http
+
+    # -- calls ------------------------------------------------------------------------
+
+    @with_callbacks
+    def __call__(self, prompt=None, messages=None, **kwargs):
+        body = self._lean_body(prompt, messages, kwargs)
+        if body is None:
+            return self._attempts(lambda: dspy.BaseLM.__call__.__wrapped__(self, prompt, messages=messages, **kwargs))
+        answer = self._attempts(lambda: self.http.complete(body))
+        return self._outputs(answer, kwargs)
+
+    async def acall(self, *args, **kwargs):
+        limiter = self.limiter
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                if limiter is None:
+                    result = await super().acall(*args, **kwargs)
+                else:
+                    async with limiter.aslot():
+                        result = await super().acall(*args, **kwargs)
+            except Exception as exc:
+                wait = self._failed(exc, attempt)
+                await asyncio.sleep(wait)
+                continue
+            self._record(Usage(calls=1))
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempts(self, send):
+        """``send()`` once per attempt, each holding one endpoint slot; backoff between attempts."""
+        limiter = self.limiter
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                if limiter is None:
+                    result = send()
+                else:
+                    with limiter.slot():
+                        result = send()
+            except Exception as exc:
+                time.sleep(self._failed(exc, attempt))
+                continue
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(self, exc: Exception, attempt: int) -> float:
+        """Count a failed attempt; re-raise it when it is the last or not worth another; else the wait."""
+        retry = attempt < self.max_attempts and is_retryable(exc)
+        self._record(Usage(calls=1, retries=int(retry)))
+        if not retry:
+            raise exc
+        logger.debug("LM call attempt %d failed (%s); retrying", attempt, type(exc).__name__)
+        return backoff_seconds(attempt, getattr(exc, "retry_after", None))
+
+    def _lean_body(self, prompt, messages, kwargs) -> bytes | None:
+        """The request body for the lean client, or None when the call needs DSPy's own path."""
+        settings = getattr(self, "_settings", None)
+        if settings is None or self.model_type != "chat" or kwargs.get("cache", self.cache):
+            return None
+        if dspy.settings.send_stream is not None or "request" in kwargs or not self.http.usable:
+            return None
+        if messages is None:
+            if not isinstance(prompt, str):
+                return None
+            messages = [{"role": "user", "content": prompt}]
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or len(m) != 2:
+                return None
+        merged = {**self.kwargs, **kwargs}
+        if any(k in _DSPY_ONLY for k in merged if merged[k] is not None):
+            return None
+        parts = ['"model":' + json_dumps(settings.model), '"messages":' + json_dumps(messages)]
+        try:
+            for key, value in merged.items():
+                if key in _NOT_SENT or value is None:
+                    continue
+                if key == "response_format":
+                    parts.append('"response_format":' + response_format_json(value))
+                else:
+                    parts.append(json_dumps(key) + ":" + json_dumps(value))
+        except (TypeError, ValueError):
+            return None  # something only DSPy knows how to send
+        return ("{" + ",".join(parts) + "}").encode("utf-8")
+
+    def _outputs(self, answer: dict[str, Any], kwargs) -> list:
+        usage = answer.get("usage") or {}
+        self._record(Usage(calls=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                           completion_tokens=int(usage.get("completion_tokens") or 0)), usage)
+        outputs = []
+        for choice in answer["choices"]:
+            message = choice.get("message") or {}
+            output = {"text": message.get("content")}
+            if message.get("reasoning_content"):
+                output["reasoning_content"] = message["reasoning_content"]
+            if message.get("tool_calls"):
+                output["tool_calls"] = message["tool_calls"]
+            if kwargs.get("logprobs") or self.kwargs.get("logprobs"):
+                output["logprobs"] = choice.get("logprobs")
+            if choice.get("finish_reason") == "length":
+                _dspy_logger.warning("LM response was truncated; increase max_tokens or inspect history.")
+            outputs.append(output)
+        if all(len(o) == 1 for o in outputs):
+            return [o["text"] for o in outputs]
+        return outputs
+
+    def _record(self, usage: Usage, raw: dict | None = None) -> None:
+        settings = getattr(self, "_settings", None)
+        if settings is not None and (usage.prompt_tokens or usage.completion_tokens):
+            usage.cost_usd = call_cost(usage.prompt_tokens, usage.completion_tokens,
+                                       price_in=settings.price_in, price_out=settings.price_out)
+        record(usage, getattr(self, "_endpoint", self.model))
+        if raw is not None:
+            tracker = dspy.settings.usage_tracker
+            if tracker:
+                tracker.add_usage(self.model, dict(raw))
+            if self.usage_hook is not None:
+                self.usage_hook(dict(raw))
+
+    def update_history(self, entry) -> None:  # noqa: D102 - see class docstring
+        # Only calls that went through DSPy's own client get here (tokens; the attempt was counted already).
+        usage = entry.get("usage") or {}
+        self._record(Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                           completion_tokens=int(usage.get("completion_tokens") or 0)))
+        if self.usage_hook is not None:
+            self.usage_hook(usage)
+
+
+def json_dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def provider_id(base_url: str) -> str:
+    """A stable provider name per endpoint URL (DSPy refuses two definitions under one id)."""
+    return "ep-" + hashlib.sha1(base_url.encode()).hexdigest()[:10]
+
+
+def register_endpoint(settings: EndpointSettings) -> str:
+    """Declare the endpoint to DSPy's native engine once per process; return the provider id."""
+    from dspy.lm15 import AccessPolicy, ModelSupport, OpenAIChatCompat, ProviderDefinition, register_provider
+
+    pid = provider_id(settings.base_url)
+    compat = OpenAIChatCompat(
+        instruction_role="system",
+        max_tokens_field="max_tokens",
+        stream_usage="include",
+        tool_result_name="omit",
+        strict_tools="omit",
+        cache_control="none",
+        json_schema="send" if settings.json_schema else "reject",
+    )
+    definition = ProviderDefinition.chat(
+        AccessPolicy(provider=pid, base_url=settings.base_url),
+        compat=compat,
+        placeholder_key="unused",
+        note="OpenAI-compatible endpoint declared by dspy_ray.client.lm",
+    )
+    register_provider(definition, supports=ModelSupport(response_schema=settings.json_schema), replace=True)
+    return pid
+
+
+def build_lm(settings: EndpointSettings, **overrides) -> ResilientLM:
+    """The one way this project builds an LM: batch stages, optimizers and Serve replicas call it."""
+    if not settings.base_url:
+        raise ValueError("no LM endpoint configured: open it with dspy_ray.endpoints.fallback.open_endpoints first")
+    pid = register_endpoint(settings)
+    api_key = settings.api_key.get_secret_value() or "unused"
+    lm = ResilientLM(
+        f"{pid}/{settings.model}",
+        api_base=settings.base_url,
+        api_key=api_key,
+        temperature=settings.temperature,
+        max_tokens=settings.max_tokens,
+        timeout=settings.timeout_s,
+        num_retries=0,  # ResilientLM owns retries; two layers would multiply attempts
+        cache=False,
+        **overrides,
+    )
+    return lm.bind(settings)
