@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dspy_ray.endpoints.local.child_server import free_port as pick_port
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -40,10 +40,10 @@ def fake_llm():
         yield fake
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a free port on 127.0.0.1 (``port = free_port()``)."""
+    return pick_port
 
 
 class JobHead:
@@ -66,7 +66,7 @@ def ray_job_head():
     import urllib.error
     import urllib.request
 
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    port, dash, agent = pick_port(), pick_port(), pick_port()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -327,13 +326,7 @@ def test_no_ray_no_discovery():
     assert not ray.is_initialized()  # discovery never starts or joins a cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_discovery_finds_the_serve_app_on_the_cluster(ray_local, tmp_path):
+def test_discovery_finds_the_serve_app_on_the_cluster(ray_local, tmp_path, free_port):
     """A stand-in for the Serve LLM app (its /v1/models route) found through Serve itself."""
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -349,7 +342,7 @@ def test_discovery_finds_the_serve_app_on_the_cluster(ray_local, tmp_path):
 
     started_serve = _get_global_client(raise_if_no_controller_running=False) is None
     if started_serve:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     try:
         serve.run(ModelList.bind(), name="llm-test", route_prefix="/llm-test")
         models = _models_file(tmp_path, target="tgt-model", judge="jdg-model", app_name="llm-test",

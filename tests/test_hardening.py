@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LM_", "JUDGE_", "EMBED_", "RAY_ADDRESS", "SERVE_API_TOKEN"))}
     return {**env, "PYTHONPATH": str(ROOT), **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grep_tree(root: Path, *needles: str) -> list[str]:
@@ -82,9 +75,9 @@ def test_batch_run_with_a_key_in_dotenv_leaves_it_nowhere_in_rays_session(tmp_pa
 
 
 @pytest.mark.slow
-def test_serve_honours_dotenv_keeps_secrets_out_of_ray_and_stops_on_sigint(tmp_path, ray_tmp):
+def test_serve_honours_dotenv_keeps_secrets_out_of_ray_and_stops_on_sigint(tmp_path, ray_tmp, free_port):
     """Endpoint and token only in .env; SIGINT to a background server (SIGINT ignored, as a shell's `&` does)."""
-    port = _free_port()
+    port = free_port()
     with FakeLLM() as fake:
         (tmp_path / ".env").write_text(f"LM_BASE_URL={fake.base_url}\nLM_MODEL=fake-model\nLM_API_KEY={KEY}\n"
                                        f"SERVE_API_TOKEN={TOKEN}\n")

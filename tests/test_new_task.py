@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -116,7 +115,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     return proc
 
 
-def test_a_task_from_outside_the_repository_runs_batch_optimize_and_serve(ray_local, toy_task, tmp_path):
+def test_a_task_from_outside_the_repository_runs_batch_optimize_and_serve(ray_local, toy_task, tmp_path, free_port):
     address = ray_local.get_runtime_context().gcs_address
     reviews = tmp_path / "reviews.jsonl"
     reviews.write_text("".join(json.dumps({"id": f"x{i}", "review": text}) + "\n"
@@ -145,7 +144,7 @@ def test_a_task_from_outside_the_repository_runs_batch_optimize_and_serve(ray_lo
         assert meta["program"] == "sentiment" and meta["module_class"].endswith("SentimentRater")
 
         # Serve: its own local Ray (replicas inherit PYTHONPATH), the artifact, JSON types from the signature.
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "serve", "--program", "sentiment_task", "--artifact",
                                    str(artifact), "--port", str(port), "--max-replicas", "1", *lm],
                                   cwd=tmp_path, env=_env(toy_task), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -164,12 +163,6 @@ def test_a_task_from_outside_the_repository_runs_batch_optimize_and_serve(ray_lo
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
     assert server.returncode == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post_when_up(url: str, body: dict, server: subprocess.Popen, timeout_s: float = 240) -> dict:

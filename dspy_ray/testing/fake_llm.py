@@ -448,7 +448,8 @@ class FakeServer:
     def reset_stats(self) -> None:
         """Zero the counters; ``in_flight`` stays the live gauge and seeds the new peak."""
         self.stats = {"requests": 0, "ok": 0, "rate_limited": 0, "server_error": 0, "hung": 0, "malformed": 0,
-                      "over_capacity": 0, "max_in_flight": self.in_flight, "inputs": {}}
+                      "over_capacity": 0, "max_in_flight": self.in_flight, "inputs": {},
+                      "response_format": None}
         self.samples, self.started = [], time.monotonic()
         self.stats["embeddings"] = {"requests": 0, "inputs": 0, "ok": 0, "rate_limited": 0, "server_error": 0,
                                     "hung": 0, "malformed": 0, "rejected": 0, "unauthorized": 0}
@@ -487,6 +488,7 @@ class FakeServer:
         key = input_key(_last_text(body["messages"], "user"))
         self.stats["requests"] += 1
         self.stats["inputs"][key] = self.stats["inputs"].get(key, 0) + 1
+        self.stats["response_format"] = body.get("response_format")  # the last one sent, as the client sent it
         if self._over_capacity():
             return self._reject()
         task = asyncio.current_task()
