@@ -15,9 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimize.candidates import MiproCandidateSettings
+from dspy_ray.util.cli import EXIT_USAGE
 
 class OptimizeError(RuntimeError):
     """A run that cannot start or go on as asked (message says why and what to do)."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 AutoLevel = Literal["light", "medium", "heavy"]

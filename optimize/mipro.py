@@ -53,6 +53,7 @@ from optimize.evaluation import EvalContext, chunked
 from optimize.storage import RunStorage
 from optimize.trial import TrialRequest, TrialResult, merge_chunks
 from optimize.workers import WorkerPool
+from dspy_ray.util.cli import EXIT_ENDPOINT
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ FULL_EVAL_ATTR = "full_eval"  # user attribute marking study trials that are ful
 
 class SearchError(RuntimeError):
     """The search cannot go on (endpoint failing everywhere, candidates unusable); the run can be resumed."""
+    exit_code = EXIT_ENDPOINT  # what a command line exits with (dspy_ray.util.cli)
 
 
 def minibatch_ids(val_ids: list[str], size: int, seed: int, number: int) -> list[str]:

@@ -43,16 +43,19 @@ from optimize.storage import RunStorage
 from optimize.workers import WorkerPool
 from tasks import Task, get_task
 from tasks.examples import DatasetError, extra_train_examples, load_task_data
+from dspy_ray.util.cli import EXIT_BUDGET, EXIT_INTERRUPTED
 
 logger = logging.getLogger(__name__)
 
 
 class TooManyCalls(OptimizeError):
     """The call estimate exceeds ``--max-calls``."""
+    exit_code = EXIT_BUDGET  # what a command line exits with (dspy_ray.util.cli)
 
 
 class Interrupted(OptimizeError):
     """Ctrl-C (or SIGTERM) during a run: what was saved, and where."""
+    exit_code = EXIT_INTERRUPTED  # what a command line exits with (dspy_ray.util.cli)
 
     def __init__(self, storage: RunStorage):
         self.run_dir = storage.uri

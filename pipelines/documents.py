@@ -52,6 +52,7 @@ from pathlib import PurePosixPath
 import pyarrow.fs as pafs
 
 from dspy_ray.util.fs import filesystem_for
+from dspy_ray.util.cli import EXIT_USAGE
 
 TEXT_KINDS = {".txt": "txt", ".md": "md", ".markdown": "md", ".rst": "rst", ".html": "html", ".htm": "html"}
 RECORD_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -60,6 +61,7 @@ KINDS = {**TEXT_KINDS, **RECORD_KINDS}
 
 class CorpusError(ValueError):
     """The corpus cannot be indexed at all (missing, empty, no usable file); the message says why."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ from pipelines.chunking import ChunkSettings, chunk_document
 from pipelines.documents import Corpus, CorpusError, Problem, RecordColumns, file_digest, parse_bytes, scan_corpus
 from pipelines.runner import OutputError, check_writable
 from stages.embed import EmbedStage
+from dspy_ray.util.cli import EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ SHOWN_PROBLEMS = 20  # problems printed one per line; the rest are counted (all 
 
 class IndexDirError(ValueError):
     """The index location cannot be used as asked."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 @dataclass(frozen=True)

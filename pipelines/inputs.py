@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dspy_ray.util.fs import filesystem_for, is_uri, json_lines
+from dspy_ray.util.cli import EXIT_USAGE
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
            ".txt": "txt"}
@@ -32,6 +33,7 @@ ID, ERRORS = "id", "errors"
 
 class InputError(ValueError):
     """Bad input found before any LM call; the message names the file and what to do."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.client.usage import Budget, RunMeter, Usage
 from pipelines.inputs import InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
+from dspy_ray.util.cli import EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ QUARANTINE_DIR = "_incomplete"
 
 class OutputError(ValueError):
     """The output location cannot be used as asked."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 @dataclass

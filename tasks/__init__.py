@@ -21,6 +21,7 @@ import importlib
 import pkgutil
 
 from tasks.base import CliDefaults, Task, TaskData
+from dspy_ray.util.cli import EXIT_USAGE
 
 __all__ = ["CliDefaults", "Task", "TaskData", "TaskError", "get_task", "task_names"]
 
@@ -29,6 +30,7 @@ _NOT_TASKS = {"base", "examples"}  # helpers, not tasks
 
 class TaskError(ValueError):
     """A task name that resolves to nothing (the message lists what exists)."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 def task_names() -> list[str]:

@@ -19,10 +19,12 @@ import dspy
 
 from dspy_ray.util.fs import filesystem_for, is_uri, json_lines, read_bytes
 from tasks.base import TaskData, resolve_repo_path
+from dspy_ray.util.cli import EXIT_USAGE
 
 
 class DatasetError(ValueError):
     """A dataset file that cannot be used, named with file and line."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from dspy_ray.client.lm import backoff_seconds, is_retryable
 from dspy_ray.endpoints.settings import EndpointSettings, redact_url
+from dspy_ray.util.cli import EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ FATAL_STATUS = frozenset({401, 403, 404})
 
 class EmbeddingConfigError(RuntimeError):
     """The endpoint cannot be used as configured (auth, base URL, model): every input would fail."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 class EmbeddingRequestError(Exception):

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 
 from dspy_ray.endpoints.model_catalog import DEFAULT_CONFIG, MODELS_CONFIG_ENV, LLMModelsError, load_models
 from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.util.cli import EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _DEFAULT_MODEL = EndpointSettings.model_fields["model"].default
 
 class DiscoveryError(RuntimeError):
     """The served models could not be listed (raised by :func:`list_models` only)."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 def list_models(base_url: str, timeout_s: float = PROBE_TIMEOUT_S, api_key: str = "") -> list[str]:

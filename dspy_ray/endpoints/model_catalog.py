@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dspy_ray.util.paths import repo_path
+from dspy_ray.util.cli import EXIT_USAGE
 
 DEFAULT_CONFIG = "serve/llm_models.yaml"
 MODELS_CONFIG_ENV = "LLM_MODELS_CONFIG"
@@ -37,6 +38,7 @@ TYPED_ENGINE_KWARGS = frozenset(
 
 class LLMModelsError(ValueError):
     """The models file cannot be used; the message names the file and the field."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 class ModelSpec(BaseModel):

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dspy_ray.util.fs import filesystem_for, is_uri, json_object, read_bytes, write_bytes
 from dspy_ray.endpoints.settings import redact_url
 from dspy_ray.util.paths import repo_path
+from dspy_ray.util.cli import EXIT_USAGE
 
 SIDECAR_SUFFIX = ".meta.json"
 ALIASES = ("latest", "best")
@@ -46,6 +47,7 @@ FORMAT_VERSION = 1
 
 class ProgramLoadError(ValueError):
     """A program file that cannot be loaded into the requested module (names the file and the reason)."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 class ArtifactMismatchError(ProgramLoadError):

@@ -27,6 +27,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 from dspy_ray.util.fs import filesystem_for, read_bytes, write_bytes
+from dspy_ray.util.cli import EXIT_USAGE
 
 MANIFEST = "manifest.json"
 PASSAGES = "passages.parquet"
@@ -41,6 +42,7 @@ FORMAT = 1
 
 class RetrievalIndexError(RuntimeError):
     """An index folder that cannot be used as asked."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 class IndexNotFoundError(RetrievalIndexError):

