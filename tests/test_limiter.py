@@ -1,4 +1,4 @@
-"""The endpoint limiter (dspy_ray/client/limiter.py): capacity found at run time, rare 429s, the ceiling held, no deadlock.
+"""The endpoint limiter (dspy_ray/client/limiter/): capacity found at run time, rare 429s, the ceiling held, no deadlock.
 
 Real HTTP against the fake endpoint, from many threads through ``build_lm``'s LM (the path every
 stage, judge and optimizer worker takes); the cross-process test uses real Ray actors.

@@ -1,0 +1,248 @@
+"""The job's coordinator: ONE Ray actor per job (:class:`LimitService`) for all its endpoints.
+
+Inside it, one :class:`LimitCoordinator` per endpoint (base URL + model) merges the signals that
+every process of the job reports for that endpoint, runs its :class:`~.policy.AimdPolicy` and
+splits the limit into shares.  Below the actor: the calls a process makes to it (join, the
+batched report, the state for reports and plots), and what a process does when it is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspy_ray.client.limiter.policy import AimdPolicy, Signals
+from dspy_ray.client.limiter.slots import EndpointLimiter, Report, endpoint_key
+
+logger = logging.getLogger(__name__)
+
+MEMBER_TIMEOUT_S = 30.0  # a process silent this long gives its share back (it may be busy, not dead)
+SERVICE_NAME = "dspy-endpoint-limits"
+
+
+@dataclass
+class _Member:
+    """What the coordinator knows of one process calling the endpoint."""
+
+    granted: float
+    demand: int = 0  # in the last report
+    held: int = 0  # requests in flight at the last report (a process keeps them while its share shrinks)
+    heard: float = field(default_factory=time.monotonic)  # when its latest report came
+    window_peak: int = 0  # peaks over the policy's current round
+    window_demand: int = 0
+    last_report: int = 0  # the number of its latest report
+    decided: int = 0  # the number of its latest report the policy has decided with
+
+
+class LimitCoordinator:
+    """Runs one endpoint's limit for every process of a Ray job and splits it into shares.
+
+    Held by the job's :class:`LimitService`, one per endpoint.  Each process reports its
+    :class:`Signals` every ``SYNC_INTERVAL_S`` (:mod:`.registry`); the merged
+    signals drive one :class:`AimdPolicy`.  A process's share follows its demand; a share
+    grows only out of what the other processes neither are granted nor still hold in flight,
+    so the ceiling holds for the job at every moment.
+    """
+
+    def __init__(self, key: str, ceiling: int, adaptive: bool = True, initial: int = 16):
+        self.key = key
+        self.policy = AimdPolicy(ceiling, initial, adaptive=adaptive)
+        self.members: dict[str, _Member] = {}
+        self.pending = Signals()
+        self.pending_reports = 0
+        self.started = time.monotonic()
+        # (seconds, limit, demand, peak in flight, answered ok, 429s) per policy step, for plots and tests.
+        self.history: collections.deque[tuple[float, float, int, int, int, int]] = collections.deque(maxlen=20_000)
+
+    def join(self, member: str) -> dict[str, float]:
+        now = time.monotonic()
+        self._prune(now)
+        spare = self.policy.limit - sum(max(m.granted, m.held) for m in self.members.values())
+        share = max(0.0, min(spare, self.policy.limit / (len(self.members) + 1)))  # 0: wait for the next report
+        self.members[member] = _Member(granted=share, heard=now)
+        return {"share": share, "background": self.policy.background_rate()}
+
+    def report(self, member: str, signals: dict[str, Any], number: int = 0) -> dict[str, float]:
+        """Add one process's signals (its report ``number``); its share, and the latest of its reports the
+        policy has decided with (``decided``: a quick local cut on 429s holds until then)."""
+        now = time.monotonic()
+        state = self.members.get(member)
+        if state is None:
+            self.join(member)
+            state = self.members[member]
+        state.heard = now
+        state.last_report = number
+        incoming = Signals(**signals)
+        state.demand = incoming.demand
+        state.held = incoming.peak_in_flight
+        state.window_peak = max(state.window_peak, incoming.peak_in_flight)
+        state.window_demand = max(state.window_demand, incoming.demand)
+        self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,
+                                   latency_sum=incoming.latency_sum))
+        self.pending_reports += 1
+        # One policy step per round of reports (every member about once), not per report.
+        if self.pending_reports >= len(self.members):
+            self._prune(now)
+            self.pending.peak_in_flight = sum(m.window_peak for m in self.members.values())
+            self.pending.demand = sum(m.window_demand for m in self.members.values())
+            for m in self.members.values():
+                m.window_peak = m.window_demand = 0
+                m.decided = m.last_report
+            self.policy.rounding = len(self.members)
+            self.policy.observe(self.pending, now)
+            self.history.append((round(now - self.started, 3), round(self.policy.limit, 1), self.pending.demand,
+                                 self.pending.peak_in_flight, self.pending.ok, self.pending.overloads))
+            self.pending, self.pending_reports = Signals(), 0
+        return {"share": self._share(member), "background": self.policy.background_rate(), "decided": state.decided}
+
+    def _prune(self, now: float) -> None:
+        for name in [n for n, m in self.members.items() if now - m.heard > MEMBER_TIMEOUT_S]:
+            del self.members[name]
+
+    def _share(self, member: str) -> float:
+        limit = self.policy.limit
+        demands = {name: max(1, m.demand) for name, m in self.members.items()}
+        total = sum(demands.values())
+        if total <= limit:
+            wanted = {name: d + (limit - total) / len(demands) for name, d in demands.items()}
+        else:
+            wanted = {name: limit * d / total for name, d in demands.items()}
+        # A process sends whole requests: whole shares that add up to the limit's whole part (the
+        # floors, then one more slot each to the largest remainders), so no slot is lost to rounding.
+        whole = {name: math.floor(v) for name, v in wanted.items()}
+        largest = sorted(wanted, key=lambda name: (whole[name] - wanted[name], name))
+        for name in largest[:max(0, int(limit) - sum(whole.values()))]:
+            whole[name] += 1
+        target = max(1.0, float(whole[member]))
+        state = self.members[member]
+        if target > state.granted:  # growth only from what the others do not hold (so never past the ceiling)
+            # A process whose share just shrank still has its requests in flight until they end.
+            others = sum(max(m.granted, m.held) for name, m in self.members.items() if name != member)
+            target = max(state.granted, min(target, limit - others))
+        state.granted = target
+        return target
+
+    def state(self, history: bool = False) -> dict[str, Any]:
+        p = self.policy
+        return {"history": list(self.history) if history else None, "key": self.key, "limit": p.limit,
+                "ceiling": p.ceiling, "latency_floor": p.latency_floor,
+                "w_max": p.w_max, "cuts": p.cuts, "reverted": p.reverted, "background": p.background_rate(),
+                "members": {n: {"granted": m.granted, "demand": m.demand} for n, m in self.members.items()}}
+
+
+class LimitService:
+    """The Ray actor of a job's endpoint limits, one per job: one :class:`LimitCoordinator` per endpoint.
+
+    One actor for all endpoints (LM, judge, embedder) of the job, named ``SERVICE_NAME``; each process
+    of the job sends one :meth:`report` every ``SYNC_INTERVAL_S`` for all the endpoints it calls.
+    """
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, LimitCoordinator] = {}
+
+    def _endpoint(self, key: str, ceiling: int, adaptive: bool) -> LimitCoordinator:
+        coordinator = self.endpoints.get(key)
+        if coordinator is None:
+            coordinator = self.endpoints[key] = LimitCoordinator(key, ceiling, adaptive)
+        elif ceiling < coordinator.policy.ceiling:  # two callers disagree: the lower ceiling holds
+            coordinator.policy.ceiling = ceiling
+            coordinator.policy.limit = min(coordinator.policy.limit, ceiling)
+        return coordinator
+
+    def join(self, key: str, member: str, ceiling: int, adaptive: bool = True) -> dict[str, float]:
+        return self._endpoint(key, ceiling, adaptive).join(member)
+
+    def report(self, reports: list[Report]) -> list[dict[str, float]]:
+        return [self._endpoint(key, ceiling, adaptive).report(member, signals, number)
+                for key, member, signals, ceiling, adaptive, number in reports]
+
+    def state(self, key: str, history: bool = False) -> dict[str, Any] | None:
+        coordinator = self.endpoints.get(key)
+        return coordinator.state(history) if coordinator is not None else None
+
+
+# -- talking to the service, from any process of the job ---------------------------------
+
+_service = None  # this process's handle on the job's LimitService (held: Ray collects an unreferenced actor)
+_service_retry_at = 0.0  # after the service did not answer: when to try it again
+
+
+def ensure_coordinator():
+    """Create the job's limit service from this process (the driver), so it lives as long as the job."""
+    return _service_handle()
+
+
+def coordinator_state(base_url: str, model: str, history: bool = False) -> dict[str, Any] | None:
+    """The job-wide state of an endpoint's limit (for reports and plots); None without a service."""
+    handle = _service_handle()
+    return _ray_get(handle.state.remote(endpoint_key(base_url, model), history), timeout=30.0)
+
+
+def ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return ray.is_initialized()
+
+
+def _ray_get(ref, timeout: float):
+    import ray
+
+    return ray.get(ref, timeout=timeout)
+
+
+def _service_handle():
+    global _service
+    if _service is None:
+        import ray
+
+        actor = ray.remote(num_cpus=0, max_restarts=0)(LimitService)
+        _service = actor.options(name=SERVICE_NAME, get_if_exists=True).remote()
+    return _service
+
+
+def attach(limiter: EndpointLimiter) -> None:
+    """Join ``limiter``'s endpoint at the service and take the share it grants (none: decide alone)."""
+    try:
+        handle = _service_handle()
+        answer = _ray_get(handle.join.remote(limiter.key, limiter.member, limiter.ceiling, limiter.adaptive),
+                          timeout=30.0)
+    except Exception as exc:  # noqa: BLE001 - no coordinator: this process decides alone
+        logger.warning("endpoint limiter: no coordinator (%s); this process decides its own limit",
+                       type(exc).__name__)
+        return
+    limiter.coordinator = handle
+    limiter.set_share(float(answer["share"]))
+
+
+def retry_due(now: float) -> bool:
+    """Whether a limiter without an answering service should try it again now (a second after it failed)."""
+    return now >= _service_retry_at
+
+
+def report_all(coordinated: list[EndpointLimiter], now: float) -> None:
+    """Report ``coordinated`` limiters' intervals in one call to the service and set the shares it answers."""
+    global _service, _service_retry_at
+    if not ray_initialized():  # Ray was shut down in this process: never start it again from here
+        for limiter in coordinated:
+            limiter.lost_coordinator()
+            limiter.coordinated = False
+        _service = None
+        return
+    try:
+        handle = _service_handle()
+        answers = _ray_get(handle.report.remote([lim.coordinated_report() for lim in coordinated]), timeout=5.0)
+    except Exception as exc:  # noqa: BLE001 - the service is gone (its owner exited): local until it is back
+        logger.warning("endpoint limits: coordinator unreachable (%s); deciding locally", type(exc).__name__)
+        _service, _service_retry_at = None, now + 1.0
+        for limiter in coordinated:
+            limiter.lost_coordinator()
+        return
+    for limiter, answer in zip(coordinated, answers):
+        limiter.coordinator, limiter.cap = handle, None
+        limiter.set_share(answer["share"], answer["background"], answer["decided"])

@@ -1,0 +1,251 @@
+"""A process's view of one endpoint: :class:`EndpointLimiter`, its slots and FIFO waiters.
+
+The hot path makes no Ray call: slots are taken and given back here, under one lock; the share
+they add up to comes from the process's own :class:`~.policy.AimdPolicy` (:meth:`EndpointLimiter.tick`)
+or from the job's coordinator (:mod:`.coordinator`, through :meth:`EndpointLimiter.set_share`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+from dspy_ray.client.limiter.policy import (
+    AimdPolicy,
+    Signals,
+    is_overload,
+    overload_threshold,
+)
+
+# What a process reports to the coordinator for one endpoint: key, member, signals, ceiling, adaptive,
+# and the report's number (see EndpointLimiter.coordinated_report).
+Report = tuple[str, str, dict[str, Any], int, bool, int]
+
+
+def endpoint_key(base_url: str, model: str) -> str:
+    """The limiter's key: one limit per base URL + model."""
+    return f"{base_url.rstrip('/')}|{model}"
+
+
+class _Waiter:
+    __slots__ = ("lock", "loop", "future", "granted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.granted = False
+        self.loop = loop
+        self.future = loop.create_future() if loop is not None else None
+        self.lock = None if loop is not None else threading.Lock()
+        if self.lock is not None:
+            self.lock.acquire()
+
+    def wake(self) -> None:
+        self.granted = True
+        if self.lock is not None:
+            self.lock.release()
+        else:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class EndpointLimiter:
+    """Slots for one endpoint in this process: a local limit (this process's share), FIFO waiters.
+
+    Thread-safe; sync callers block in :meth:`slot`, async callers await :meth:`aslot`.
+    The share comes from the policy (in this process) or from the endpoint's coordinator
+    actor; between reports the limiter gives slots back at once when 429s pile up (and takes
+    them again one per call answered).
+    """
+
+    def __init__(self, key: str, ceiling: int, *, adaptive: bool = True, initial: int = 16):
+        self.key = key
+        self.ceiling = max(1, int(ceiling))
+        self.adaptive = adaptive
+        self.member = uuid.uuid4().hex[:12]
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self.in_flight = 0
+        self.share = float(min(self.ceiling, initial) if adaptive else self.ceiling)  # what we may use
+        self.limit = self.share  # what we use now (paced towards the share)
+        self.background = 0.0  # the coordinator's background 429 share, for the quick local reaction
+        self._interval = Signals()
+        self.policy: AimdPolicy | None = AimdPolicy(self.ceiling, initial, adaptive=adaptive)
+        self.coordinator = None
+        self.totals = Signals()  # since start, for tests and reports
+        self.peak_in_flight = 0
+        # Work queued for this endpoint outside the limiter (a stage's rows waiting to start), by
+        # caller: counted as demand, so callers need not park threads in slot() to ask for more.
+        self.queued_elsewhere: dict[int, int] = {}
+        self.coordinated = False  # meant to share a coordinator (Ray): report to it, re-attach if it goes away
+        self.cap: float | None = None  # the last share granted, while the coordinator does not answer
+        self.reports = 0  # intervals handed to the policy so far
+        # A quick local cut on a burst of 429s: (the interval it happened in, the limit it left). It holds,
+        # and the limit is not paced up, until a share decided with that interval's signals comes back.
+        self.backoff: tuple[int, float] | None = None
+
+    # -- taking and giving back slots -----------------------------------------------
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one slot for one request (blocks while the endpoint is full)."""
+        self._acquire()
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            self._release(None, exc)
+            raise
+        self._release(time.perf_counter() - start, None)
+
+    @contextlib.asynccontextmanager
+    async def aslot(self):
+        """:meth:`slot` for asyncio code: waits without blocking the loop."""
+        await self._aacquire()
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            self._release(None, exc)
+            raise
+        self._release(time.perf_counter() - start, None)
+
+    def _try(self) -> bool:
+        if self.in_flight < int(self.limit) and not self._waiters:
+            self.in_flight += 1
+            if self.in_flight > self.peak_in_flight:
+                self.peak_in_flight = self.in_flight
+            self._note_demand()
+            return True
+        return False
+
+    def _note_demand(self) -> None:
+        s = self._interval
+        s.peak_in_flight = max(s.peak_in_flight, self.in_flight)
+        s.demand = max(s.demand, self.in_flight + len(self._waiters))
+
+    def note_queued(self, caller: int, count: int) -> None:
+        """``caller`` (any id) has ``count`` requests waiting to be sent: they count as demand."""
+        with self._lock:
+            self.queued_elsewhere[caller] = count
+            s = self._interval
+            s.demand = max(s.demand, self.in_flight + len(self._waiters) + sum(self.queued_elsewhere.values()))
+
+    def _acquire(self) -> None:
+        with self._lock:
+            if self._try():
+                return
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            self._note_demand()
+        waiter.lock.acquire()  # released by the releaser, who counted us in already
+
+    async def _aacquire(self) -> None:
+        with self._lock:
+            if self._try():
+                return
+            waiter = _Waiter(asyncio.get_running_loop())
+            self._waiters.append(waiter)
+            self._note_demand()
+        try:
+            await waiter.future
+        except BaseException:
+            with self._lock:
+                if waiter.granted:  # granted while being cancelled: give the slot back
+                    self.in_flight -= 1
+                    self._grant()
+                else:
+                    self._waiters.remove(waiter)
+            raise
+
+    def _grant(self) -> None:
+        """Hand free slots to waiters, oldest first (called with the lock held)."""
+        while self._waiters and self.in_flight < int(self.limit):
+            waiter = self._waiters.popleft()
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self._note_demand()
+            waiter.wake()
+
+    def _release(self, latency: float | None, exc: BaseException | None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            s = self._interval
+            if exc is None:
+                s.ok += 1
+                s.latency_sum += latency or 0.0
+                if self.limit < self.share and self.backoff is None:  # pace growth: one more slot per answer
+                    self.limit = min(self.share, self.limit + 1)
+            elif is_overload(exc):
+                s.overloads += 1
+                # Many 429s already in this interval: give this slot back now, not at the next report.
+                if s.overloads > overload_threshold(s.answered, self.background):
+                    self.limit = max(min(1.0, self.share), min(self.limit, self.in_flight + 1) - 1)
+                    self.backoff = (self.reports, self.limit)
+            else:
+                s.errors += 1
+            self._grant()
+
+    # -- the share ------------------------------------------------------------------
+
+    def take_interval(self) -> Signals:
+        with self._lock:
+            signals, self._interval = self._interval, Signals()
+            self.reports += 1
+            self._note_demand()  # the next interval starts with the current gauges
+            self.totals.merge(Signals(ok=signals.ok, overloads=signals.overloads, errors=signals.errors,
+                                      latency_sum=signals.latency_sum))
+            return signals
+
+    def set_share(self, share: float, background: float | None = None, decided: int | None = None) -> None:
+        """Use ``share`` from now on; ``decided``: how many of this process's intervals (:attr:`reports`)
+        the policy had seen when it decided (None: all of them)."""
+        with self._lock:
+            # 0 is possible with a coordinator: every slot of the job is held by other processes.
+            self.share = max(0.0, min(float(self.ceiling), share))
+            # At once, both ways: the policy already paced the total (and a share that moves between
+            # processes does not change it).  A quick local cut on 429s holds until the policy saw them.
+            if self.backoff is not None and (decided is None or self.backoff[0] < decided):
+                self.backoff = None
+            self.limit = self.share if self.backoff is None else min(self.share, self.backoff[1])
+            if background is not None:
+                self.background = background
+            self._grant()
+
+    def tick(self, now: float | None = None) -> None:
+        """One decision of the local policy (a limiter without a coordinator)."""
+        now = time.monotonic() if now is None else now
+        signals = self.take_interval()
+        if self.policy is not None:
+            limit = self.policy.observe(signals, now)
+            if self.cap is not None:  # cut off from the job's coordinator: never more than it last granted
+                limit = self.policy.limit = min(limit, self.cap)
+            self.set_share(limit, self.policy.background_rate())
+
+    def coordinated_report(self) -> Report:
+        """What the endpoint's coordinator needs from this process since the last report, numbered."""
+        signals = asdict(self.take_interval())
+        return self.key, self.member, signals, self.ceiling, self.adaptive, self.reports
+
+    def lost_coordinator(self) -> None:
+        """Decide locally until a coordinator answers again: from the current share, and never above it
+        (the other processes still hold theirs, so growing alone could pass the ceiling)."""
+        if self.policy is not None:
+            self.policy.limit = self.share
+        if self.cap is None:
+            self.cap = self.share
+        self.coordinator = None
+
+    def state(self) -> dict[str, Any]:
+        return {"key": self.key, "limit": self.limit, "share": self.share, "in_flight": self.in_flight,
+                "waiting": len(self._waiters), "peak_in_flight": self.peak_in_flight,
+                "coordinated": self.coordinator is not None, **asdict(self.totals)}
