@@ -2,8 +2,10 @@
 
 Like :mod:`stages.base`, two pieces: :class:`EmbedStageUDF` (one client per
 actor, an ``async __call__`` with many requests in flight) and
-:class:`EmbedStage` (a pydantic config saying how Ray runs it).  Data flow
-for one batch (``dim`` = the model's dimension)::
+:class:`EmbedStage` (a pydantic config saying how Ray runs it).  How many requests
+are in flight is the endpoint's adaptive limit (:mod:`dspy_ray.client.limiter`, shared
+by every actor of the job, at most ``EMBED_MAX_IN_FLIGHT``); each actor is also capped
+at its own ``max_in_flight``.  Data flow for one batch (``dim`` = the model's dimension)::
 
     {"hash": ["9f..", "c4.."], "embedding_text": ["Priority Codes\\nEcho calls ...", ""]}
       -> the embed stage ->
@@ -78,7 +80,8 @@ class EmbedStage(BaseModel):
     num_actors: int = Field(2, ge=1, description="Actors in the pool")
     # Rows per batch: several requests' worth, so each actor keeps its in-flight budget busy.
     batch_size: int = Field(256, ge=1, description="Passages handed to an actor at once")
-    max_in_flight_per_actor: int = Field(64, ge=1, description="Concurrent /v1/embeddings requests per actor")
+    max_in_flight_per_actor: int = Field(64, ge=1, description="At most this many /v1/embeddings requests per actor "
+                                         "at once; below it the endpoint's shared adaptive limit decides")
     num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per actor (the work is I/O bound)")
     text_column: str = Field("embedding_text", description="Column holding the text to embed")
 

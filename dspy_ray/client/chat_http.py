@@ -16,7 +16,8 @@ chat call (text messages, one choice, no tools, no streaming, no cache)
   ``LMRateLimitError`` with ``retry_after``, 5xx -> ``LMServerError``, 401/403 ->
   ``LMAuthError``, an unknown model -> ``LMUnsupportedModelError``, a context overflow
   -> ``ContextWindowExceededError``, timeouts and broken connections -> ``LMTimeoutError``
-  / ``LMTransportError``), so retries, Refine and the fatal-error rule behave the same.
+  / ``LMTransportError``), so retries (:mod:`dspy_ray.client.retry`, which also reads
+  ``Retry-After``), Refine and the fatal-error rule behave the same.
 
     >>> client = ChatHTTP("http://127.0.0.1:8000/v1", api_key="", timeout_s=5.0, model="m")
     >>> client.path
@@ -53,6 +54,8 @@ from dspy.utils.exceptions import (
     LMUnsupportedModelError,
 )
 
+from dspy_ray.client.retry import parse_retry_after
+
 _MODEL_ERROR_CODES = frozenset({"model_not_found", "model_not_available", "unsupported_model", "DeploymentNotFound"})
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest)
 
@@ -80,20 +83,6 @@ def response_format_json(response_format: Any) -> str:
                 "strict": True}})
         return cached
     return _dumps(response_format)
-
-
-def parse_retry_after(headers) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    from dspy.clients._http import retry_after_seconds
-
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    return retry_after_seconds(value) if value else None
 
 
 def error_for(status: int, body: str, *, retry_after: float | None, model: str,

@@ -11,12 +11,15 @@ What one call does with ``texts``:
 
 * puts ``settings.query_prefix`` / ``settings.passage_prefix`` before each text
   (e5-style models want ``"query: "`` / ``"passage: "``);
-* cuts them into requests of ``settings.batch_size`` inputs and keeps up to
-  ``max_in_flight`` requests in flight (per client and event loop; the index
-  CLI splits the endpoint's ``EMBED_MAX_IN_FLIGHT`` across its actors);
-* retries each request like an LM call (:mod:`dspy_ray.client.lm`): 429 / 5xx / timeouts /
-  broken connections, exponential backoff with jitter, never sooner than
-  ``Retry-After``, at most ``settings.max_attempts`` attempts;
+* cuts them into requests of ``settings.batch_size`` inputs, each sent holding one of the
+  endpoint's slots: the adaptive limit of :mod:`dspy_ray.client.limiter`, one per endpoint
+  (base URL + model), shared by every caller of it in the process and, with Ray, in the job,
+  never above ``settings.max_in_flight``; a 429 / 503 answer tells it the endpoint is full.
+  ``max_in_flight`` caps one client's requests below that (per event loop: an actor's budget);
+* retries each request by :mod:`dspy_ray.client.retry`, the policy LM calls use too:
+  429 / 5xx / timeouts / broken connections, exponential backoff with jitter, never
+  sooner than ``Retry-After``, at most ``settings.max_attempts`` attempts; a request
+  waiting to retry holds no slot;
 * a request rejected as bad (400/413/422) is split in halves until the input at
   fault is found, so one over-long passage fails alone;
 * returns float32 vectors, L2-normalised, and one error (or None) per input.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import threading
 import weakref
@@ -40,9 +44,9 @@ from dataclasses import dataclass
 
 import httpx
 import numpy as np
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from dspy_ray.client.lm import backoff_seconds, is_retryable
+from dspy_ray.client.limiter import EndpointLimiter, endpoint_limiter
+from dspy_ray.client.retry import RetryPolicy, acall_with_retries, parse_retry_after, policy_for
 from dspy_ray.endpoints.settings import EndpointSettings, redact_url
 from dspy_ray.util.cli import EXIT_USAGE
 
@@ -60,16 +64,15 @@ class EmbeddingConfigError(RuntimeError):
 
 
 class EmbeddingRequestError(Exception):
-    """One ``/v1/embeddings`` request failed; ``status`` and ``retry_after`` feed :func:`dspy_ray.client.lm.is_retryable`."""
+    """One ``/v1/embeddings`` request failed.
+
+    ``status`` and ``retry_after`` tell :mod:`dspy_ray.client.retry` whether and when to try again, and
+    the endpoint's limiter (:func:`dspy_ray.client.limiter.is_overload`) whether it is full.
+    """
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status, self.retry_after = status, retry_after
-
-
-def _retryable(exc: BaseException) -> bool:
-    # dspy_ray.client.lm's rule (429 / 5xx / 408 / 409), plus timeouts and broken connections (httpx's own types).
-    return is_retryable(exc) or isinstance(exc, httpx.TransportError)
 
 
 @dataclass
@@ -98,8 +101,10 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 class EmbeddingClient:
     """Embeds lists of texts; one per actor or retriever (it holds a connection pool).
 
-    ``transport`` (an ``httpx.AsyncBaseTransport``) and ``sleep`` are injectable,
-    so tests drive the client without a server and check backoff without waiting.
+    ``max_in_flight``: at most this many requests of this client at once (per event loop), below
+    the endpoint's shared limit; None: the endpoint's limiter alone decides.  ``transport`` (an
+    ``httpx.AsyncBaseTransport``) and ``sleep`` are injectable, so tests drive the client without
+    a server and check backoff without waiting.
     """
 
     def __init__(
@@ -114,7 +119,11 @@ class EmbeddingClient:
             raise EmbeddingConfigError("no embedding endpoint configured (EMBED_BASE_URL): open it with "
                                        "dspy_ray.endpoints.fallback.open_endpoints(embed=...) first")
         self.settings = settings
-        self.max_in_flight = max(1, max_in_flight or settings.max_in_flight)
+        self.max_in_flight = max(1, max_in_flight) if max_in_flight else None
+        self.retry_policy: RetryPolicy = policy_for(settings)
+        # The endpoint's adaptive limit, shared with every other caller of it (made here, not on the event
+        # loop: with Ray it joins the job's coordinator, a blocking call).
+        self.limiter: EndpointLimiter = endpoint_limiter(settings)
         self.url = settings.base_url.rstrip("/") + "/embeddings"
         self.where = redact_url(self.url)
         self.dim: int | None = None
@@ -122,8 +131,8 @@ class EmbeddingClient:
         self.retries = 0
         self._transport, self._sleep = transport, sleep
         self._format = "base64"  # 4 bytes a number instead of ~20 of JSON text; "float" if the endpoint refuses
-        # An HTTP client and a semaphore belong to one event loop: one pair per loop that uses this client
-        # (a Ray actor's loop for aembed, the background loop for the synchronous calls).
+        # An HTTP client (and the cap's semaphore) belong to one event loop: one pair per loop that uses this
+        # client (a Ray actor's loop for aembed, the background loop for the synchronous calls).
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._sync_loop: asyncio.AbstractEventLoop | None = None
         self._sync_lock = threading.Lock()
@@ -214,31 +223,31 @@ class EmbeddingClient:
             return [f"embedding failed: {exc}"] * len(inputs)
 
     async def _post(self, inputs: list[str]) -> np.ndarray:
-        client, semaphore = self._loop_state()
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.max_attempts),
-            wait=lambda state: backoff_seconds(state.attempt_number,
-                                               getattr(state.outcome.exception(), "retry_after", None)),
-            retry=retry_if_exception(_retryable),
-            before_sleep=self._note_retry,
-            sleep=self._sleep,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    async with semaphore:
-                        return await self._send(client, inputs)
-        except httpx.TransportError as exc:
-            kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
-            raise EmbeddingRequestError(f"{kind} after {self.settings.max_attempts} attempt(s) "
-                                        f"({type(exc).__name__}) at {self.where}") from None
-        raise AssertionError("unreachable")  # tenacity either returns or re-raises
+        """One request's vectors: an endpoint slot per attempt, :attr:`retry_policy` between attempts."""
+        client = self._loop_state()[0]
+        return await acall_with_retries(lambda: self._send(client, inputs), self.retry_policy, slot=self._slot,
+                                        on_failure=self._note_failure, sleep=self._sleep)
 
-    def _note_retry(self, state) -> None:
-        self.retries += 1
-        exc = state.outcome.exception()
-        logger.debug("embedding request attempt %d failed (%s); retrying", state.attempt_number, exc)
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        """One of the endpoint's slots, taken after this client's own cap (if any) lets the request go."""
+        cap = self._loop_state()[1]
+        if cap is None:
+            async with self.limiter.aslot():
+                yield
+            return
+        async with cap, self.limiter.aslot():
+            yield
+
+    def _note_failure(self, attempt: int, exc: BaseException, wait: float | None) -> None:
+        """Count a retry; a final timeout or broken connection is reported as an :class:`EmbeddingRequestError`."""
+        if wait is not None:
+            self.retries += 1
+            logger.debug("embedding request attempt %d failed (%s); retrying in %.2fs", attempt, exc, wait)
+        elif isinstance(exc, httpx.TransportError):
+            kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+            raise EmbeddingRequestError(f"{kind} after {attempt} attempt(s) ({type(exc).__name__}) "
+                                        f"at {self.where}") from None
 
     async def _send(self, client: httpx.AsyncClient, inputs: list[str]) -> np.ndarray:
         body = {"model": self.settings.model, "input": inputs, "encoding_format": self._format}
@@ -249,19 +258,15 @@ class EmbeddingClient:
             if response.status_code in SPLITTABLE_STATUS and self._format == "base64" and "encoding" in message:
                 self._format = "float"  # an endpoint without base64 support: ask again in JSON numbers
                 return await self._send(client, inputs)
-            self._raise_for(response.status_code, message, response.headers.get("retry-after"))
+            self._raise_for(response.status_code, message, parse_retry_after(response.headers))
         return self._parse(response, len(inputs))
 
-    def _raise_for(self, status: int, message: str, retry_after: str | None) -> None:
+    def _raise_for(self, status: int, message: str, retry_after: float | None) -> None:
         if status in FATAL_STATUS:
             hint = ("check EMBED_API_KEY" if status in (401, 403)
                     else f"check EMBED_BASE_URL (ends in /v1) and EMBED_MODEL ({self.settings.model!r})")
             raise EmbeddingConfigError(f"embedding endpoint {self.where} answered HTTP {status} ({message}): {hint}")
-        try:
-            wait = float(retry_after) if retry_after else None
-        except ValueError:
-            wait = None
-        raise EmbeddingRequestError(f"HTTP {status}: {message}", status=status, retry_after=wait)
+        raise EmbeddingRequestError(f"HTTP {status}: {message}", status=status, retry_after=retry_after)
 
     def _parse(self, response: httpx.Response, n: int) -> np.ndarray:
         """The response's vectors in input order; a malformed answer is a 502 (retried like a bad gateway)."""
@@ -282,17 +287,21 @@ class EmbeddingClient:
 
     # -- event loops -----------------------------------------------------------------
 
-    def _loop_state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        """The running loop's HTTP client and in-flight limit."""
+    def _loop_state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore | None]:
+        """The running loop's HTTP client and this client's cap (None: no cap of its own)."""
         loop = asyncio.get_running_loop()
         state = self._per_loop.get(loop)
         if state is None:
             key = self.settings.api_key.get_secret_value()
             headers = {"Authorization": f"Bearer {key}"} if key else {}
-            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
+            # As many connections as requests may be in flight: one waiting for a connection while it holds
+            # an endpoint slot would read to the limiter as the endpoint's own latency.
+            pool = self.max_in_flight or self.settings.max_in_flight
+            limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
             client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout_s, limits=limits,
                                        transport=self._transport)
-            state = self._per_loop[loop] = (client, asyncio.Semaphore(self.max_in_flight))
+            cap = asyncio.Semaphore(self.max_in_flight) if self.max_in_flight else None
+            state = self._per_loop[loop] = (client, cap)
         return state
 
     def _background_loop(self) -> asyncio.AbstractEventLoop:

@@ -19,8 +19,9 @@ Each call of :class:`ResilientLM`:
   choice, no tools, no streaming, no cache), by DSPy's own client otherwise;
 * holds one of the endpoint's slots per HTTP attempt (:mod:`dspy_ray.client.limiter`: the limit
   found at run time, shared by every caller of the endpoint), never during a retry's wait;
-* is retried on 429 / 5xx / timeouts / broken connections: exponential backoff with
-  jitter, never sooner than ``Retry-After``, at most ``max_attempts`` attempts;
+* is retried by :mod:`dspy_ray.client.retry`, the policy the embedding client uses too: 429 /
+  5xx / timeouts / broken connections, exponential backoff with jitter, never sooner than
+  ``Retry-After``, at most ``max_attempts`` attempts;
 * adds its requests, retries, tokens and cost to the row being run and to this
   process's totals (:mod:`dspy_ray.client.usage`).
 
@@ -31,61 +32,32 @@ here: that is :mod:`dspy_ray.execution.refine`'s job.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import os
-import random
-import time
 from typing import Any
 
 import dspy
 from dspy.utils.callback import with_callbacks
-from dspy.utils.exceptions import (
-    LMRateLimitError,
-    LMServerError,
-    LMTimeoutError,
-    LMTransportError,
-)
 
 from dspy_ray.client.chat_http import ChatHTTP, response_format_json
 from dspy_ray.client.limiter import EndpointLimiter, endpoint_key, endpoint_limiter
-from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.client.retry import RetryPolicy, acall_with_retries, call_with_retries, policy_for
+from dspy_ray.client.retry import backoff_seconds as backoff_seconds  # re-exported: the backoff's old home
 from dspy_ray.client.usage import Usage, call_cost, record
+from dspy_ray.endpoints.settings import EndpointSettings
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 logger = logging.getLogger(__name__)
 _dspy_logger = logging.getLogger("dspy.clients.lm")
 
-# Failures worth another attempt: throttling, server-side errors, timeouts and
-# broken connections.  Everything else (bad request, auth, context too long) is
-# permanent and surfaces at once.
-RETRYABLE_ERRORS = (LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError)
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-MAX_BACKOFF_S = 30.0
-
 # Call settings that are not request fields, and request fields the lean path leaves to DSPy.
 _NOT_SENT = frozenset({"api_key", "api_base", "base_url", "timeout", "num_retries", "rollout_id", "cache"})
 _DSPY_ONLY = frozenset({"n", "tools", "tool_choice", "stream", "prompt_cache", "num_generations", "extra_headers",
                         "headers", "extra_query", "organization", "project", "api_version", "custom_llm_provider",
                         "azure_ad_token_provider", "functions", "parallel_tool_calls"})
-
-
-def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, RETRYABLE_ERRORS):
-        return True
-    return getattr(exc, "status", None) in RETRYABLE_STATUS
-
-
-def backoff_seconds(attempt: int, retry_after: float | None, base: float = 0.5) -> float:
-    """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
-    exp = min(MAX_BACKOFF_S, base * 2 ** (attempt - 1))
-    wait = random.uniform(0, exp)
-    if retry_after is not None and retry_after > 0:
-        wait = max(wait, min(retry_after, MAX_BACKOFF_S * 4))
-    return wait
 
 
 class ResilientLM(dspy.LM):
@@ -136,55 +108,41 @@ class ResilientLM(dspy.LM):
 
     # -- calls ------------------------------------------------------------------------
 
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The endpoint's :class:`~dspy_ray.client.retry.RetryPolicy` (the embedding client asks the same place)."""
+        return policy_for(self)
+
     @with_callbacks
     def __call__(self, prompt=None, messages=None, **kwargs):
         body = self._lean_body(prompt, messages, kwargs)
         if body is None:
-            return self._attempts(lambda: dspy.BaseLM.__call__.__wrapped__(self, prompt, messages=messages, **kwargs))
+            result = self._attempts(lambda: dspy.BaseLM.__call__.__wrapped__(self, prompt, messages=messages, **kwargs))
+            self._record(Usage(calls=1))  # the answered request (its tokens came through update_history)
+            return result
         answer = self._attempts(lambda: self.http.complete(body))
         return self._outputs(answer, kwargs)
 
     async def acall(self, *args, **kwargs):
+        parent = super().acall
         limiter = self.limiter
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                if limiter is None:
-                    result = await super().acall(*args, **kwargs)
-                else:
-                    async with limiter.aslot():
-                        result = await super().acall(*args, **kwargs)
-            except Exception as exc:
-                wait = self._failed(exc, attempt)
-                await asyncio.sleep(wait)
-                continue
-            self._record(Usage(calls=1))
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
+        result = await acall_with_retries(lambda: parent(*args, **kwargs), self.retry_policy,
+                                          slot=limiter.aslot if limiter is not None else None,
+                                          on_failure=self._failed)
+        self._record(Usage(calls=1))
+        return result
 
     def _attempts(self, send):
         """``send()`` once per attempt, each holding one endpoint slot; backoff between attempts."""
         limiter = self.limiter
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                if limiter is None:
-                    result = send()
-                else:
-                    with limiter.slot():
-                        result = send()
-            except Exception as exc:
-                time.sleep(self._failed(exc, attempt))
-                continue
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
+        return call_with_retries(send, self.retry_policy, slot=limiter.slot if limiter is not None else None,
+                                 on_failure=self._failed)
 
-    def _failed(self, exc: Exception, attempt: int) -> float:
-        """Count a failed attempt; re-raise it when it is the last or not worth another; else the wait."""
-        retry = attempt < self.max_attempts and is_retryable(exc)
-        self._record(Usage(calls=1, retries=int(retry)))
-        if not retry:
-            raise exc
-        logger.debug("LM call attempt %d failed (%s); retrying", attempt, type(exc).__name__)
-        return backoff_seconds(attempt, getattr(exc, "retry_after", None))
+    def _failed(self, attempt: int, exc: BaseException, wait: float | None) -> None:
+        """Count a failed attempt (a request sent, and a retry when ``wait`` says there will be one)."""
+        self._record(Usage(calls=1, retries=int(wait is not None)))
+        if wait is not None:
+            logger.debug("LM call attempt %d failed (%s); retrying in %.2fs", attempt, type(exc).__name__, wait)
 
     def _lean_body(self, prompt, messages, kwargs) -> bytes | None:
         """The request body for the lean client, or None when the call needs DSPy's own path."""

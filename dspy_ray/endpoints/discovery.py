@@ -26,16 +26,14 @@ against ``GET /v1/models``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 
 from dspy_ray.endpoints.model_catalog import DEFAULT_CONFIG, MODELS_CONFIG_ENV, LLMModelsError, load_models
 from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.util.cli import EXIT_USAGE
+from dspy_ray.util.http import HTTPGetError, get_json
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +52,10 @@ class DiscoveryError(RuntimeError):
 
 def list_models(base_url: str, timeout_s: float = PROBE_TIMEOUT_S, api_key: str = "") -> list[str]:
     """Model ids from an OpenAI-compatible ``GET <base_url>/models``."""
-    req = urllib.request.Request(base_url.rstrip("/") + "/models", headers={"Accept": "application/json"})
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            payload = json.loads(resp.read() or b"{}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise DiscoveryError(f"GET {base_url}/models failed: {exc}") from None
+        payload = get_json(base_url.rstrip("/") + "/models", timeout_s=timeout_s, api_key=api_key)
+    except HTTPGetError as exc:
+        raise DiscoveryError(str(exc)) from None
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         raise DiscoveryError(f"GET {base_url}/models did not return an OpenAI model list")

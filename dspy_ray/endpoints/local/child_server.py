@@ -34,10 +34,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from dspy_ray.util.http import healthy
 from dspy_ray.util.paths import REPO_ROOT
 
 _PR_SET_PDEATHSIG = 1
@@ -47,14 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -85,7 +77,7 @@ class ChildServer:
         server = cls(proc, port, log_path, name)
         atexit.register(server.stop)
         deadline = time.monotonic() + timeout_s
-        while not healthy(f"http://127.0.0.1:{port}{health_path}"):
+        while not healthy(f"http://127.0.0.1:{port}{health_path}", timeout_s=1.0):
             if proc.poll() is not None or time.monotonic() > deadline:
                 server.stop()
                 tail = log_path.read_text(errors="replace")[-2000:]
