@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dspy_ray.util.fs import filesystem_for, is_uri, json_lines
+from dspy_ray.util.fs import filesystem_for, is_uri, json_lines, list_files
 from dspy_ray.util.cli import EXIT_USAGE
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
@@ -52,7 +52,10 @@ class _Row:
 
 
 def discover(path: str) -> tuple[str, list[Path], Path]:
-    """(format, files in sorted order, root used for relative names)."""
+    """(format, files in sorted order, root used for relative names).
+
+    In a folder, the files in it and its sub-folders (not linked ones) count, but those named ``.*`` or ``_*``.
+    """
     root = Path(path)
     if not root.exists():
         raise InputError(f"input not found: {path}")
@@ -62,8 +65,12 @@ def discover(path: str) -> tuple[str, list[Path], Path]:
             raise InputError(f"{root}: unknown input format {root.suffix or '(no extension)'!r}; "
                              f"supported: {', '.join(sorted(FORMATS))}")
         return fmt, [root], root.parent
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
-    usable = [p for p in files if p.suffix.lower() in FORMATS]
+    try:
+        listing = list_files(*filesystem_for(root), hidden="name", suffixes=FORMATS, follow_links=False)
+    except OSError as exc:
+        raise InputError(f"{root}: cannot list ({' '.join(str(exc).split())[:300]})") from None
+    # Path order (component by component), as this reader has always sorted: "a/b.txt" before "a.txt".
+    usable = sorted(root / f.path for f in listing.files)
     if not usable:
         raise InputError(f"{root}: no input files found; supported extensions: {', '.join(sorted(FORMATS))}")
     kinds = {FORMATS[p.suffix.lower()]: p for p in usable}

@@ -140,6 +140,17 @@ def test_bad_records_are_named_and_skipped():
     assert "is empty" in got["r.jsonl#b"] and "is not a string (int)" in got["r.jsonl#c"]
 
 
+def test_csv_row_with_more_fields_than_its_header_is_a_record_problem():
+    raw = b"id,text\nr1,first\nr2,second,surplus\nr3,third\n"
+    docs, problems = _one("notes.csv", "csv", raw)
+    assert [d.source for d in docs] == ["notes.csv#r1", "notes.csv#r3"]
+    assert [(p.where, p.kind) for p in problems] == [("notes.csv:3", "record")]
+    assert "3 fields, the header has 2" in problems[0].reason
+    # Without a text column the ragged row still gives a clear file problem, not a crash.
+    docs, problems = _one("table.csv", "csv", b"a,b\n1,2\n3,4,5\n")
+    assert docs == [] and "text column 'text' not found" in problems[-1].reason
+
+
 def test_bad_files_are_problems_not_documents():
     cases = {
         ("bad.txt", "txt", b"caf\xe9 au lait"): "not valid UTF-8 (byte 0xe9 at offset 3)",

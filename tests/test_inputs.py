@@ -57,6 +57,19 @@ def test_folder_of_txt_documents(tmp_path):
     assert errs["a.txt"] == [] and "not valid UTF-8" in errs["bad.txt"][0]
 
 
+def test_folder_listing_order_hidden_names_and_linked_folders(tmp_path):
+    """Files sort component by component; ``.*`` / ``_*`` names are skipped (not folders); links are not followed."""
+    docs = tmp_path / "docs"
+    for rel in ("a.txt", "a/b.txt", "a-b/c.txt", "_drafts/d.txt", "a/.e.txt", "a/_f.txt"):
+        (docs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (docs / rel).write_text(rel)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "g.txt").write_text("g")
+    (docs / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    table = load_corpus(InputSpec(str(docs), text_column="transcript"))
+    assert table.column("id").to_pylist() == ["_drafts/d.txt", "a/b.txt", "a-b/c.txt", "a.txt"]
+
+
 def test_limit(tmp_path):
     src = write_jsonl(tmp_path / "calls.jsonl", [{"transcript": f"call {i}"} for i in range(10)])
     assert load_corpus(InputSpec(str(src), text_column="transcript", limit=3)).num_rows == 3

@@ -141,6 +141,7 @@ def read_manifest(index: str) -> IndexManifest:
 
 
 def write_manifest(index: str, manifest: IndexManifest) -> None:
+    """Write the manifest whole (never part of it); a build writes it last, as it marks the index complete."""
     fs, root = filesystem_for(index)
     write_bytes(fs, join(root, MANIFEST), manifest.model_dump_json(indent=2).encode())
 

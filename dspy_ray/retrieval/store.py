@@ -20,10 +20,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dspy_ray.util.fs import filesystem_for, write_bytes
+from dspy_ray.util.fs import filesystem_for, list_files, write_bytes
 from dspy_ray.retrieval.manifest import EMBEDDINGS_DIR, join
 
 logger = logging.getLogger(__name__)
@@ -47,10 +46,12 @@ class EmbeddingStore:
         self.root = join(root, EMBEDDINGS_DIR)
 
     def shards(self) -> list[str]:
-        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+        """The store's shard files, sorted; none when the store folder does not exist yet."""
+        try:
+            listing = list_files(self.fs, self.root, recursive=False)
+        except FileNotFoundError:
             return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+        return [f.full for f in listing.files if f.full.endswith(".parquet")]
 
     def _read(self, path: str, columns: list[str]) -> pa.Table | None:
         """A shard's columns; an unreadable one (a crash mid-copy on some object stores) is set aside."""

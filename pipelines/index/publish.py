@@ -1,0 +1,215 @@
+"""Step 4 of a build: publish the index, in named steps (:meth:`Publisher.publish`), the manifest last.
+
+What it writes (layout: :mod:`dspy_ray.retrieval.manifest`): ``passages.parquet`` (the passages that
+embedded), the FAISS index (exact below ``--exact-below`` passages, else ``--ann``, trained on a
+sample), the BM25 index, ``files.parquet``, ``errors.parquet`` and, last, ``manifest.json``, whose
+presence marks the index complete::
+
+    >>> Publisher(options, IndexDir.at(options.index), None, summary, say).publish(
+    ...     read, embedded, settings, dim=384, start=start)                         # doctest: +SKIP
+    >>> read_manifest(options.index).passages, summary.index_type                   # doctest: +SKIP
+    (463, 'flat')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.retrieval import dense
+from dspy_ray.retrieval.manifest import (
+    BM25_DIR,
+    BUILD_STATE,
+    ERRORS,
+    FAISS_INDEX,
+    FILES,
+    MANIFEST,
+    PASSAGES,
+    BuildInfo,
+    ChunkingInfo,
+    CorpusInfo,
+    DenseIndexInfo,
+    EmbedderInfo,
+    IndexManifest,
+    RetrievalDefaults,
+    write_manifest,
+)
+from dspy_ray.retrieval.passages import embedding_text
+from dspy_ray.retrieval.sparse import SETTINGS as BM25_SETTINGS
+from dspy_ray.retrieval.sparse import BM25Index
+from dspy_ray.retrieval.store import EmbeddingStore
+from dspy_ray.util.fs import is_uri
+from pipelines.documents import CorpusError, Problem
+from pipelines.index.base import IndexDir, IndexOptions, IndexSummary, now
+from pipelines.index.embed import Embedded
+from pipelines.index.read import CorpusPassages, PassageColumns
+
+logger = logging.getLogger(__name__)
+
+FILES_SCHEMA = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
+                          ("kind", pa.string()), ("passages", pa.int64()), ("error", pa.string())])
+ERRORS_SCHEMA = pa.schema([("kind", pa.string()), ("where", pa.string()), ("error", pa.string())])
+
+
+class Publisher:
+    def __init__(self, options: IndexOptions, index: IndexDir, previous: IndexManifest | None,
+                 summary: IndexSummary, say: Callable[[str], None]):
+        self.options, self.index, self.previous, self.summary, self.say = options, index, previous, summary, say
+
+    def publish(self, read: CorpusPassages, embedded: Embedded, settings: EndpointSettings, dim: int,
+                start: float) -> None:
+        """Build both indexes over the passages that embedded, count, write everything, then drop dead vectors."""
+        table, wanted = self._indexed_passages(read.passages, embedded.failures)
+        dense_index, spec, trained_on = self._dense_index(wanted, table.num_rows, dim)
+        bm25 = _bm25_index(table)
+        self._count(table, wanted, len(read.passages), embedded, spec.type, dim, settings.model)
+        errors = _error_rows(read.problems, read.passages, embedded.failures)
+        manifest = self._manifest(table, read.files, settings, dim, spec, trained_on, start)
+        self._write(table, dense_index, bm25, read.files, errors, manifest)
+        self._compact(wanted, dim)
+
+    def _indexed_passages(self, passages: PassageColumns, failures: dict[str, str]
+                          ) -> tuple[pa.Table, dict[str, list[int]]]:
+        """The passages that embedded, as passages.parquet's table, and hash -> their rows in it."""
+        keep = [i for i, h in enumerate(passages.columns["hash"]) if h not in failures]
+        table = passages.table(keep)
+        wanted: dict[str, list[int]] = {}
+        for row, h in enumerate(table.column("hash").to_pylist()):
+            wanted.setdefault(h, []).append(row)
+        if table.num_rows == 0:
+            raise CorpusError(f"corpus {self.options.corpus}: every passage failed to embed "
+                              f"(first error: {next(iter(failures.values()))}); nothing to index")
+        return table, wanted
+
+    def _dense_index(self, wanted: dict[str, list[int]], n: int, dim: int) -> tuple[object, dense.DenseIndexSpec, int]:
+        """(the FAISS index, its spec, the vectors it was trained on), vectors read shard by shard from the store."""
+        spec = dense.choose_index(n, dim, exact_below=self.options.exact_below, ann=self.options.ann)
+        store = EmbeddingStore(self.index.location)
+        train = store.sample(wanted, spec.train_size(n), dim) if spec.needs_training else None
+        if spec.needs_training:
+            self.say(f"training {spec.factory} on {len(train):,} of {n:,} vectors")
+        index = dense.build_index(spec, dim, store.vectors(wanted, dim), train)
+        if index.ntotal != n:
+            raise RuntimeError(f"index build: {index.ntotal} vectors for {n} passages (embedding store incomplete)")
+        return index, spec, 0 if train is None else len(train)
+
+    def _count(self, table: pa.Table, wanted: dict[str, list[int]], read: int, embedded: Embedded,
+               index_type: str, dim: int, model: str) -> None:
+        """The summary's passage counts: indexed, failed, embedded now, reused, removed since the last build."""
+        previous_ids = set(self.index.read_table(PASSAGES).column("id").to_pylist()) if self.previous else set()
+        s = self.summary
+        s.passages, s.failed = table.num_rows, read - table.num_rows
+        s.embedded_now = sum(len(rows) for h, rows in wanted.items() if h in embedded.embedded)
+        s.reused = s.passages - s.embedded_now
+        s.removed = len(previous_ids - set(table.column("id").to_pylist()))
+        s.index_type, s.dim, s.model = index_type, dim, model
+
+    def _manifest(self, table: pa.Table, files: list[dict], settings: EndpointSettings, dim: int,
+                  spec: dense.DenseIndexSpec, trained_on: int, start: float) -> IndexManifest:
+        s, options = self.summary, self.options
+        fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()
+        records = sum(1 for source in set(table.column("source").to_pylist()) if "#" in source)
+        return IndexManifest(
+            embedder=EmbedderInfo(model=settings.model, dim=dim, base_url=settings.redacted()["base_url"],
+                                  origin=settings.origin, query_prefix=settings.query_prefix,
+                                  passage_prefix=settings.passage_prefix),
+            passages=s.passages,
+            index=DenseIndexInfo(type=spec.type, factory=spec.factory, nlist=spec.nlist, nprobe=spec.nprobe,
+                                 ef_search=spec.ef_search, trained_on=trained_on, exact_below=options.exact_below),
+            bm25=dict(BM25_SETTINGS),
+            retrieval=RetrievalDefaults(mode=options.mode, k=options.k),
+            corpus=CorpusInfo(root=_redacted_location(options.corpus), fingerprint=fingerprint, files=s.files,
+                              records=records, skipped=len(s.skipped)),
+            chunking=ChunkingInfo(**options.chunking.model_dump()),
+            build=BuildInfo(created_at=now(), seconds=round(time.perf_counter() - start, 3),
+                            embedded_now=s.embedded_now, reused=s.reused, removed=s.removed, failed=s.failed,
+                            versions=_versions()),
+        )
+
+    def _write(self, table: pa.Table, dense_index, bm25: BM25Index, files: list[dict], errors: list[dict],
+               manifest: IndexManifest) -> None:
+        """Stage every file locally, then put them in place; the manifest goes last and marks the index complete."""
+        staging = (tempfile.mkdtemp(prefix="index-") if is_uri(self.index.location)
+                   else self.index.path(f".staging-{uuid.uuid4().hex[:8]}"))
+        os.makedirs(staging, exist_ok=True)
+        try:
+            pq.write_table(table, os.path.join(staging, PASSAGES), compression="zstd")
+            dense.write_index(dense_index, os.path.join(staging, FAISS_INDEX))
+            bm25.save(os.path.join(staging, BM25_DIR))
+            pq.write_table(pa.Table.from_pylist(files, schema=FILES_SCHEMA), os.path.join(staging, FILES))
+            pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), os.path.join(staging, ERRORS))
+            self._put_in_place(staging, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _put_in_place(self, staging: str, manifest: IndexManifest) -> None:
+        fs = self.index.fs
+        if self.index.read(MANIFEST) is not None:
+            fs.delete_file(self.index.path(MANIFEST))  # from here until the new one is written, no half-index is served
+        for name in (PASSAGES, FAISS_INDEX, FILES, ERRORS, BM25_DIR):
+            _install(os.path.join(staging, name), fs, self.index.path(name))
+        write_manifest(self.index.location, manifest)
+        fs.delete_file(self.index.path(BUILD_STATE))
+
+    def _compact(self, wanted: dict[str, list[int]], dim: int) -> None:
+        dropped = EmbeddingStore(self.index.location).compact(set(wanted), dim)
+        if dropped:
+            logger.info("embedding store: dropped %d vectors no passage uses", dropped)
+
+
+def _bm25_index(table: pa.Table) -> BM25Index:
+    return BM25Index.build([embedding_text(t, s, x) for t, s, x in zip(table.column("title").to_pylist(),
+                                                                       table.column("section").to_pylist(),
+                                                                       table.column("text").to_pylist())])
+
+
+def _error_rows(problems: list[Problem], passages: PassageColumns, failures: dict[str, str]) -> list[dict]:
+    """The rows of errors.parquet: unreadable files and bad records, then passages that failed to embed."""
+    columns = passages.columns
+    return ([{"kind": p.kind, "where": p.where, "error": p.reason} for p in problems]
+            + [{"kind": "passage", "where": columns["id"][i], "error": failures[h]}
+               for i, h in enumerate(columns["hash"]) if h in failures])
+
+
+def _install(local: str, fs: pafs.FileSystem, target: str) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):
+        if os.path.isdir(local):
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(local, target)
+        return
+    if os.path.isdir(local):
+        try:
+            fs.delete_dir(target)
+        except (FileNotFoundError, OSError):
+            pass
+        fs.create_dir(target, recursive=True)
+    pafs.copy_files(local, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _redacted_location(location: str) -> str:
+    from dspy_ray.endpoints.settings import redact_url
+
+    return redact_url(location) if is_uri(location) else os.path.abspath(location)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("dspy-ray", "faiss-cpu", "bm25s"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
