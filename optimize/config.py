@@ -1,8 +1,10 @@
 """One typed object for an optimization run (CLI flags map onto it one to one).
 
-    >>> cfg = OptimizeConfig(pipeline="triage", optimizer="miprov2", workers=4)
+    >>> cfg = OptimizeConfig(task="triage", optimizer="miprov2", workers=4)
     >>> cfg.search.minibatch_size
     35
+    >>> OptimizeConfig(pipeline="triage").task    # the field's name before it was ``task`` (saved runs)
+    'triage'
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from optimize.candidates import MiproCandidateSettings
 from dspy_ray.util.cli import EXIT_USAGE
+
 
 class OptimizeError(RuntimeError):
     """A run that cannot start or go on as asked (message says why and what to do)."""
@@ -77,12 +80,12 @@ def resolve_budget(search: SearchSettings, num_predictors: int, n_train: int) ->
     preset = AUTO_RUN_SETTINGS[search.auto] if search.auto else None
     n = search.num_candidates or (preset["n"] if preset else None)
     if n is None:
-        raise ValueError("set --auto or --num-candidates")
+        raise OptimizeError("set --auto or --num-candidates")
     num_instruct = n if (zeroshot or search.num_candidates) else int(n * 0.5)
     num_vars = num_predictors * (1 if zeroshot else 2)
     default_trials = int(max(2 * num_vars * math.log2(n), 1.5 * n))
     if search.num_trials is None and preset is None:
-        raise ValueError(f"set --num-trials (about {default_trials} for {n} candidates) or --auto")
+        raise OptimizeError(f"set --num-trials (about {default_trials} for {n} candidates) or --auto")
     val_size = search.val_size or (preset["val_size"] if preset else 100)
     val_size = max(1, min(val_size, n_train // 2))
     minibatch = val_size > MIN_MINIBATCH_SIZE if preset else True
@@ -103,7 +106,9 @@ class OptimizeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pipeline: str = Field(..., description="Task to optimize: a built-in name or 'package.module[:ATTR]'")
+    task: str = Field(..., validation_alias=AliasChoices("task", "pipeline"),
+                      description="Task to optimize: a built-in name or 'package.module[:ATTR]' (also read as "
+                                  "'pipeline', its name in runs saved before)")
     optimizer: str = Field("miprov2", description="Optimizer name in optimize.optimizers.OPTIMIZERS")
     search: SearchSettings = Field(default_factory=SearchSettings, description="Budget and candidate settings")
     workers: int = Field(4, ge=1, description="Ray workers evaluating trials at once")
@@ -115,8 +120,8 @@ class OptimizeConfig(BaseModel):
     max_calls: int | None = Field(None, ge=0, description="Stop before starting when the estimate exceeds this")
     judge: bool = Field(False, description="Score summaries with the judge LM (JUDGE_* settings)")
     mlflow: bool = Field(False, description="Log to MLflow when it is installed")
-    train_path: str | None = Field(None, description="Training JSONL (default: the pipeline's)")
-    dev_path: str | None = Field(None, description="Dev JSONL (default: the pipeline's)")
+    train_path: str | None = Field(None, description="Training JSONL (default: the task's)")
+    dev_path: str | None = Field(None, description="Dev JSONL (default: the task's)")
     train_limit: int | None = Field(None, ge=2, description="Use only the first N training rows")
     dev_limit: int | None = Field(None, ge=1, description="Use only the first N dev rows")
     extra_train: str | None = Field(None, description="Extra training JSONL (gold rows or judged drift samples)")
@@ -124,9 +129,10 @@ class OptimizeConfig(BaseModel):
     resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. index path)")
 
     def fingerprint_fields(self, dataset_hash: str, model: str) -> dict[str, Any]:
-        """What determines a run's candidates and trials; a resumed run must match every one."""
+        """What determines a run's candidates and trials; a resumed run must match every one
+        (runs saved before the rename name the task ``pipeline``: :func:`saved_fingerprint_fields`)."""
         return {
-            "pipeline": self.pipeline,
+            "task": self.task,
             "optimizer": self.optimizer,
             **{f"search.{k}": v for k, v in self.search.model_dump().items()},
             "judge": self.judge,
@@ -145,7 +151,7 @@ class OptimizeConfig(BaseModel):
         ``resource_flags``: resource name -> its command-line flag (the task's)."""
         import shlex
 
-        args = ["python", "-m", "optimize", "--pipeline", self.pipeline, "--optimizer", self.optimizer,
+        args = ["python", "-m", "optimize", "--task", self.task, "--optimizer", self.optimizer,
                 "--auto", self.search.auto or "none", "--workers", str(self.workers), "--out", self.out]
         defaults = SearchSettings()
         for name in ("num_candidates", "num_trials", "minibatch_size", "full_eval_steps", "max_bootstrapped_demos",
@@ -166,3 +172,12 @@ class OptimizeConfig(BaseModel):
     def public(self) -> dict[str, Any]:
         """Settings to record in artifacts and run.json (no endpoint secrets live here)."""
         return self.model_dump(exclude={"resume"})
+
+
+def saved_fingerprint_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record's fingerprint fields, in today's names: a run started before ``pipeline`` became
+    ``task`` still resumes."""
+    fields = dict(record.get("fingerprint_fields") or {})
+    if "pipeline" in fields and "task" not in fields:
+        fields["task"] = fields.pop("pipeline")
+    return fields

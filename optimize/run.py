@@ -1,6 +1,6 @@
 """One optimization run, start to finish: data, estimate, baseline, search, artifact, report.
 
-    >>> result = run_optimization(OptimizeConfig(pipeline="triage", optimizer="miprov2", workers=4),
+    >>> result = run_optimization(OptimizeConfig(task="triage", optimizer="miprov2", workers=4),
     ...                           lm_settings=resolve_settings("LM"))          # doctest: +SKIP
     >>> result.artifact, result.optimized.score                                # doctest: +SKIP
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from dspy_ray.execution.loading import load_program
 from dspy_ray.util.ray_runtime import init_ray
 from dspy_ray.execution.scoring import EvalSummary, ExampleScore
 from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
-from optimize.config import OptimizeConfig, OptimizeError, ResolvedBudget, resolve_budget
+from optimize.config import OptimizeConfig, OptimizeError, ResolvedBudget, resolve_budget, saved_fingerprint_fields
 from optimize.data import dataset_hash, split_train_val
 from dspy_ray.client.usage import Usage, process_usage, usage_since
 from optimize.estimate import CallEstimate, cost_line, tokens_per_call
@@ -43,7 +42,7 @@ from optimize.storage import RunStorage
 from optimize.workers import WorkerPool
 from tasks import Task, get_task
 from tasks.examples import DatasetError, extra_train_examples, load_task_data
-from dspy_ray.util.cli import EXIT_BUDGET, EXIT_INTERRUPTED
+from dspy_ray.util.cli import EXIT_BUDGET, EXIT_ENDPOINT, EXIT_INTERRUPTED, say
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +50,11 @@ logger = logging.getLogger(__name__)
 class TooManyCalls(OptimizeError):
     """The call estimate exceeds ``--max-calls``."""
     exit_code = EXIT_BUDGET  # what a command line exits with (dspy_ray.util.cli)
+
+
+class EndpointFailed(OptimizeError):
+    """Every LM call of a step failed: the endpoint, not the settings (``--resume`` continues once it answers)."""
+    exit_code = EXIT_ENDPOINT  # what a command line exits with (dspy_ray.util.cli)
 
 
 class Interrupted(OptimizeError):
@@ -82,10 +86,6 @@ class OptimizeResult:
     usage: dict[str, dict] = field(default_factory=dict)  # endpoint (base_url|model) -> this run's LM usage
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 # -- data and plan ----------------------------------------------------------------------
 
 
@@ -99,7 +99,7 @@ def load_data(cfg: OptimizeConfig, task: Task) -> tuple[list[dspy.Example], list
         extra, skipped = extra_train_examples(cfg.extra_train, task.data, references, cfg.extra_train_min_score)
         known = {e.id for e in dev} | {t.id for t in train}
         extra = [e for e in extra if e.id not in known]
-        _say(f"extra training rows from {cfg.extra_train}: {len(extra)} used, {skipped} skipped "
+        say(f"extra training rows from {cfg.extra_train}: {len(extra)} used, {skipped} skipped "
              f"(unlabelled or judged below {cfg.extra_train_min_score})")
         train = train + extra
     if not dev:
@@ -120,7 +120,7 @@ class RunPlan:
 
 
 def plan_run(cfg: OptimizeConfig) -> RunPlan:
-    task = get_task(cfg.pipeline)
+    task = get_task(cfg.task)
     if cfg.optimizer not in OPTIMIZERS:
         raise OptimizeError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     train, dev = load_data(cfg, task)
@@ -169,12 +169,12 @@ def check_run(storage: RunStorage, cfg: OptimizeConfig, fields: dict[str, Any]) 
         if not storage.is_empty():
             raise OptimizeError(f"{storage.uri} is not empty and is not a run directory; pick another --run-dir")
         if cfg.resume:
-            _say(f"--resume: nothing to resume in {storage.uri}; starting a new run there")
+            say(f"--resume: nothing to resume in {storage.uri}; starting a new run there")
         return
     if not cfg.resume:
         raise OptimizeError(f"{storage.uri} already holds a run; add --resume to continue it, "
                             f"or pass another --run-dir to start over")
-    saved = record.get("fingerprint_fields") or {}
+    saved = saved_fingerprint_fields(record)
     differ = sorted(k for k in set(saved) | set(fields) if saved.get(k) != fields.get(k))
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} then, {fields.get(k)!r} now" for k in differ[:6])
@@ -193,7 +193,7 @@ def dev_summary(storage: RunStorage, name: str, program: dspy.Module, dev: list[
     summary = EvalSummary.of(scores, task.metric)
     if summary.n and summary.lm_failures == summary.n:
         first = next(s.program_error for s in scores if s.program_error)
-        raise OptimizeError(f"every LM call of the {name} dev evaluation failed ({first}); "
+        raise EndpointFailed(f"every LM call of the {name} dev evaluation failed ({first}); "
                             f"fix the endpoint and run again with --resume")
     storage.write_json(f"dev/{name}.json", {"state": state, "scores": [s.model_dump() for s in scores]})
     return summary
@@ -217,11 +217,11 @@ def run_optimization(
     storage = locate_run(cfg, plan.task)
     progress = RunProgress.read(storage) if cfg.resume else RunProgress()
     estimate = estimate_run(cfg, plan, progress)
-    _say(f"{cfg.optimizer} on {plan.task.name}: {len(plan.trainset)} train, {len(plan.valset)} val, "
+    say(f"{cfg.optimizer} on {plan.task.name}: {len(plan.trainset)} train, {len(plan.valset)} val, "
          f"{len(plan.dev)} dev examples; {cfg.workers} worker(s); {plan.optimizer.plan()}")
-    _say(("estimated LM calls still to make:\n" if cfg.resume else "estimated LM calls:\n") + estimate.table())
+    say(("estimated LM calls still to make:\n" if cfg.resume else "estimated LM calls:\n") + estimate.table())
     cost = estimate_cost(cfg, plan, estimate, lm_settings)
-    _say(f"  {cost}")
+    say(f"  {cost}")
     if cfg.max_calls is not None and estimate.total > cfg.max_calls:
         raise TooManyCalls(f"estimated {estimate.total:,} LM calls ({cost}) exceed --max-calls {cfg.max_calls:,}; "
                            f"lower --auto/--num-trials/--num-candidates or raise --max-calls")
@@ -260,7 +260,7 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
 
         fields = cfg.fingerprint_fields(plan.data_hash, lm.model)
         check_run(storage, cfg, fields)
-        _say(f"run directory: {storage.uri}" + (" (resuming)" if storage.exists("run.json") else ""))
+        say(f"run directory: {storage.uri}" + (" (resuming)" if storage.exists("run.json") else ""))
         if not storage.exists("run.json"):
             storage.write_json("run.json", {
                 "fingerprint": cfg.fingerprint(plan.data_hash, lm.model), "fingerprint_fields": fields,
@@ -271,8 +271,8 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
                           num_cpus=cfg.worker_cpus, threads=_threads(cfg, lm, judge))
         with WorkerPool(ctx, cfg.workers) as pool:
             baseline = dev_summary(storage, "baseline", fresh_program(), plan.dev, plan.task, pool)
-            _say(f"baseline dev score: {baseline.score:.3f} on {baseline.n} examples")
-            job = SearchJob(cfg, plan.budget, ctx, pool, storage, plan.trainset, plan.valset, fresh_program, _say)
+            say(f"baseline dev score: {baseline.score:.3f} on {baseline.n} examples")
+            job = SearchJob(cfg, plan.budget, ctx, pool, storage, plan.trainset, plan.valset, fresh_program, say)
             outcome = plan.optimizer.run(job)
             program = load_program(plan.task.program, state=outcome.state, resources=resources).program
             optimized = dev_summary(storage, "optimized", program, plan.dev, plan.task, pool)
@@ -303,7 +303,7 @@ def finish(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, lm: Endpoint
                             judge_errors_during_search=outcome.judge_errors)
     done = storage.read_json("result.json")
     if done is not None:  # a resumed run that had already finished: same artifact, no second copy
-        _say(f"the run had finished: artifact {done['artifact']}")
+        say(f"the run had finished: artifact {done['artifact']}")
         result.artifact, result.plot = done["artifact"], done["plot"]
         result.seconds = time.perf_counter() - start
         return result
@@ -347,10 +347,10 @@ def log_to_mlflow(cfg: OptimizeConfig, result: OptimizeResult, metadata: Artifac
     try:
         import mlflow
     except ImportError:
-        _say("--mlflow: mlflow is not installed (pip install -e .[mlflow]); skipped")
+        say("--mlflow: mlflow is not installed (pip install -e .[mlflow]); skipped")
         return False
-    with mlflow.start_run(run_name=f"{cfg.pipeline}-{cfg.optimizer}"):
-        mlflow.log_params({"pipeline": cfg.pipeline, "optimizer": cfg.optimizer, "workers": cfg.workers,
+    with mlflow.start_run(run_name=f"{cfg.task}-{cfg.optimizer}"):
+        mlflow.log_params({"task": cfg.task, "optimizer": cfg.optimizer, "workers": cfg.workers,
                            "model": metadata.model, "dataset_hash": metadata.dataset_hash,
                            **{f"search.{k}": v for k, v in cfg.search.model_dump().items()}})
         mlflow.log_metrics({"dev_score": result.optimized.score, "baseline_dev_score": result.baseline.score,

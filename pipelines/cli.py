@@ -1,9 +1,10 @@
 """The batch CLI of any task: its stage chain over a corpus, with every input checked before the first LM call.
 
-    python -m pipelines triage --input data/sample_calls.jsonl --output out/triage
+    python -m pipelines --task triage --input data/sample_calls.jsonl --output out/triage
+    python -m pipelines triage --input ...                  # the same (the task first, without --task)
     python -m pipelines.triage --input ...                  # the same, for a built-in task
-    python -m pipelines mypackage.sentiment --input ...     # your own task module
-    ray job submit --working-dir . -- python -m pipelines triage --input ... --output ...
+    python -m pipelines --task mypackage.sentiment --input ...     # your own task module
+    ray job submit --working-dir . -- python -m pipelines --task triage --input ... --output ...
 
 Flags come from the task: its text column is the ``--text-column`` default and
 each resource its program needs becomes a flag (the RAG task's ``--index``).
@@ -20,27 +21,33 @@ import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 
-from pydantic import ValidationError
-
-from dspy_ray.util.cli import HelpFormatter, add_embed_args, embed_flags, positive_float, positive_int
-from dspy_ray.execution.artifacts import ALIASES, ProgramLoadError, best_artifact, latest_artifact
-from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
-from pipelines.inputs import InputError, InputSpec
 from dspy_ray.client.usage import Budget
-from pipelines.runner import OutputError, RunResult, run_pipeline
+from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
+from dspy_ray.execution.artifacts import ALIASES, best_artifact, latest_artifact
+from dspy_ray.util.cli import (EXIT_BUDGET, EXIT_OK, HelpFormatter, add_endpoint_args, add_task_arg, endpoint_flags,
+                               parse_with_task, positive_float, positive_int, report_error, say)
+from pipelines.inputs import InputSpec
+from pipelines.runner import RunResult, run_pipeline
 from stages.base import DSPyStage
-from tasks import Task, TaskError, get_task
+from tasks import Task, TaskError, get_task, task_names
 
 _STAGE_DEFAULTS = DSPyStage.model_fields
-EXIT_BUDGET = 3
 
 
-def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
+def build_parser(task: Task | None, prog: str, *, task_flag: bool = False) -> argparse.ArgumentParser:
+    """The batch flags of ``task``; ``task_flag``: ``--task`` comes first (``python -m pipelines``; an entry
+    point such as ``python -m pipelines.triage`` fixes the task).  None: only ``--task``, to say it is missing."""
+    if task is None:
+        parser = argparse.ArgumentParser(prog=prog, description="a task's batch pipeline",
+                                         formatter_class=HelpFormatter)
+        add_task_arg(parser, names=task_names())
+        return parser
     parser = argparse.ArgumentParser(prog=prog, description=f"{task.name}: {task.description}",
                                      formatter_class=HelpFormatter)
+    if task_flag:
+        add_task_arg(parser, names=task_names())
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of .txt; "
                                                    "a local path or s3://, gs://, file:// URI")
@@ -52,15 +59,9 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
     io.add_argument("--max-chars", type=positive_int, default=task.cli.max_chars,
                     help="truncate longer texts (noted in the row's errors)")
     task.add_resource_args(io)
-    lm = parser.add_argument_group("LM endpoint (flags > environment > .env > cluster discovery > embedded model)")
-    lm.add_argument("--lm-base-url", default=None, help="OpenAI-compatible base URL (env LM_BASE_URL)")
-    lm.add_argument("--lm-model", default=None, help="model id (env LM_MODEL)")
-    lm.add_argument("--lm-max-in-flight", type=positive_int, default=None,
-                    help="ceiling on concurrent requests, all actors together; below it the number is found at "
-                         "run time from the endpoint's answers (env LM_MAX_IN_FLIGHT; default: "
-                         f"{EndpointSettings.model_fields['max_in_flight'].default})")
+    add_endpoint_args(parser, "LM", in_flight=True)
     if task.needs_embedder:
-        add_embed_args(parser)
+        add_endpoint_args(parser, "EMBED")
     run = parser.add_argument_group("execution")
     run.add_argument("--num-actors", type=positive_int, default=_STAGE_DEFAULTS["num_actors"].default,
                      help="actors per stage")
@@ -92,11 +93,10 @@ def build_parser(task: Task, prog: str) -> argparse.ArgumentParser:
 
 def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
     # The key is read from LM_API_KEY / .env only: a flag would land in shell history and `ps`.
-    return resolve_settings("LM", flags={"base_url": args.lm_base_url, "model": args.lm_model,
-                                         "max_in_flight": args.lm_max_in_flight})
+    return resolve_settings("LM", flags=endpoint_flags(args, "LM"))
 
 
-def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None]) -> list[DSPyStage]:
+def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None] = say) -> list[DSPyStage]:
     """The task's stages with this run's flags: execution settings, resources and artifacts."""
     resources = task.resource_settings(args)
     artifacts: dict[str, str | None] = {}
@@ -122,7 +122,7 @@ def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None]
 
 
 def embedded_default_hook(task: Task, args: argparse.Namespace,
-                          say: Callable[[str], None]) -> Callable[[DSPyStage], str | None] | None:
+                          say: Callable[[str], None] = say) -> Callable[[DSPyStage], str | None] | None:
     """What a stage with no artifact runs when the endpoint turns out to be the embedded model: the
     task's artifact tuned for that model, unless this run chose artifacts (``--artifact-dir``) or
     asked for the programs as written (``--no-default-artifact``).  None: no default."""
@@ -140,36 +140,45 @@ def embedded_default_hook(task: Task, args: argparse.Namespace,
 
 
 def run_task(task: Task, args: argparse.Namespace) -> RunResult:
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     spec = InputSpec(args.input, text_column=args.text_column, id_column=args.id_column,
                      limit=args.limit, max_chars=args.max_chars)
-    embed = resolve_settings("EMBED", flags=embed_flags(args)) if task.needs_embedder else None
+    embed = resolve_settings("EMBED", flags=endpoint_flags(args, "EMBED")) if task.needs_embedder else None
     lm = lm_settings_from_args(args)
     if args.max_cost is not None and lm.price_in is None and lm.price_out is None:
         raise TaskError("--max-cost needs the model's price: set LM_PRICE_IN and LM_PRICE_OUT (USD per million "
                         "tokens) or a MODEL_PRICES entry for it")
-    return run_pipeline(spec, args.output, stage_chain(task, args, say), lm,
+    return run_pipeline(spec, args.output, stage_chain(task, args), lm,
                         embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns,
-                        embedded_default=embedded_default_hook(task, args, say),
+                        embedded_default=embedded_default_hook(task, args),
                         budget=Budget(args.max_tokens, args.max_cost))
 
 
-def main(task_ref: str | Task, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run ``task_ref``'s batch pipeline with ``argv``; returns the exit code."""
+def parse_args(task_ref: str | Task | None, argv: list[str] | None, prog: str | None
+               ) -> tuple[argparse.Namespace, Task]:
+    """``task_ref`` None: the task is ``--task`` in ``argv`` (two passes, its flags join the parser)."""
+    if task_ref is None:
+        return parse_with_task(argv, lambda task: build_parser(task, prog or "python -m pipelines", task_flag=True),
+                               get_task)
+    task = get_task(task_ref)
+    return build_parser(task, prog or f"python -m pipelines {task.name}").parse_args(argv), task
+
+
+def main(task_ref: str | Task | None = None, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run a task's batch pipeline with ``argv``; returns the exit code.
+
+    ``task_ref``: the task an entry point fixes (``python -m pipelines.triage``); None: ``--task`` names it.
+    """
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
     try:
-        task = get_task(task_ref)
+        args, task = parse_args(task_ref, argv, prog)
     except TaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    args = build_parser(task, prog or f"python -m pipelines {task.name}").parse_args(argv)
+        return report_error(exc)
     try:
         result = run_task(task, args)
-    except (InputError, OutputError, ProgramLoadError, TaskError, ValidationError) as exc:
-        print(f"error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - report_error re-raises what declares no exit code: a bug, in full
+        return report_error(exc)
     print_result(result)
-    return EXIT_BUDGET if result.stopped else 0
+    return EXIT_BUDGET if result.stopped else EXIT_OK
 
 
 def print_result(result: RunResult) -> None:

@@ -1,6 +1,6 @@
 """``python -m pipelines.rag --input questions.jsonl --index DIR --output OUT``: answer questions from an index.
 
-The same as ``python -m pipelines rag``; the task (program, metric, data) is declared in ``tasks/rag.py``.
+The same as ``python -m pipelines --task rag``; the task (program, metric, data) is declared in ``tasks/rag.py``.
 Output: every input column plus ``answer``, ``answerable``, ``citations`` (an Arrow ``list<string>``),
 ``cited`` (id, source and snippet of each cited passage), ``retrieved_ids`` and ``errors``.
 """

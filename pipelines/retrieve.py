@@ -40,15 +40,16 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import ValidationError
 
-from dspy_ray.client.embeddings import EmbeddingConfigError, EmbeddingRequestError
+from dspy_ray.client.embeddings import EmbeddingRequestError
 from dspy_ray.endpoints.fallback import open_endpoints
-from dspy_ray.util.fs import filesystem_for, write_bytes
-from dspy_ray.retrieval import MODES, RetrievalIndexError, Retriever, RetrieverOptions, read_manifest
 from dspy_ray.endpoints.settings import resolve_settings
-from pipelines.index import ray_connected
-from pipelines.inputs import InputError, InputSpec, load_corpus
+from dspy_ray.retrieval import MODES, Retriever, RetrieverOptions, read_manifest
+from dspy_ray.util.cli import (EXIT_OK, HelpFormatter, add_endpoint_args, endpoint_flags, positive_int,
+                               report_error, say)
+from dspy_ray.util.fs import filesystem_for, write_bytes
+from pipelines.index.embed import ray_connected
+from pipelines.inputs import InputSpec, load_corpus
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("query", pa.string()), ("mode", pa.string()), ("k", pa.int64()),
@@ -96,52 +97,54 @@ def write_rows(rows: list[dict], output: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrieve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--index", required=True, help="index folder or URI (python -m pipelines.index wrote it)")
     parser.add_argument("--input", required=True, help="queries: jsonl / csv / parquet file or folder")
     parser.add_argument("--output", required=True, help="results file: .jsonl or .parquet (path or URI)")
     parser.add_argument("--query-column", default="question", help="column holding the query text")
     parser.add_argument("--id-column", default="id", help="column holding query ids (generated if absent)")
-    parser.add_argument("--k", type=int, default=10, help="passages per query")
+    parser.add_argument("--k", type=positive_int, default=10, help="passages per query")
     parser.add_argument("--mode", choices=list(MODES), default=None, help="default: the index's (manifest)")
-    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (approximate indexes)")
-    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
-    parser.add_argument("--embed-base-url", default=None, help="OpenAI-compatible /v1 base URL (env EMBED_BASE_URL)")
-    parser.add_argument("--embed-model", default=None, help="embedding model id (env EMBED_MODEL)")
+    parser.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched (approximate indexes)")
+    parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth")
+    add_endpoint_args(parser, "EMBED")
     return parser
+
+
+def retrieve(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """The output rows for ``args``, written to ``--output``, and the mode they were ranked in."""
+    manifest = read_manifest(args.index)  # a missing index fails before the queries are read
+    table = load_corpus(InputSpec(args.input, text_column=args.query_column, id_column=args.id_column))
+    mode = args.mode or manifest.retrieval.mode
+    options = RetrieverOptions(mode=mode, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search)
+    embed = resolve_settings("EMBED", flags=endpoint_flags(args, "EMBED"))
+    needs_embedder = mode != "bm25"
+    with (open_endpoints(embed=embed, discover=ray_connected(), say=say) if needs_embedder
+          else contextlib.nullcontext(None)) as endpoints:
+        retriever = Retriever.open(args.index, endpoints.embed if endpoints else None, options)
+        try:
+            rows = retrieve_rows(retriever, table.column("id").to_pylist(),
+                                 table.column(args.query_column).to_pylist(),
+                                 table.column("errors").to_pylist(), args.k, mode)
+        finally:
+            retriever.close()
+    write_rows(rows, args.output)
+    return rows, mode
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
     args = build_parser().parse_args(argv)
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     try:
-        if args.k < 1:
-            raise InputError(f"--k must be 1 or more, got {args.k}")
-        manifest = read_manifest(args.index)  # a missing index fails before the queries are read
-        table = load_corpus(InputSpec(args.input, text_column=args.query_column, id_column=args.id_column))
-        mode = args.mode or manifest.retrieval.mode
-        options = RetrieverOptions(mode=mode, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search)
-        embed = resolve_settings("EMBED", flags={"base_url": args.embed_base_url, "model": args.embed_model})
-        needs_embedder = mode != "bm25"
-        with (open_endpoints(embed=embed, discover=ray_connected(), say=say) if needs_embedder
-              else contextlib.nullcontext(None)) as endpoints:
-            retriever = Retriever.open(args.index, endpoints.embed if endpoints else None, options)
-            try:
-                rows = retrieve_rows(retriever, table.column("id").to_pylist(),
-                                     table.column(args.query_column).to_pylist(),
-                                     table.column("errors").to_pylist(), args.k, mode)
-            finally:
-                retriever.close()
-        write_rows(rows, args.output)
-    except (InputError, RetrievalIndexError, EmbeddingConfigError, ValidationError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
-        return 2
+        rows, mode = retrieve(args)
+    except Exception as exc:  # noqa: BLE001 - report_error re-raises what declares no exit code: a bug, in full
+        # The retriever's own option checks (a mode the index lacks) raise plain ValueError: a usage error here.
+        return report_error(exc, usage=(ValueError,))
     failed = sum(1 for r in rows if r["errors"])
     print(f"retrieved top {args.k} ({mode}) for {len(rows)} queries in {time.perf_counter() - start:.1f} s "
           f"-> {args.output}; {failed} with errors")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dspy_ray.util.fs import filesystem_for, is_uri
 from dspy_ray.client.limiter import ensure_coordinator
 from dspy_ray.util.ray_runtime import init_ray
 from dspy_ray.endpoints.settings import EndpointSettings
-from dspy_ray.client.usage import Budget, RunMeter, Usage
+from dspy_ray.client.usage import Budget, RunMeter, Usage, total_of
 from pipelines.inputs import InputSpec, load_corpus, to_dataset
 from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
 from dspy_ray.util.cli import EXIT_USAGE
@@ -84,14 +84,13 @@ class RunResult:
         """One line per stage and a total: LM calls, retries, tokens, cost, calls per row."""
         if not self.usage:
             return []
-        lines, total = [], Usage()
+        lines = []
         for stage, data in self.usage.items():
             usage = Usage.from_dict(data)
-            total.add(usage)
             rows = data.get("rows") or self.rows_this_run
             per_row = f", {usage.calls / rows:.2f} calls/row" if rows else ""
             lines.append(f"  {stage}: {usage.describe()}{per_row}")
-        return [f"LM usage this run: {total.describe()}", *lines]
+        return [f"LM usage this run: {total_of(self.usage.values()).describe()}", *lines]
 
     def constant_output_warnings(self, min_rows: int = 20, share: float = 0.9) -> list[str]:
         """One line per label column where one value covers more than ``share`` of ``min_rows`` or more rows."""
@@ -204,7 +203,7 @@ def run_pipeline(
                 stages = [s if s.artifact else s.model_copy(update={"artifact": embedded_default(s)}) for s in stages]
             ray.data.DataContext.get_current().enable_progress_bars = True
             # The endpoint's limit lives in an actor of this driver, so it lasts as long as the run.
-            ensure_coordinator(settings)
+            ensure_coordinator()
             meter_name, meter = None, None
             if budget is not None and budget.set:  # what the rows spend, gathered while they run
                 meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"

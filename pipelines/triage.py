@@ -1,4 +1,4 @@
-"""``python -m pipelines.triage``: the triage task's batch pipeline (the same as ``python -m pipelines triage``).
+"""``python -m pipelines.triage``: the triage task's batch pipeline (the same as ``python -m pipelines --task triage``).
 
 The task itself (programs, stages, data, metric) is declared in ``tasks/triage.py``.
 """

@@ -46,6 +46,7 @@ import yaml
 from pydantic import ValidationError
 
 from dspy_ray.endpoints.model_catalog import DEFAULT_CONFIG, LLMModels, LLMModelsError, load_models, resolve_path
+from dspy_ray.util.cli import HelpFormatter, report_error
 
 IMPORT_PATH = "serve.vllm_models:app_builder"
 
@@ -126,8 +127,9 @@ def describe(models: LLMModels) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.vllm_models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"models file (default: {DEFAULT_CONFIG})")
+    parser = argparse.ArgumentParser(prog="python -m serve.vllm_models", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="models file")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved LLMConfigs; start nothing")
     parser.add_argument("--serve-config", metavar="BASE", default=None,
                         help="print BASE (a Serve config file) with the LLM app added, for `serve deploy`")
@@ -145,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(describe(models), indent=2))
             return 0
     except (LLMModelsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc, usage=(OSError,))  # a models or base file it cannot read: a usage error
     return _deploy(models, args.http_host)
 
 

@@ -63,9 +63,9 @@ def test_batch_run_with_a_key_in_dotenv_leaves_it_nowhere_in_rays_session(tmp_pa
                              for i in range(6)))
     with FakeLLM() as fake:
         (tmp_path / ".env").write_text(f"LM_BASE_URL={fake.base_url}\nLM_MODEL=fake-model\nLM_API_KEY={KEY}\n")
-        proc = subprocess.run([sys.executable, "-m", "pipelines.triage", "--input", str(calls), "--output",
-                               str(tmp_path / "out"), "--num-actors", "1"], cwd=tmp_path, env=_env(TMPDIR=str(ray_tmp)),
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-m", "pipelines", "--task", "triage", "--input", str(calls),
+                               "--output", str(tmp_path / "out"), "--num-actors", "1"], cwd=tmp_path,
+                              env=_env(TMPDIR=str(ray_tmp)), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert fake.stats()["requests"] >= 12  # the .env endpoint was used, by both stages
     sessions = list(ray_tmp.rglob("session_*"))
@@ -81,7 +81,7 @@ def test_serve_honours_dotenv_keeps_secrets_out_of_ray_and_stops_on_sigint(tmp_p
     with FakeLLM() as fake:
         (tmp_path / ".env").write_text(f"LM_BASE_URL={fake.base_url}\nLM_MODEL=fake-model\nLM_API_KEY={KEY}\n"
                                        f"SERVE_API_TOKEN={TOKEN}\n")
-        server = subprocess.Popen([sys.executable, "-m", "serve", "--program", "triage", "--port", str(port),
+        server = subprocess.Popen([sys.executable, "-m", "serve", "--task", "triage", "--port", str(port),
                                    "--max-replicas", "1"], cwd=tmp_path, env=_env(TMPDIR=str(ray_tmp)),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
@@ -131,9 +131,9 @@ def test_unwritable_output_is_refused_before_any_lm_call(tmp_path, output):
     calls = tmp_path / "calls.jsonl"
     calls.write_text(json.dumps({"id": "a", "transcript": "fire"}) + "\n")
     with FakeLLM() as fake:
-        proc = subprocess.run([sys.executable, "-m", "pipelines.triage", "--input", str(calls), "--output", output,
-                               "--lm-base-url", fake.base_url], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "pipelines", "--task", "triage", "--input", str(calls),
+                               "--output", output, "--lm-base-url", fake.base_url], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
         assert fake.stats()["requests"] == 0
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -170,7 +170,7 @@ def test_help_is_plain_text_with_defaults():
 
 
 def _optimize(args: list[str], fake: FakeLLM, cwd: Path, ray_address: str, **popen) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "optimize", "--pipeline", "triage", "--lm-base-url", fake.base_url,
+    argv = [sys.executable, "-m", "optimize", "--task", "triage", "--lm-base-url", fake.base_url,
             "--lm-model", "fake-model", "--workers", "2", "--threads-per-worker", "4", "--train-limit", "60",
             "--dev-limit", "10", "--val-size", "20", *args]
     return subprocess.Popen(argv, cwd=cwd, env=_env(RAY_ADDRESS=ray_address), stdout=subprocess.PIPE,

@@ -124,7 +124,7 @@ def test_a_task_from_outside_the_repository_runs_batch_optimize_and_serve(ray_lo
         lm = ["--lm-base-url", fake.base_url, "--lm-model", "fake-model"]
 
         # Batch: typed output columns straight from the signature (Literal -> string, list[str] -> list, int).
-        _run(["pipelines", "sentiment_task", "--input", str(reviews), "--output", str(tmp_path / "out"),
+        _run(["pipelines", "--task", "sentiment_task", "--input", str(reviews), "--output", str(tmp_path / "out"),
               "--num-actors", "1", *lm], _env(toy_task, address), cwd=tmp_path)
         table = pq.read_table(sorted((tmp_path / "out").glob("*.parquet")))
         assert table.num_rows == len(REVIEWS) and not any(table.column("errors").to_pylist())
@@ -134,7 +134,7 @@ def test_a_task_from_outside_the_repository_runs_batch_optimize_and_serve(ray_lo
         assert set(table.column("sentiment").to_pylist()) <= {"positive", "negative", "neutral"}
 
         # Optimize: the task's data and metric, an artifact filed under the task's program name.
-        proc = _run(["optimize", "--pipeline", "sentiment_task", "--optimizer", "bootstrap", "--workers", "1",
+        proc = _run(["optimize", "--task", "sentiment_task", "--optimizer", "bootstrap", "--workers", "1",
                      "--out", str(tmp_path / "artifacts"), "--val-size", "4", *lm], _env(toy_task, address),
                     cwd=tmp_path)
         assert "sentiment accuracy" in proc.stdout

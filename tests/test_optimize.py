@@ -62,7 +62,7 @@ def _settings(fake: FakeLLM, **kw) -> EndpointSettings:
 
 def _config(tmp_path: Path, **kw) -> OptimizeConfig:
     search = SearchSettings(**{"num_trials": 10, "minibatch_size": 20, "val_size": 40, **kw.pop("search", {})})
-    values = {"pipeline": "triage", "optimizer": "miprov2", "workers": 4, "threads_per_worker": 4,
+    values = {"task": "triage", "optimizer": "miprov2", "workers": 4, "threads_per_worker": 4,
               "out": str(tmp_path / "artifacts"), "train_limit": 100, "dev_limit": 30, "search": search}
     return OptimizeConfig(**{**values, **kw})
 
@@ -110,7 +110,7 @@ def test_parallel_miprov2_beats_baseline_and_writes_a_dspy_loadable_artifact(ray
 def test_estimate_over_max_calls_stops_before_any_lm_call(gold_llm, tmp_path, capsys):
     from optimize.__main__ import main
 
-    rc = main(["--pipeline", "triage", "--lm-base-url", gold_llm.base_url, "--lm-model", "fake-model",
+    rc = main(["--task", "triage", "--lm-base-url", gold_llm.base_url, "--lm-model", "fake-model",
                "--out", str(tmp_path), "--auto", "light", "--max-calls", "100"])
     err = capsys.readouterr().err
     assert rc == 3
@@ -145,7 +145,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["--pipeline", "triage", "--train", str(bad), "--out", str(tmp_path), "--max-calls", "0"]) == 2
     assert f"{bad} line 2: invalid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["--pipeline", "nope", "--out", str(tmp_path)])
+        main(["--task", "nope", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
@@ -158,7 +158,7 @@ def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
 
     with FakeLLM(gold=gold, latency=0.15) as fake:
         run_dir = tmp_path / "run"
-        argv = [sys.executable, "-m", "optimize", "--pipeline", "triage", "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
+        argv = [sys.executable, "-m", "optimize", "--task", "triage", "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
                 "--out", str(tmp_path / "artifacts"), "--run-dir", str(run_dir), "--workers", "2",
                 "--threads-per-worker", "4", "--train-limit", "100", "--dev-limit", "30", "--val-size", "40",
                 "--num-trials", "12", "--minibatch-size", "20"]
@@ -179,7 +179,7 @@ def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
         before = {json.loads(p.read_text())["number"] for p in (run_dir / "trials").glob("*.json")}
         assert 3 <= len(before) < 12
 
-        cfg = OptimizeConfig(pipeline="triage", workers=2, threads_per_worker=4, out=str(tmp_path / "artifacts"),
+        cfg = OptimizeConfig(task="triage", workers=2, threads_per_worker=4, out=str(tmp_path / "artifacts"),
                              run_dir=str(run_dir), resume=True, train_limit=100, dev_limit=30,
                              search=SearchSettings(num_trials=12, minibatch_size=20, val_size=40))
         result = run_optimization(cfg, EndpointSettings(base_url=fake.base_url, model="fake-model"))
@@ -359,7 +359,7 @@ def test_artifacts_and_optimization_on_an_object_store_uri(ray_local, gold_llm):
     from optimize.run import run_optimization
 
     out = "memory://bucket/artifacts"
-    cfg = OptimizeConfig(pipeline="triage", optimizer="bootstrap", workers=2, threads_per_worker=4, out=out,
+    cfg = OptimizeConfig(task="triage", optimizer="bootstrap", workers=2, threads_per_worker=4, out=out,
                          train_limit=40, dev_limit=10, search=SearchSettings(val_size=10))
     result = run_optimization(cfg, _settings(gold_llm))
     assert result.artifact.startswith(out + "/triage_fake-model_") and result.run_dir.startswith(out + "/runs/")
@@ -398,13 +398,13 @@ def test_small_real_optimization_on_the_embedded_model(ray_local, tmp_path):
     """BootstrapFewShot with a tiny budget on the embedded llama.cpp model, end to end through the CLI."""
     from optimize.__main__ import main
 
-    rc = main(["--pipeline", "triage", "--optimizer", "bootstrap", "--out", str(tmp_path), "--workers", "2", "--threads-per-worker", "2",
+    rc = main(["--task", "triage", "--optimizer", "bootstrap", "--out", str(tmp_path), "--workers", "2", "--threads-per-worker", "2",
                "--train-limit", "8", "--dev-limit", "6", "--max-bootstrapped-demos", "2",
                "--max-labeled-demos", "2", "--max-calls", "100"])
     assert rc == 0
     [record] = list_artifacts(tmp_path, "triage")
     assert record.metadata.model == "smollm2-135m-instruct" and record.metadata.optimizer == "bootstrap"
-    assert record.metadata.command.startswith("python -m optimize --pipeline triage --optimizer bootstrap")
+    assert record.metadata.command.startswith("python -m optimize --task triage --optimizer bootstrap")
     assert 0.0 <= record.metadata.dev_score <= 1.0
     assert load_artifact(record.path).program.triage.demos  # bootstrapped or labelled demos landed
     assert record.metadata.dev_program_errors < 6  # the model answered parseable labels

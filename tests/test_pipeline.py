@@ -163,7 +163,7 @@ def test_stages_load_the_best_artifact_from_a_registry(ray_local, tmp_path):
 def test_cli_reports_bad_input_without_traceback(tmp_path):
     bad = tmp_path / "calls.jsonl"
     bad.write_text('{"id": 1, "transcript": "fire"}\n{"id": 2, "transcript": \n')
-    proc = subprocess.run([sys.executable, "-m", "pipelines.triage", "--input", str(bad), "--output",
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "--task", "triage", "--input", str(bad), "--output",
                            str(tmp_path / "out"), "--lm-base-url", "http://127.0.0.1:9/v1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -178,8 +178,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 def test_refuses_to_mix_runs_without_resume(ray_local, tmp_path):
     src = write_calls(tmp_path / "calls.jsonl", 10)
     with FakeLLM() as fake:
-        args = [sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(tmp_path / "out"),
-                "--lm-base-url", fake.base_url]
+        args = [sys.executable, "-m", "pipelines", "--task", "triage", "--input", str(src), "--output",
+                str(tmp_path / "out"), "--lm-base-url", fake.base_url]
         first = subprocess.run(args, cwd=ROOT, env=cli_env(ray_local), capture_output=True, text=True, timeout=300)
         assert first.returncode == 0, first.stdout + first.stderr
         assert "results:" in first.stdout and "rows/s" in first.stdout and "priority:" in first.stdout
@@ -207,12 +207,12 @@ def test_end_to_end_on_embedded_llamacpp_model(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_same_module_runs_under_ray_job_submit(ray_job_head, tmp_path):
-    """`ray job submit --working-dir . -- python -m pipelines.triage` against a head of its own."""
+    """`ray job submit --working-dir . -- python -m pipelines --task triage` against a head of its own."""
     src = write_calls(tmp_path / "calls.jsonl", 30)
     out = tmp_path / "out"
     with FakeLLM() as fake:
         cmd = [ray_job_head.ray_bin, "job", "submit", "--address", ray_job_head.address, "--working-dir", str(ROOT),
-               "--", sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
+               "--", sys.executable, "-m", "pipelines", "--task", "triage", "--input", str(src), "--output", str(out),
                "--lm-base-url", fake.base_url, "--num-actors", "1"]
         proc = subprocess.run(cmd, env=ray_job_head.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

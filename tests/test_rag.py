@@ -139,7 +139,7 @@ def test_optimize_rag_with_a_judge(shipped_index, embed_fake, ray_local, tmp_pat
     from optimize.run import run_optimization
 
     index, _ = shipped_index
-    cfg = OptimizeConfig(pipeline="rag", optimizer="bootstrap", workers=2, threads_per_worker=4,
+    cfg = OptimizeConfig(task="rag", optimizer="bootstrap", workers=2, threads_per_worker=4,
                          out=str(tmp_path / "artifacts"), train_limit=16, dev_limit=8, judge=True,
                          resources={"retriever": str(index)},
                          search=SearchSettings(val_size=8, max_bootstrapped_demos=2, max_labeled_demos=2))

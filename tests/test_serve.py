@@ -333,7 +333,7 @@ def test_drift_runs_a_real_reoptimization_job_and_deploys_its_artifact(ray_job_h
                    for line in (Path(__file__).resolve().parents[1] / "data/triage_dev.jsonl").read_text().splitlines()]
     with FakeLLM(gold=triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"])) as target, \
             FakeLLM(field_overrides={"verdict": "good"}) as judge:
-        entrypoint = (f"{sys.executable} -m optimize --pipeline {{task}} --optimizer miprov2 --auto none "
+        entrypoint = (f"{sys.executable} -m optimize --task {{task}} --optimizer miprov2 --auto none "
                       f"--num-candidates 3 --num-trials 4 --val-size 30 --train-limit 60 --dev-limit 30 "
                       f"--workers 2 --out {{artifact_dir}} --extra-train {{samples}} --lm-base-url {target.base_url} "
                       f"--lm-model fake-model --max-calls 2000")
@@ -389,7 +389,7 @@ def test_cli_refuses_public_bind_without_token(monkeypatch):
     from serve.__main__ import main
 
     monkeypatch.delenv("SERVE_API_TOKEN", raising=False)
-    assert main(["--program", "triage", "--host", "0.0.0.0"]) == 2
+    assert main(["--task", "triage", "--host", "0.0.0.0"]) == 2
 
 
 def test_docs_render_in_a_browser_with_no_network(serve_http, fake, tmp_path):

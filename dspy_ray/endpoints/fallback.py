@@ -19,11 +19,11 @@ Every fallback is said on stderr, so nobody is surprised by which model answered
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dspy_ray.endpoints.settings import EndpointSettings
+from dspy_ray.util import cli
 
 # What a user set explicitly (flags, environment, .env) wins over the embedded server's own defaults.
 _USER_TUNABLE = {"temperature", "max_tokens", "max_attempts", "timeout_s", "max_in_flight", "adaptive", "price_in",
@@ -37,10 +37,6 @@ class Endpoints:
     embed: EndpointSettings | None
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
 def open_endpoints(
     lm: EndpointSettings | None = None,
@@ -48,7 +44,7 @@ def open_endpoints(
     embed: EndpointSettings | None = None,
     *,
     discover: bool = True,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = cli.say,
 ) -> Iterator[Endpoints]:
     """Discovery, then embedded defaults, for each role given (None = not needed)."""
     if discover:

@@ -37,18 +37,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_embed_args(parser) -> None:
-    """``--embed-base-url`` / ``--embed-model`` (for tasks whose resources embed queries)."""
-    group = parser.add_argument_group("embedding endpoint (flags > environment > .env > discovery > embedded "
-                                      "embedder)")
-    group.add_argument("--embed-base-url", default=None, help="OpenAI-compatible /v1 base URL (env EMBED_BASE_URL)")
-    group.add_argument("--embed-model", default=None, help="embedding model id (env EMBED_MODEL)")
-
-
-def embed_flags(args: argparse.Namespace) -> dict[str, str | None]:
-    return {"base_url": getattr(args, "embed_base_url", None), "model": getattr(args, "embed_model", None)}
-
-
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1, with a clear message otherwise."""
     try:
@@ -100,7 +88,9 @@ def parse_with_task(argv: Sequence[str] | None, build_parser: Callable[[T | None
                     get_task: Callable[[str], T], *, aliases: Sequence[str] = ()) -> tuple[argparse.Namespace, T]:
     """Two passes: find the task first, so its own flags (its resources, its defaults) join the parser.
 
-    An unknown task is a usage error of the parser without the task's flags (exit 2, one line).
+    An unknown task is a usage error: ``error: <why>`` as one line on stderr and ``SystemExit(2)``, as
+    argparse exits (without its usage line, which would not say more than the registry's message).
+    ``build_parser(None)``: the parser without a task's flags, which reports a missing ``--task``.
     """
     ref = peek_task(argv, aliases=aliases)
     task = None
@@ -108,7 +98,8 @@ def parse_with_task(argv: Sequence[str] | None, build_parser: Callable[[T | None
         try:
             task = get_task(ref)
         except Exception as exc:  # the registry's own error, whatever its type, is a usage error here
-            build_parser(None).error(one_line(exc))
+            say(f"error: {one_line(exc)}")
+            raise SystemExit(EXIT_USAGE) from None
     args = build_parser(task).parse_args(None if argv is None else list(argv))
     return args, task
 
@@ -117,7 +108,7 @@ def parse_with_task(argv: Sequence[str] | None, build_parser: Callable[[T | None
 
 _ROLES = {
     "LM": ("lm", "LM endpoint", "the target model"),
-    "JUDGE": ("judge", "judge LM endpoint", "the judge model (default: the target at temperature 0)"),
+    "JUDGE": ("judge", "judge LM endpoint", "the judge model"),
     "EMBED": ("embed", "embedding endpoint", "the embedding model"),
 }
 _ORDER = "flags > environment > .env > cluster discovery > embedded default"
@@ -189,9 +180,20 @@ def exit_code_for(exc: BaseException) -> int | None:
     return None
 
 
-def report_error(exc: BaseException) -> int:
-    """Print ``error: <one line>`` on stderr and return the exit code; re-raise what declares none."""
+def report_error(exc: BaseException, *, usage: tuple[type[BaseException], ...] = ()) -> int:
+    """Print ``error: <one line>`` on stderr and return the exit code; re-raise what declares none.
+
+    ``usage``: types a command treats as usage errors though they declare no code (a file it could
+    not read: ``OSError``).
+
+        >>> class OverBudget(RuntimeError):
+        ...     exit_code = EXIT_BUDGET
+        >>> report_error(OverBudget("stopped at --max-cost 5"))  # and on stderr: error: stopped at --max-cost 5
+        3
+    """
     code = exit_code_for(exc)
+    if code is None and isinstance(exc, usage):
+        code = EXIT_USAGE
     if code is None:
         raise exc
     say(f"error: {one_line(exc)}")

@@ -179,6 +179,8 @@ def convert(source: Path, out: Path, kind: str = WEIGHTS_TYPE) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dspy_ray.util.cli import report_error
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--type", choices=["q8_0", "f16", "f32"], default=WEIGHTS_TYPE)
     parser.add_argument("--print-path", action="store_true", help="print where the file goes, and stop")
@@ -190,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = gguf_path(args.type)
     except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s)")
     return 0
 
