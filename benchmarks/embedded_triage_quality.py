@@ -21,7 +21,6 @@ answer (a constant-label check).  Demos come only from data/triage_train.jsonl.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
 
 CONFIGS = {
     "untuned": "zero-shot, the program as written",

@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 for _var in ("LM_BASE_URL", "LM_MODEL", "LM_MAX_IN_FLIGHT", "LM_TIMEOUT_S", "LM_MAX_ATTEMPTS"):
     os.environ.pop(_var, None)

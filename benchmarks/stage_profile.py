@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(os.environ.get("STAGE_PROFILE_ROOT", Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
 
 
 def drive(rows: int) -> None:

@@ -13,4 +13,12 @@ The rooms, each importing only the ones listed before it:
 * :mod:`dspy_ray.execution` - a program's life: loading, artifacts, one call with Refine, metrics;
 * :mod:`dspy_ray.retrieval` - passages, FAISS and BM25 indexes, the retriever;
 * :mod:`dspy_ray.testing` - a fault-injecting fake OpenAI-compatible endpoint for tests and benchmarks.
+
+Entry points (the CLIs, benchmarks, ``tests/conftest.py``) import from this package before anything imports
+litellm, so the setting below is in place for every process.
 """
+
+import os
+
+# Before litellm is first imported (dspy imports it): no network lookups of model prices.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

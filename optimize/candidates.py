@@ -13,7 +13,7 @@ The result is a :class:`CandidateSet`: plain JSON, stored next to the study so a
 resumed run searches the same candidates without making them again.
 
     >>> candidates = CandidateSet.model_validate_json(text)          # doctest: +SKIP
-    >>> program = candidates.build({"0_predictor_instruction": 2, "0_predictor_demos": 1})  # doctest: +SKIP
+    >>> program = candidates.apply(fresh_program(), {"0_predictor_instruction": 2, "0_predictor_demos": 1})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import io
 import logging
 import random
 from collections.abc import Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
+
+from optimize.evaluation import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -281,12 +283,6 @@ def quiet_dspy(lm: dspy.BaseLM, adapter: dspy.Adapter) -> Iterator[None]:
         dspy_logger.setLevel(level)
 
 
-class CandidatePool(Protocol):
-    """What generation needs from the worker pool: run named worker methods, ``size`` at a time."""
-
-    def map(self, calls) -> dict: ...
-
-
 def generate_candidates(
     predictors: list[tuple[str, str]],
     program_name: str,
@@ -298,7 +294,7 @@ def generate_candidates(
     max_bootstrapped_demos: int,
     max_labeled_demos: int,
     settings: MiproCandidateSettings,
-    pool: CandidatePool,
+    pool: Pool,
     max_errors: int | None = None,
 ) -> CandidateSet:
     """Bootstrap demo sets and propose instructions on the pool's workers; ``rng`` is MIPROv2's seeded RNG.

@@ -1,9 +1,9 @@
 """Evaluating a program on examples: in threads, on the Ray worker pool, or inside DSPy's own optimizers.
 
-Every example runs through :class:`dspy_ray.execution.runner.ProgramRunner` - the same call,
-retries and Refine policy as batch and Serve - and is scored by the task's
-metric (:func:`dspy_ray.execution.scoring.score_prediction`), so the score an artifact
-records is the score its users get.
+Every example runs through :func:`dspy_ray.execution.evaluation.evaluate` - the runner of batch and
+Serve, the same evaluation path as Serve's drift monitor - and is scored by the task's metric
+(:func:`dspy_ray.execution.evaluation.score_outcome`), so the score an artifact records is the score
+its users get.
 
 * :func:`evaluate_program` - one program, many examples, a bounded thread pool;
   the runner and judge are passed in, so it runs without Ray in tests.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable, Iterable
 from typing import Any, Protocol
 
 import dspy
@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dspy_ray.client.lm import build_lm
 from dspy_ray.execution.loading import load_program
+from dspy_ray.execution.evaluation import evaluate, score_outcome
 from dspy_ray.execution.runner import ProgramRunner
-from dspy_ray.execution.scoring import DSPyMetric, EvalSummary, ExampleScore, FieldJudge, TaskMetric, score_prediction
+from dspy_ray.execution.scoring import DSPyMetric, EvalSummary, ExampleScore, FieldJudge, TaskMetric
 from dspy_ray.endpoints.settings import EndpointSettings
 from tasks.base import Task
 
@@ -61,9 +62,7 @@ class EvalRuntime:
         return load_program(self.task.program, resources=self.resources, state=state).program
 
     def runner(self, program: dspy.Module) -> ProgramRunner:
-        return ProgramRunner(program, self.lm, output_fields=self.task.output_fields(),
-                             refine_attempts=self.task.refine_attempts, reward_fn=self.task.program.reward,
-                             max_in_flight=self.ctx.threads)
+        return self.task.runner(program, self.lm, max_in_flight=self.ctx.threads)
 
     def evaluate(self, program: dspy.Module, examples: list[dspy.Example]) -> list[ExampleScore]:
         return evaluate_program(program, examples, self.task.metric, runner=self.runner(program), judge=self.judge,
@@ -85,18 +84,8 @@ def evaluate_program(
     ``program_error`` set.  Misconfiguration (bad key, unknown model) is raised
     by the runner, since every example would fail the same way.
     """
-
-    def one(example: dspy.Example) -> ExampleScore:
-        outcome = runner.run(dict(example.inputs()), program)
-        if outcome.prediction is None:
-            return ExampleScore(example_id=str(example.get("id", "")), lm_failure=outcome.lm_failure,
-                                program_error=outcome.errors[0] if outcome.errors else "no output")
-        return score_prediction(example, outcome.prediction, metric, judge)
-
-    if not examples:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(examples))), thread_name_prefix="eval") as pool:
-        return list(pool.map(one, examples))
+    return evaluate(runner, examples, lambda example, outcome: score_outcome(example, outcome, metric, judge),
+                    threads=threads, program=program)
 
 
 def chunked(items: list, n: int) -> list[list]:
@@ -112,9 +101,13 @@ def chunked(items: list, n: int) -> list[list]:
 
 
 class Pool(Protocol):
-    size: int
+    """What evaluation and candidate generation need from the worker pool (:class:`optimize.workers.WorkerPool`)."""
 
-    def map(self, calls) -> dict: ...
+    size: int  # workers: calls that run at once
+
+    def map(self, calls: Iterable[tuple[Hashable, str, tuple]]) -> dict[Hashable, Any]:
+        """Run every (tag, worker method, args), ``size`` at a time; tag -> result."""
+        ...
 
 
 def evaluate_on_ray(program: dspy.Module, examples: list[dspy.Example], pool: Pool) -> list[ExampleScore]:

@@ -64,19 +64,19 @@ class RunStorage:
 
     def list(self, rel: str) -> list[str]:
         """Names of the finished files in ``rel`` (temporary files excluded), sorted."""
-        path = self._path(rel)
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".tmp-"))
+        return [name for name in self._names(rel, pafs.FileType.File) if not name.startswith(".tmp-")]
 
     def list_dirs(self, rel: str = "") -> list[str]:
         """Names of the folders in ``rel``, sorted."""
+        return self._names(rel, pafs.FileType.Directory)
+
+    def _names(self, rel: str, kind: pafs.FileType) -> list[str]:
+        """Names of the entries of one ``kind`` in ``rel``, sorted; none when ``rel`` does not exist."""
         path = self._path(rel)
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in infos if i.type == kind)
 
     def read_all(self, rel: str) -> list[Any]:
         return [self.read_json(f"{rel}/{name}") for name in self.list(rel)]

@@ -35,7 +35,7 @@ from optimize.candidates import (
     quiet_dspy,
     summarize_dataset,
 )
-from dspy_ray.client.usage import Usage, process_usage
+from dspy_ray.client.usage import merge_by_key, process_usage
 from optimize.evaluation import EvalContext, EvalRuntime
 from optimize.trial import TrialRequest, TrialResult, run_trial
 
@@ -140,15 +140,13 @@ class WorkerPool:
         """The workers' LM usage, summed by endpoint (a worker that cannot answer is left out)."""
         import ray
 
-        total: dict[str, Usage] = {}
+        answers = []
         for actor in self.actors:
             try:
-                per_endpoint = ray.get(actor.usage.remote(), timeout=30)
+                answers.append(ray.get(actor.usage.remote(), timeout=30))
             except Exception:  # noqa: BLE001 - a dead worker's calls are lost to the report, not to the run
                 continue
-            for endpoint, data in per_endpoint.items():
-                total.setdefault(endpoint, Usage()).add(Usage.from_dict(data))
-        return {k: v.as_dict() for k, v in total.items()}
+        return merge_by_key(*answers)
 
     def shutdown(self) -> None:
         import ray

@@ -25,6 +25,8 @@ from typing import Any
 
 import dspy
 
+from programs.fields import field_of
+
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -86,7 +88,7 @@ def _dot(a: dict[str, float], b: dict[str, float]) -> float:
 
 
 def _get(demo: Any, field: str) -> str:
-    value = demo.get(field) if hasattr(demo, "get") else getattr(demo, field, "")
+    value = field_of(demo, field)
     return "" if value is None else str(value)
 
 

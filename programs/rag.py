@@ -22,6 +22,8 @@ from typing import Any, Literal
 import dspy
 from pydantic import BaseModel, Field
 
+from programs.fields import field_of
+
 SNIPPET_CHARS = 240
 MAX_ANSWER_WORDS = 60
 
@@ -84,13 +86,12 @@ def citation_reward(inputs: dict, prediction: Any) -> float:
 
     An answer that says the documents do not hold it (``answerable`` false) must cite nothing.
     """
-    get = prediction.get if hasattr(prediction, "get") else lambda k, d=None: getattr(prediction, k, d)
-    answer = (get("answer") or "").strip()
-    citations = list(get("citations") or [])
-    retrieved = set(get("retrieved_ids") or [])
+    answer = (field_of(prediction, "answer") or "").strip()
+    citations = list(field_of(prediction, "citations") or [])
+    retrieved = set(field_of(prediction, "retrieved_ids") or [])
     if not answer or len(answer.split()) > MAX_ANSWER_WORDS:
         return 0.0
-    if not get("answerable"):
+    if not field_of(prediction, "answerable"):
         return 1.0 if not citations else 0.5
     if not citations:
         return 0.5

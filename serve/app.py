@@ -102,7 +102,6 @@ class ProgramServer:
                  embed: dict[str, Any] | None = None):
         from dspy_ray.client.lm import build_lm
         from dspy_ray.execution.loading import load_program
-        from dspy_ray.execution.runner import ProgramRunner
         from serve.metrics import ServeMetrics
         from serve.schemas import ProgramAPI
         from tasks import get_task
@@ -120,9 +119,7 @@ class ProgramServer:
         self.output_fields = self.task.output_fields()
         self.api = ProgramAPI.from_program(self.name, self.program, self.output_fields, spec.output_types,
                                            self.options.max_batch)
-        self.runner = ProgramRunner(self.program, self.lm, output_fields=self.output_fields,
-                                    refine_attempts=self.task.refine_attempts, reward_fn=spec.reward,
-                                    max_in_flight=self.options.max_ongoing_requests)
+        self.runner = self.task.runner(self.program, self.lm, max_in_flight=self.options.max_ongoing_requests)
         self.artifact_info: dict[str, Any] = {"artifact": None}
         self.version = 0
         self.monitor = monitor

@@ -46,7 +46,7 @@ class DriftPolicy(BaseModel):
     auto_deploy: bool = Field(True, description="Deploy a better re-optimized artifact, or only register it")
     calibration_examples: int = Field(50, ge=1, description="Dev examples the baseline is measured on")
     job_entrypoint: str = Field(
-        "python -m optimize --pipeline {task} --optimizer miprov2 --auto light --out {artifact_dir} "
+        "python -m optimize --task {task} --optimizer miprov2 --auto light --out {artifact_dir} "
         "--extra-train {samples}{resource_flags}",
         description="Re-optimization command; {task}, {artifact_dir}, {samples}, {resource_flags} are filled in",
     )
@@ -187,8 +187,9 @@ class DriftMonitor:
 
     def _calibrate(self) -> float | None:
         from dspy_ray.client.lm import build_lm
+        from dspy_ray.execution.evaluation import evaluate
         from dspy_ray.execution.loading import load_program
-        from dspy_ray.execution.runner import ProgramRunner
+        from programs.fields import field_of
         from tasks.examples import load_task_data
 
         _, dev = load_task_data(self.task.data, dev_limit=self.policy.calibration_examples)
@@ -196,19 +197,17 @@ class DriftMonitor:
         resources = spec.open_resources(self.options.resources, self.embed_settings)
         loaded = load_program(spec, self.active_artifact, resources=resources, artifact_dir=self.options.artifact_dir)
         fields = self.task.output_fields()
-        runner = ProgramRunner(loaded.program, build_lm(self.lm_settings), output_fields=fields,
-                               refine_attempts=self.task.refine_attempts, reward_fn=spec.reward)
-        scores = []
-        for example in dev:
-            inputs = dict(example.inputs())
-            outcome = runner.run(inputs)
+
+        def judged(example, outcome) -> float | None:
             if outcome.prediction is None:
-                scores.append(0.0)  # what a failing request would have scored live
-                continue
+                return 0.0  # what a failing request would have scored live
             try:
-                scores.append(self.judge(inputs, {f: outcome.prediction.get(f) for f in fields}))
+                return self.judge(dict(example.inputs()), {f: field_of(outcome.prediction, f) for f in fields})
             except Exception:  # noqa: BLE001 - a judge failure is not a score
-                continue
+                return None
+
+        outcomes = evaluate(self.task.runner(loaded.program, build_lm(self.lm_settings)), dev, judged)
+        scores = [s for s in outcomes if s is not None]
         if not scores:
             return None
         mean = sum(scores) / len(scores)

@@ -10,7 +10,7 @@ is any importable module, named by its import path::
     >>> get_task("mypackage.sentiment")                       # doctest: +SKIP
     >>> get_task("mypackage.tasks:SENTIMENT")                 # doctest: +SKIP
 
-Batch (``python -m pipelines``), optimize (``--pipeline``), serve (``--program``)
+Batch (``python -m pipelines``), optimize and serve (``--task``)
 and the drift monitor all look tasks up here, so adding a task is one task
 file, a program file and data: nothing else changes.
 """

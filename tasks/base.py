@@ -5,9 +5,9 @@ A task is one file in this package (or any importable module) holding a
 
 * ``python -m pipelines <task> --input ... --output ...`` runs :attr:`Task.stages`
   over a corpus (each stage a Ray Data actor pool);
-* ``python -m optimize --pipeline <task>`` optimizes :attr:`Task.program` on
+* ``python -m optimize --task <task>`` optimizes :attr:`Task.program` on
   :attr:`Task.data`, scored by :attr:`Task.metric`;
-* ``python -m serve --program <task>`` serves :attr:`Task.program` with an API
+* ``python -m serve --task <task>`` serves :attr:`Task.program` with an API
   from its signature, and the drift monitor judges live traffic with
   ``metric.live_rubric``.
 
@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dspy
+
 from dspy_ray.execution.loading import ProgramSpec, Resource
+from dspy_ray.execution.runner import ProgramRunner
 from dspy_ray.execution.scoring import TaskMetric
 from dspy_ray.util.paths import REPO_ROOT, repo_path
 from stages.base import DSPyStage
@@ -131,6 +134,11 @@ class Task:
 
     def output_fields(self) -> tuple[str, ...]:
         return self.primary_stage.output_fields
+
+    def runner(self, program: dspy.Module, lm: dspy.BaseLM, *, max_in_flight: int = 64) -> ProgramRunner:
+        """A runner of :attr:`program` with this task's policy (outputs, Refine, reward): the same in optimize and serve."""
+        return ProgramRunner(program, lm, output_fields=self.output_fields(), refine_attempts=self.refine_attempts,
+                             reward_fn=self.program.reward, max_in_flight=max_in_flight)
 
     def stages_for(self, *, text_column: str | None = None, overrides: Mapping[str, Any] | None = None,
                    artifacts: Mapping[str, str | None] | None = None) -> list[DSPyStage]:

@@ -3,8 +3,8 @@
     python -m pipelines.index --corpus data/rag/corpus --index out/rag-index        # no LM
     python -m pipelines.retrieve --index out/rag-index --input data/rag_dev.jsonl --output out/hits
     python -m pipelines.rag --input data/rag_dev.jsonl --index out/rag-index --output out/rag
-    python -m optimize --pipeline rag --index out/rag-index --optimizer miprov2 --judge
-    python -m serve --program rag --index out/rag-index       # POST /rag/predict
+    python -m optimize --task rag --index out/rag-index --optimizer miprov2 --judge
+    python -m serve --task rag --index out/rag-index       # POST /rag/predict
 
 ``--index`` takes the folder (or URI) ``pipelines.index`` wrote, optionally with
 retrieval options: ``out/rag-index?mode=hybrid&k=5`` (see dspy_ray/retrieval).
@@ -15,6 +15,7 @@ from typing import Any
 from dspy_ray.execution.loading import ProgramSpec, Resource
 from dspy_ray.retrieval import open_retriever
 from dspy_ray.execution.scoring import JudgedField, TaskMetric
+from programs.fields import field_of
 from programs.rag import CitedPassage, CitedRAG, citation_reward
 from stages.base import DSPyStage
 from tasks.base import CliDefaults, Task, TaskData
@@ -25,16 +26,15 @@ def citations_check(example: Any, prediction: Any) -> float:
 
     For a question the documents do not answer, citing nothing scores 1 and citing anything 0.
     """
-    get = prediction.get if hasattr(prediction, "get") else lambda k, d=None: getattr(prediction, k, d)
-    cited = list(get("citations") or [])
+    cited = list(field_of(prediction, "citations") or [])
     if not example.get("answerable", True):
         return 0.0 if cited else 1.0
     if not cited:
         return 0.0
-    retrieved = set(get("retrieved_ids") or [])
+    retrieved = set(field_of(prediction, "retrieved_ids") or [])
     valid = sum(1 for c in cited if c in retrieved) / len(cited)
     gold = set(example.get("sources") or [])
-    sources = {p.source if hasattr(p, "source") else p.get("source") for p in (get("cited") or [])}
+    sources = {field_of(p, "source") for p in (field_of(prediction, "cited") or [])}
     grounded = 1.0 if not gold or sources & gold else 0.0
     return (valid + grounded) / 2
 

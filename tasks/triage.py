@@ -1,8 +1,8 @@
 """911-call triage: priority, category and a one-line summary, then location and who is involved.
 
     python -m pipelines.triage --input data/sample_calls.jsonl --output out/triage
-    python -m optimize --pipeline triage --optimizer miprov2 --auto light
-    python -m serve --program triage
+    python -m optimize --task triage --optimizer miprov2 --auto light
+    python -m serve --task triage
 """
 
 from dspy_ray.execution.loading import ProgramSpec

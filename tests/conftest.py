@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from dspy_ray.endpoints.local.child_server import free_port as pick_port
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 

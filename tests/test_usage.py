@@ -13,7 +13,7 @@ import pytest
 
 from dspy_ray.client.chat_http import error_for
 from dspy_ray.endpoints.settings import EndpointSettings, price_table, resolve_settings
-from dspy_ray.client.usage import Budget, RunMeter, Usage
+from dspy_ray.client.usage import Budget, RunMeter, Usage, total_of
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline
 from tasks import get_task
@@ -176,9 +176,7 @@ def test_optimize_reports_usage_and_cost(ray_local, tmp_path, capsys):
         stats = fake.stats()
     print_report(result)
     shown = capsys.readouterr()
-    total = Usage()
-    for data in result.usage.values():
-        total.add(Usage.from_dict(data))
+    total = total_of(result.usage.values())
     assert total.calls == stats["requests"] > 0
     assert total.cost_usd == pytest.approx((1.0 * total.prompt_tokens + 4.0 * total.completion_tokens) / 1e6)
     assert "LM usage this run:" in shown.out and "$" in shown.out

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Any
@@ -122,11 +122,25 @@ def usage_since(before: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def total_of(by_endpoint: dict[str, dict[str, Any]]) -> Usage:
+# -- sums: over endpoints, stages or workers -----------------------------------------
+
+
+def total_of(usages: Iterable[Usage | Mapping[str, Any] | None]) -> Usage:
+    """The sum of ``usages`` (each a Usage or its ``as_dict()``; extra keys such as ``rows`` are ignored).
+
+        >>> total_of([{"calls": 2, "prompt_tokens": 10}, Usage(calls=1, cost_usd=0.5)]).describe()
+        '3 calls (0 retries), 10 prompt + 0 completion tokens, $0.5000'
+    """
     total = Usage()
-    for usage in by_endpoint.values():
-        total.add(Usage.from_dict(usage))
+    for usage in usages:
+        total.add(usage if isinstance(usage, Usage) else Usage.from_dict(usage))
     return total
+
+
+def merge_by_key(*parts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Several ``{endpoint or stage: usage dict}`` maps summed key by key (e.g. every worker's totals)."""
+    keys = dict.fromkeys(key for part in parts for key in part)
+    return {key: total_of(part.get(key) for part in parts).as_dict() for key in keys}
 
 
 # -- per run: totals per stage and the budget -------------------------------------------
@@ -172,10 +186,7 @@ class RunMeter:
         return self.stop_reason
 
     def total(self) -> Usage:
-        total = Usage()
-        for usage in self.stages.values():
-            total.add(usage)
-        return total
+        return total_of(self.stages.values())
 
     def report(self) -> dict[str, Any]:
         return {"stages": {k: v.as_dict() for k, v in self.stages.items()}, "rows": dict(self.rows),

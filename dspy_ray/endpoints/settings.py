@@ -77,10 +77,6 @@ class EndpointSettings(BaseModel):
     origin: str = Field("", description="Where the endpoint came from: configured, discovery or embedded")
 
     @property
-    def configured(self) -> bool:
-        return bool(self.base_url)
-
-    @property
     def embedded(self) -> bool:
         """No endpoint configured: the caller starts (or has started) the embedded model."""
         return not self.base_url or self.origin == "embedded"

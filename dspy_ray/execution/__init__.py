@@ -4,6 +4,7 @@
 * :mod:`dspy_ray.execution.artifacts` - versioned JSON artifacts with metadata, and the registry;
 * :mod:`dspy_ray.execution.runner` - ``ProgramRunner``: one call with Refine, errors as data;
 * :mod:`dspy_ray.execution.refine` - Refine with attempt state kept per call;
+* :mod:`dspy_ray.execution.evaluation` - a program over examples, each outcome scored (optimize and drift);
 * :mod:`dspy_ray.execution.signatures` - what a signature declares (fields, types, Literals);
 * :mod:`dspy_ray.execution.scoring` - task metrics and LM judges.
 

@@ -18,13 +18,14 @@ thread, and keep the best output when the threshold is never met.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
 
 from dspy_ray.client.usage import Usage
+from programs.fields import field_of
 
 
 @dataclass
@@ -53,8 +54,7 @@ def reward_fields_present(output_fields: tuple[str, ...]) -> Callable[[dict, Any
     """
 
     def reward(args: dict, pred: Any) -> float:
-        get = pred.get if isinstance(pred, Mapping) else lambda name: getattr(pred, name, None)
-        present = sum(1 for name in output_fields if is_present(get(name)))
+        present = sum(1 for name in output_fields if is_present(field_of(pred, name)))
         return present / len(output_fields) if output_fields else 1.0
 
     reward.__name__ = "reward_fields_present"

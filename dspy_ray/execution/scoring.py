@@ -40,6 +40,8 @@ from typing import Any, Literal
 import dspy
 from pydantic import BaseModel, ConfigDict, Field
 
+from programs.fields import field_of
+
 Verdict = Literal["good", "partial", "bad"]
 VERDICT_SCORES: dict[str, float] = {"good": 1.0, "partial": 0.5, "bad": 0.0}
 
@@ -222,14 +224,6 @@ def token_f1(candidate: Any, reference: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _get(prediction: Any, name: str) -> Any:
-    if prediction is None:
-        return None
-    if isinstance(prediction, Mapping):
-        return prediction.get(name)
-    return getattr(prediction, name, None)
-
-
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
@@ -253,7 +247,7 @@ def score_prediction(
     judge: FieldJudge | None = None,
 ) -> ExampleScore:
     """Score one prediction; a judge failure is recorded in ``judge_error``, never raised."""
-    outputs = {k: _jsonable(_get(prediction, k)) for k in metric.output_fields}
+    outputs = {k: _jsonable(field_of(prediction, k)) for k in metric.output_fields}
     score = ExampleScore(
         example_id=str(example.get("id", "")),
         fields={f: _norm(outputs.get(f)) == _norm(example.get(f)) for f in metric.exact},

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network lookups of model prices
-
 
 def code_search_path() -> list[str]:
     """Folders user code may live in: ``PYTHONPATH`` entries and the working directory."""
