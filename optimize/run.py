@@ -33,7 +33,7 @@ from dspy_ray.execution.scoring import EvalSummary, ExampleScore
 from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from optimize.config import OptimizeConfig, OptimizeError, ResolvedBudget, resolve_budget, saved_fingerprint_fields
 from optimize.data import dataset_hash, split_train_val
-from dspy_ray.client.usage import Usage, process_usage, usage_since
+from dspy_ray.client.usage import Usage, merge_by_key, process_usage, total_of, usage_since
 from optimize.estimate import CallEstimate, cost_line, tokens_per_call
 from optimize.evaluation import EvalContext, evaluate_on_ray
 from optimize.optimizers import OPTIMIZERS, Optimizer, RunProgress, SearchJob, SearchOutcome, Sizes
@@ -277,10 +277,7 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
             program = load_program(plan.task.program, state=outcome.state, resources=resources).program
             optimized = dev_summary(storage, "optimized", program, plan.dev, plan.task, pool)
             usage = pool.usage()
-    for endpoint, data in usage_since(before).items():
-        merged = Usage.from_dict(usage.get(endpoint))
-        merged.add(Usage.from_dict(data))
-        usage[endpoint] = merged.as_dict()
+    usage = merge_by_key(usage, usage_since(before))
     result = finish(cfg, plan, storage, lm, judge, program, outcome, baseline, optimized, estimate, start)
     result.usage = usage
     return result
@@ -367,10 +364,7 @@ def print_report(result: OptimizeResult) -> None:
     if result.judge_errors_during_search:
         print(f"judge errors during the search: {result.judge_errors_during_search} (scored without the judge)")
     if result.usage:
-        total = Usage()
-        for data in result.usage.values():
-            total.add(Usage.from_dict(data))
-        print(f"LM usage this run: {total.describe()}")
+        print(f"LM usage this run: {total_of(result.usage.values()).describe()}")
         for endpoint, data in sorted(result.usage.items()):
             print(f"  {endpoint.rsplit('|', 1)[-1]}: {Usage.from_dict(data).describe()}")
     print(f"artifact: {result.artifact}")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Any
 
 import dspy
@@ -48,7 +47,6 @@ from dspy_ray.client.retry import backoff_seconds as backoff_seconds  # re-expor
 from dspy_ray.client.usage import Usage, call_cost, record
 from dspy_ray.endpoints.settings import EndpointSettings
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 logger = logging.getLogger(__name__)
 _dspy_logger = logging.getLogger("dspy.clients.lm")

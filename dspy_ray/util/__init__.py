@@ -3,7 +3,8 @@
 * :mod:`dspy_ray.util.fs` - local paths and object-store URIs read and written the same way;
 * :mod:`dspy_ray.util.paths` - the repository root, for shipped data and artifacts;
 * :mod:`dspy_ray.util.cli` - what every command line shares (flags, task parsing, exit codes);
-* :mod:`dspy_ray.util.ray_runtime` - ``init_ray``: attach to a cluster or start a local one.
+* :mod:`dspy_ray.util.ray_runtime` - ``init_ray``: attach to a cluster or start a local one;
+* :mod:`dspy_ray.util.http` - small GET helpers for health checks and discovery (httpx).
 
 Imports nothing else of ``dspy_ray``.
 """

@@ -247,5 +247,5 @@ class EndpointLimiter:
 
     def state(self) -> dict[str, Any]:
         return {"key": self.key, "limit": self.limit, "share": self.share, "in_flight": self.in_flight,
-                "waiting": len(self._waiters), "peak_in_flight": self.peak_in_flight,
-                "coordinated": self.coordinator is not None, **asdict(self.totals)}
+                "waiting": len(self._waiters), "coordinated": self.coordinator is not None,
+                **asdict(self.totals), "peak_in_flight": self.peak_in_flight}  # the gauge, not the window's field

@@ -117,3 +117,28 @@ def stop_when_parent_dies(stop: Callable[[], None], watch_stdin: bool) -> None:
         stop()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class LocalEndpoint:
+    """An OpenAI-compatible server running as a :class:`ChildServer` on 127.0.0.1; a context manager
+    that stops it.  The embedded LM and the embedded embedder are two of these."""
+
+    def __init__(self, server: ChildServer):
+        self.server = server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -34,7 +34,13 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dspy_ray.endpoints.local.child_server import EXIT_WITH_PARENT_FLAG, ChildServer, free_port, stop_when_parent_dies
+from dspy_ray.endpoints.local.child_server import (
+    EXIT_WITH_PARENT_FLAG,
+    ChildServer,
+    LocalEndpoint,
+    free_port,
+    stop_when_parent_dies,
+)
 from dspy_ray.endpoints.local.embedder_weights import MODEL_ID, gguf_path, source_folder
 from dspy_ray.endpoints.settings import EndpointSettings
 
@@ -42,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 DIM = 384
 # Inputs are cut to 128 tokens, the length the model was trained with: the embedder study
-# (/work/research/embedders/REPORT.md) measured it 2.5x faster than sentence-transformers' 256 on
+# (docs/embedded-models.md) measured it 2.5x faster than sentence-transformers' 256 on
 # 1,200-char passages with recall equal within noise, and hybrid retrieval (BM25 reads the whole
 # passage) at R@10 1.00 on the Python docs questions.  EMBEDDER_MAX_TOKENS=256 (at most 512) embeds more.
 MAX_TOKENS = max(1, min(512, int(os.environ.get("EMBEDDER_MAX_TOKENS", "128"))))
@@ -51,22 +57,11 @@ PARALLEL = 8  # llama.cpp sequences batched together
 STARTUP_TIMEOUT_S = 60.0
 
 
-class EmbeddedEmbedder:
+class EmbeddedEmbedder(LocalEndpoint):
     """The embedding server's child process, bound to 127.0.0.1; a context manager that stops it."""
 
     model = MODEL_ID
     dim = DIM
-
-    def __init__(self, server: ChildServer):
-        self.server = server
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     def settings(self, **overrides) -> EndpointSettings:
         """Settings pointing at this server; user-set fields (``overrides``) win.
@@ -93,14 +88,6 @@ class EmbeddedEmbedder:
         logger.info("embedded embedder ready at http://127.0.0.1:%d/v1 (%s, %s)", port, MODEL_ID, model.name)
         return cls(server)
 
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> EmbeddedEmbedder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # -- the child process ---------------------------------------------------------------------

