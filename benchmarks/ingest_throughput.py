@@ -2,7 +2,7 @@
 
     python benchmarks/ingest_throughput.py [--passages 20000] [--capacity 8] [--latency 0.2] [--batch 32]
 
-The fake endpoint (``dspy_ray/testing/fake_llm.py``, its own process) works on at most C
+The fake endpoint (``dspy_ray/testing/fake_llm/``, its own process) works on at most C
 requests at once and takes L seconds per request; with B inputs per request
 its limit is C x B / L passages/s.  One run measures, side by side:
 

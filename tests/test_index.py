@@ -1,6 +1,6 @@
 """``python -m pipelines.index`` against the fake embedding endpoint: builds, bad files, resume, incremental.
 
-Real Ray (the session's), real HTTP to ``dspy_ray/testing/fake_llm.py``'s ``/v1/embeddings``.
+Real Ray (the session's), real HTTP to ``dspy_ray/testing/fake_llm/``'s ``/v1/embeddings``.
 """
 
 from __future__ import annotations
