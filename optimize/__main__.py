@@ -20,6 +20,7 @@ import os
 import shlex
 import sys
 
+from dspy_ray.client.cache.flags import add_cache_arg, cache_choice
 from dspy_ray.util.cli import (EXIT_OK, HelpFormatter, add_endpoint_args, add_task_arg, endpoint_flags,
                                parse_with_task, positive_int, report_error, say)
 from optimize.config import OptimizeConfig, SearchSettings
@@ -67,6 +68,7 @@ def build_parser(task: Task | None = None) -> argparse.ArgumentParser:
                             default=info.default, help=info.description)
     add_endpoint_args(p, "LM", in_flight=True)
     add_endpoint_args(p, "JUDGE")
+    add_cache_arg(p)
     if task is not None and task.needs_embedder:
         add_endpoint_args(p, "EMBED")
     return p
@@ -107,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args, task = parse_args(argv)
     try:
         cfg = config_from_args(args, task)
-        lm = resolve_settings("LM", flags=endpoint_flags(args, "LM"))
-        judge = resolve_settings("JUDGE", flags=endpoint_flags(args, "JUDGE"))
+        lm = cache_choice(resolve_settings("LM", flags=endpoint_flags(args, "LM")), args.cache)
+        judge = cache_choice(resolve_settings("JUDGE", flags=endpoint_flags(args, "JUDGE")), args.cache)
         embed = resolve_settings("EMBED", flags=endpoint_flags(args, "EMBED")) if task.needs_embedder else None
         result = run_optimization(cfg, lm, judge, embed)
     except Interrupted as exc:

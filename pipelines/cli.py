@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from dspy_ray.client.cache.flags import add_cache_arg, cache_choice
 from dspy_ray.client.usage import Budget
 from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from dspy_ray.execution.artifacts import ALIASES, best_artifact, latest_artifact
@@ -76,6 +77,7 @@ def build_parser(task: Task | None, prog: str, *, task_flag: bool = False) -> ar
                           "loads its program's --artifact from it")
     run.add_argument("--artifact", default="best", choices=list(ALIASES),
                      help="with --artifact-dir: the best-scoring or the newest artifact")
+    add_cache_arg(run)
     budget = parser.add_argument_group("budget (reached: no new rows, finished rows written, exit code 3, "
                                        "--resume continues)")
     budget.add_argument("--max-tokens", type=positive_int, default=None,
@@ -93,7 +95,7 @@ def build_parser(task: Task | None, prog: str, *, task_flag: bool = False) -> ar
 
 def lm_settings_from_args(args: argparse.Namespace) -> EndpointSettings:
     # The key is read from LM_API_KEY / .env only: a flag would land in shell history and `ps`.
-    return resolve_settings("LM", flags=endpoint_flags(args, "LM"))
+    return cache_choice(resolve_settings("LM", flags=endpoint_flags(args, "LM")), getattr(args, "cache", True))
 
 
 def stage_chain(task: Task, args: argparse.Namespace, say: Callable[[str], None] = say) -> list[DSPyStage]:

@@ -81,7 +81,8 @@ class RunResult:
         return "\n".join(lines + self.constant_output_warnings())
 
     def usage_lines(self) -> list[str]:
-        """One line per stage and a total: LM calls, retries, tokens, cost, calls per row."""
+        """One line per stage and a total: LM calls sent, retries, answers from the cache, tokens, cost, calls
+        per row."""
         if not self.usage:
             return []
         lines = []
@@ -257,7 +258,7 @@ def summarize(out: str, resumed: int, seconds: float, columns: tuple[str, ...], 
                 if rid in done or not row:
                     continue
                 for stage, data in row.items():
-                    if data and data.get("calls"):
+                    if data and (data.get("calls") or data.get("cached")):
                         usage.setdefault(stage, Usage()).add(Usage.from_dict(data))
                         rows_run[stage] += 1
     result.rows_this_run = result.rows_total - len(done)

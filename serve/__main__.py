@@ -5,7 +5,9 @@ cluster discovery > the embedded model (said on stderr and in /<task>/info).
 Set SERVE_API_TOKEN (environment or .env) to require the header
 "Authorization: Bearer <token>" on every route but /healthz; without a token
 the server listens on 127.0.0.1 only (binding another address needs a token,
-or --insecure-public to say you mean it).  Stops cleanly on SIGINT (Ctrl-C)
+or --insecure-public to say you mean it).  --cache answers repeated identical LM
+calls from the LM cache (LM_CACHE; off by default when serving) and marks each
+response X-Cache: hit or miss.  Stops cleanly on SIGINT (Ctrl-C)
 or SIGTERM.  Exit codes: 0 stopped, 2 bad settings (one line on stderr).
 --program is the older spelling of --task.
 """
@@ -17,6 +19,7 @@ import signal
 import sys
 import threading
 
+from dspy_ray.client.cache.flags import add_cache_arg
 from dspy_ray.endpoints.settings import read_dotenv, resolve_settings
 from dspy_ray.util.cli import (EXIT_OK, EXIT_USAGE, HelpFormatter, add_endpoint_args, add_task_arg, endpoint_flags,
                                parse_with_task, positive_float, positive_int, report_error, say)
@@ -47,6 +50,7 @@ def build_parser(task=None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
     p.add_argument("--insecure-public", action="store_true", help=f"allow a non-local --host without {TOKEN_ENV}")
     add_endpoint_args(p, "LM")
+    add_cache_arg(p, default=False)
     scaling = p.add_argument_group("replicas (Ray Serve autoscaling on queue depth)")
     for name, kind in _SCALING.items():
         info = _OPTION[name]
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         options = ServeOptions(
-            program=args.task, artifact=args.artifact, artifact_dir=args.artifact_dir,
+            program=args.task, artifact=args.artifact, artifact_dir=args.artifact_dir, cache=args.cache,
             resources=task.resource_settings(args),
             **{k: getattr(args, k) for k in (*_SCALING, "drift_sample_rate")},
             drift_policy={"window_s": args.drift_window_days * 86400, "drop_points": args.drift_drop_points,

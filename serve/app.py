@@ -8,6 +8,11 @@ Routes (``<p>`` is the program name)::
     GET  /healthz       liveness
     GET  /docs          OpenAPI docs
 
+With ``ServeOptions.cache`` (``python -m serve --cache``; off by default) the LM answers repeated
+identical calls from the LM cache (:mod:`dspy_ray.client.cache`), and ``/predict`` and ``/batch``
+responses carry ``X-Cache: hit`` when every LM call they needed was answered from it, else
+``X-Cache: miss``.
+
 The program is a registered task's (``tasks/``), loaded by
 :func:`dspy_ray.execution.loading.load_program`.  Replicas are async and hold many requests in
 flight; each request runs the program under ``dspy.context(lm=...)`` through
@@ -34,10 +39,11 @@ import random
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from dspy_ray.client.cache.flags import cache_choice
 from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from serve.drift import DriftMonitor
 from serve.http import (
@@ -67,6 +73,7 @@ def build_app(options: ServeOptions, lm: EndpointSettings, judge: EndpointSettin
     from tasks import get_task
 
     task = get_task(options.program)
+    lm, judge = cache_choice(lm, options.cache), cache_choice(judge, options.cache)  # serving caches only if asked
     deployment = serve.deployment(
         serve.ingress()(ProgramServer),
         name=f"{task.name}-server",
@@ -113,6 +120,7 @@ class ProgramServer:
         self.metrics = ServeMetrics(self.name)
         self.lm = build_lm(self.settings)
         self.lm.usage_hook = self.metrics.record_usage
+        self.caching = self.lm.cache_store is not None  # responses say X-Cache: hit / miss only when caching
         spec = self.task.program
         self.resources = spec.open_resources(self.options.resources, EndpointSettings(**embed) if embed else None)
         self.program = load_program(spec, resources=self.resources).program
@@ -165,21 +173,23 @@ class ProgramServer:
 
         @app.post(f"/{name}/predict", response_model=api.response_model, dependencies=auth,
                   responses=ERROR_RESPONSES)
-        async def predict(body: api.request_model):  # type: ignore[valid-type]
-            output, error = await self._predict_one(body.model_dump())
+        async def predict(body: api.request_model, response: Response):  # type: ignore[valid-type]
+            output, error, cached = await self._predict_one(body.model_dump())
             if error:
                 raise HTTPException(502, error)
+            self._cache_header(response, [cached])
             return output
 
         @app.post(f"/{name}/batch", response_model=api.batch_response_model, dependencies=auth,
                   responses=ERROR_RESPONSES, openapi_extra=request_body_schema(api.batch_request_model))
-        async def batch(request: Request):
+        async def batch(request: Request, response: Response):
             """Per-item results: valid items run, each invalid one gets an ``error`` naming its field (200)."""
             items = await self._batch_items(request)
             checked = [self._check_item(i, item) for i, item in enumerate(items)]
             results = await asyncio.gather(*(self._predict_one(inputs) if inputs is not None else _failed(err)
                                              for inputs, err in checked))
-            return {"results": [{"output": out, "error": err} for out, err in results]}
+            self._cache_header(response, [cached for _, _, cached in results])
+            return {"results": [{"output": out, "error": err} for out, err, _ in results]}
 
         add_component_schemas(app, api.batch_request_model)
         return app
@@ -203,7 +213,13 @@ class ProgramServer:
             detail = describe_errors(exc.errors(), prefix=("items", index))[:3]
             return None, "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)[:500]
 
-    async def _predict_one(self, inputs: dict[str, Any]) -> tuple[dict | None, str | None]:
+    def _cache_header(self, response: Response, cached: list[bool]) -> None:
+        """``X-Cache: hit`` when every item was answered from the LM cache alone, else ``miss`` (caching on only)."""
+        if self.caching:
+            response.headers["X-Cache"] = "hit" if cached and all(cached) else "miss"
+
+    async def _predict_one(self, inputs: dict[str, Any]) -> tuple[dict | None, str | None, bool]:
+        """(output, error, whether every LM call of it was answered from the cache, none sent)."""
         program = self.program  # pinned for this request, across a concurrent reconfigure
         start = time.perf_counter()
         outcome = await self.runner.predict(inputs, program=program)
@@ -211,7 +227,7 @@ class ProgramServer:
         if outcome.prediction is None:
             self.metrics.record_request(elapsed, ok=False)
             # A short reason, never a traceback: the first line of the first error.
-            return None, (outcome.errors[0] if outcome.errors else "no output")[:300]
+            return None, (outcome.errors[0] if outcome.errors else "no output")[:300], False
         output = {f: outcome.prediction.get(f) for f in self.output_fields}
         self.metrics.record_request(elapsed, ok=True)
         if self.monitor is not None:
@@ -221,7 +237,7 @@ class ProgramServer:
             if time.monotonic() - self._last_sync > ARTIFACT_SYNC_S:
                 self._last_sync = time.monotonic()
                 asyncio.get_running_loop().create_task(self._sync_artifact())
-        return output, None
+        return output, None, outcome.usage.cached > 0 and outcome.usage.calls == 0
 
     async def _sync_artifact(self) -> None:
         """Adopt the artifact the drift monitor deployed after a re-optimization."""
@@ -230,8 +246,8 @@ class ProgramServer:
             self.reconfigure({"artifact": wanted})
 
 
-async def _failed(error: str | None) -> tuple[None, str | None]:
-    return None, error
+async def _failed(error: str | None) -> tuple[None, str | None, bool]:
+    return None, error, False
 
 
 def _jsonable(output: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ class ServeOptions(BaseModel):
     resources: dict[str, str] = Field(default_factory=dict, description="Resource settings (e.g. the RAG index)")
     lm: dict[str, Any] = Field(default_factory=dict, description="Target LM settings that are not secret (flags)")
     judge: dict[str, Any] = Field(default_factory=dict, description="Judge LM settings that are not secret (flags)")
+    cache: bool = Field(False, description="Answer repeated identical LM calls from the LM cache (LM_CACHE); "
+                        "off unless asked: a response answered entirely from it carries X-Cache: hit")
     max_batch: int = Field(256, ge=1, description="Largest accepted /batch request (items)")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest accepted request body (bytes); 413 beyond")
     # Serve scaling knobs (applied by build_app as deployment options).

@@ -25,7 +25,10 @@ a ``list[str]`` output is an Arrow ``list<string>`` column, an ``int`` an int64.
 cost (:mod:`dspy_ray.client.usage`)::
 
     {"lm_usage": [{"triage": {"calls": 1, "retries": 0, "prompt_tokens": 412,
-                              "completion_tokens": 38, "cost_usd": 0.000085}}, ...]}
+                              "completion_tokens": 38, "cost_usd": 0.000085, "cached": 0}}, ...]}
+
+``cached`` counts the row's answers served from the LM cache (:mod:`dspy_ray.client.cache`):
+a row answered entirely from it has ``calls`` 0 and no tokens or cost.
 
 How many rows run at once is not a setting: the endpoint's limit (:mod:`dspy_ray.client.limiter`,
 found at run time and shared by every actor calling the endpoint) hands each actor its
@@ -65,7 +68,7 @@ logger = logging.getLogger(__name__)
 ERRORS_COLUMN = "errors"
 USAGE_COLUMN = "lm_usage"
 USAGE_TYPE = pa.struct([("calls", pa.int64()), ("retries", pa.int64()), ("prompt_tokens", pa.int64()),
-                        ("completion_tokens", pa.int64()), ("cost_usd", pa.float64())])
+                        ("completion_tokens", pa.int64()), ("cost_usd", pa.float64()), ("cached", pa.int64())])
 TICK_S = 0.05  # how often an actor re-reads its share (admission) and reports usage to a budget's meter
 
 
@@ -390,7 +393,8 @@ def _set_usage(table: pa.Table, stage: str, usages: list[Usage]) -> pa.Table:
         pa.array([u.calls for u in usages], pa.int64()), pa.array([u.retries for u in usages], pa.int64()),
         pa.array([u.prompt_tokens for u in usages], pa.int64()),
         pa.array([u.completion_tokens for u in usages], pa.int64()),
-        pa.array([u.cost_usd for u in usages], pa.float64())], fields=list(USAGE_TYPE))
+        pa.array([u.cost_usd for u in usages], pa.float64()),
+        pa.array([u.cached for u in usages], pa.int64())], fields=list(USAGE_TYPE))
     names, arrays = [], []
     if USAGE_COLUMN in table.column_names:
         existing = table.column(USAGE_COLUMN).combine_chunks()

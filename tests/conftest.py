@@ -16,6 +16,10 @@ from dspy_ray.endpoints.local.child_server import free_port as pick_port
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Tests count requests, retries and faults: a response cached by an earlier test would hide them, and
+# nothing a test writes belongs in the user's cache folder.  The cache tests turn it on themselves.
+os.environ["LM_CACHE"] = "off"
+os.environ["JUDGE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

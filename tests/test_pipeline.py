@@ -38,6 +38,7 @@ def cli_env(ray_local, **extra) -> dict:
     return {**env, **extra}
 
 
+@pytest.mark.slow
 def test_thousand_rows_with_faults_come_out_once_each(ray_local, tmp_path):
     src = write_calls(tmp_path / "calls.jsonl", 1000)
     with FakeLLM(latency=0.01, p_429=0.05, retry_after=0.05, p_500=0.05, p_hang=0.003, p_malformed=0.02,
@@ -62,6 +63,7 @@ def test_thousand_rows_with_faults_come_out_once_each(ray_local, tmp_path):
     assert result.rows_total == 1000 and result.rows_with_errors == len(failed)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_redoes_nothing_written(ray_local, tmp_path):
     n = 600
     src = write_calls(tmp_path / "calls.jsonl", n)
@@ -69,7 +71,8 @@ def test_resume_after_kill_redoes_nothing_written(ray_local, tmp_path):
     with FakeLLM(latency=0.2, capacity=8) as fake:
         args = [sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
                 "--lm-base-url", fake.base_url, "--lm-model", "fake-model", "--num-actors", "1",
-                "--concurrency", "8", "--batch-size", "16"]
+                "--concurrency", "8", "--batch-size", "16",
+                "--no-cache"]  # what resume itself sends: the LM cache would answer the killed run's finished calls
         proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(ray_local), start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -175,6 +178,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_refuses_to_mix_runs_without_resume(ray_local, tmp_path):
     src = write_calls(tmp_path / "calls.jsonl", 10)
     with FakeLLM() as fake:

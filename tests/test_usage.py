@@ -85,6 +85,22 @@ def test_budget_arithmetic_and_meter():
     assert Budget().reached(Usage(prompt_tokens=10**9)) is None
 
 
+def test_cached_answers_are_counted_apart_and_cost_nothing():
+    """An answer from the LM cache adds cached=1 and no calls, tokens or cost: a budget counts only what was paid."""
+    from pipelines.runner import RunResult
+
+    paid = Usage(calls=2, prompt_tokens=300, completion_tokens=40, cost_usd=0.01)
+    total = total_of([paid, Usage(cached=1), Usage(cached=1).as_dict()])
+    assert (total.calls, total.cached, total.tokens, total.cost_usd) == (2, 2, 340, 0.01)
+    assert Usage.from_dict(total.as_dict()) == total
+    assert Usage.from_dict({"calls": 1, "cost_usd": None}).cached == 0  # a row written before the field existed
+    assert total.describe().startswith("2 calls sent (0 retries), 2 answered from the cache, 300 prompt")
+    meter = RunMeter(max_tokens=100)
+    assert meter.add("a", Usage(cached=500).as_dict(), rows=500) is None  # free answers never spend the budget
+    result = RunResult("out", 3, 3, 0, 1.0, usage={"triage": {**Usage(calls=1, cached=2).as_dict(), "rows": 3}})
+    assert "1 calls sent (0 retries), 2 answered from the cache" in result.summary()
+
+
 def test_http_errors_map_to_dspy_errors_as_lm15_does():
     from dspy.utils.exceptions import (
         ContextWindowExceededError,
@@ -114,6 +130,7 @@ def _cli(args: list[str], ray_local, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_budget_stop_writes_finished_rows_exits_3_and_resume_finishes_the_rest(ray_local, tmp_path):
     n = 240
     src = write_calls(tmp_path / "calls.jsonl", n, text=CALL)
@@ -183,6 +200,7 @@ def test_optimize_reports_usage_and_cost(ray_local, tmp_path, capsys):
     assert "cost: about $" in shown.err  # the estimate, priced
 
 
+@pytest.mark.slow
 def test_lean_client_reads_lengths_chunks_and_reconnects():
     """The lean HTTP client against a scripted server: Content-Length, chunked with a trailer, a 429 that
     closes the connection (a new one follows), and a kept-alive connection the server dropped."""

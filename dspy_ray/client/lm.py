@@ -16,7 +16,13 @@ DSPy's native engine as its own provider, which does two things:
 Each call of :class:`ResilientLM`:
 
 * is sent by :mod:`dspy_ray.client.chat_http` when it is a plain chat call (text messages, one
-  choice, no tools, no streaming, no cache), by DSPy's own client otherwise;
+  choice, no tools, no streaming, no DSPy cache), by DSPy's own client otherwise;
+* on that lean path, is answered from the shared LM cache (:mod:`dspy_ray.client.cache`, the
+  store ``settings.cache`` names) when the same greedy request was answered before, by this
+  process, another actor or an earlier job: nothing is sent and the row's usage counts
+  ``cached=1`` instead of a call.  Only successful answers are stored; sampled calls
+  (temperature > 0 without a ``rollout_id``) are never cached.  Calls through DSPy's own
+  client (``acall``, tools, streaming) are not cached;
 * holds one of the endpoint's slots per HTTP attempt (:mod:`dspy_ray.client.limiter`: the limit
   found at run time, shared by every caller of the endpoint), never during a retry's wait;
 * is retried by :mod:`dspy_ray.client.retry`, the policy the embedding client uses too: 429 /
@@ -40,6 +46,7 @@ from typing import Any
 import dspy
 from dspy.utils.callback import with_callbacks
 
+from dspy_ray.client.cache import CacheStore, lookup_key, open_cache
 from dspy_ray.client.chat_http import ChatHTTP, response_format_json
 from dspy_ray.client.limiter import EndpointLimiter, endpoint_key, endpoint_limiter
 from dspy_ray.client.retry import RetryPolicy, acall_with_retries, call_with_retries, policy_for
@@ -56,6 +63,7 @@ _NOT_SENT = frozenset({"api_key", "api_base", "base_url", "timeout", "num_retrie
 _DSPY_ONLY = frozenset({"n", "tools", "tool_choice", "stream", "prompt_cache", "num_generations", "extra_headers",
                         "headers", "extra_query", "organization", "project", "api_version", "custom_llm_provider",
                         "azure_ad_token_provider", "functions", "parallel_tool_calls"})
+_UNOPENED = object()  # the LM cache store is opened on first use (None: caching is off)
 
 
 class ResilientLM(dspy.LM):
@@ -76,13 +84,15 @@ class ResilientLM(dspy.LM):
         self._endpoint = endpoint_key(settings.base_url, settings.model)
         self._limiter: EndpointLimiter | None = None
         self._http: ChatHTTP | None = None
+        self._cache_store = _UNOPENED
         return self
 
-    # Locks, sockets and thread-locals do not pickle; they are rebuilt on first use.
+    # Locks, sockets, thread-locals and the cache's connection do not pickle; they are rebuilt on first use.
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_limiter", None)
         state.pop("_http", None)
+        state.pop("_cache_store", None)
         return state
 
     @property
@@ -104,6 +114,15 @@ class ResilientLM(dspy.LM):
                                   timeout_s=settings.timeout_s, model=self.model)
         return self._http
 
+    @property
+    def cache_store(self) -> CacheStore | None:
+        """The LM cache ``settings.cache`` names, opened once per LM object and process; None when off."""
+        store = getattr(self, "_cache_store", _UNOPENED)
+        if store is _UNOPENED:
+            settings = getattr(self, "_settings", None)
+            store = self._cache_store = open_cache(settings.cache) if settings is not None else None
+        return store
+
     # -- calls ------------------------------------------------------------------------
 
     @property
@@ -113,15 +132,41 @@ class ResilientLM(dspy.LM):
 
     @with_callbacks
     def __call__(self, prompt=None, messages=None, **kwargs):
-        body = self._lean_body(prompt, messages, kwargs)
-        if body is None:
+        lean = self._lean_request(prompt, messages, kwargs)
+        if lean is None:
             result = self._attempts(lambda: dspy.BaseLM.__call__.__wrapped__(self, prompt, messages=messages, **kwargs))
             self._record(Usage(calls=1))  # the answered request (its tokens came through update_history)
             return result
+        body, messages, sent = lean
+        store = self.cache_store
+        key = self._cache_key(messages, sent, kwargs) if store is not None else None
+        if key is not None:
+            answer = store.get(key)
+            if answer is not None:
+                try:
+                    outputs = self._outputs(answer, kwargs, cached=True)
+                except (KeyError, TypeError, AttributeError):  # an entry that is no chat answer: a miss
+                    logger.debug("LM cache entry %s is not a chat answer; asking the endpoint", key)
+                else:
+                    return outputs
         answer = self._attempts(lambda: self.http.complete(body))
-        return self._outputs(answer, kwargs)
+        outputs = self._outputs(answer, kwargs)
+        if key is not None:  # only an answer that got this far is stored: errors raised above
+            store.put(key, answer, model=self._settings.model)
+        return outputs
+
+    def _cache_key(self, messages: list[dict], sent: dict[str, Any], kwargs: dict[str, Any]) -> str | None:
+        """The cache key of a lean call: endpoint, model, messages, every sent field and ``rollout_id``.
+
+        None when the answer must not be cached (a sampled call, a field with no stable JSON form).
+        """
+        rollout_id = kwargs.get("rollout_id", self.kwargs.get("rollout_id"))
+        request = {**sent, "base_url": self._settings.base_url, "model": self._settings.model,
+                   "messages": messages, "rollout_id": rollout_id}
+        return lookup_key(request)
 
     async def acall(self, *args, **kwargs):
+        """DSPy's async client with retries and the endpoint's limit; it does not use the LM cache."""
         parent = super().acall
         limiter = self.limiter
         result = await acall_with_retries(lambda: parent(*args, **kwargs), self.retry_policy,
@@ -144,6 +189,12 @@ class ResilientLM(dspy.LM):
 
     def _lean_body(self, prompt, messages, kwargs) -> bytes | None:
         """The request body for the lean client, or None when the call needs DSPy's own path."""
+        lean = self._lean_request(prompt, messages, kwargs)
+        return lean[0] if lean is not None else None
+
+    def _lean_request(self, prompt, messages, kwargs) -> tuple[bytes, list[dict], dict[str, Any]] | None:
+        """(body, messages, the fields sent besides model and messages) for the lean client, or None when the
+        call needs DSPy's own path."""
         settings = getattr(self, "_settings", None)
         if settings is None or self.model_type != "chat" or kwargs.get("cache", self.cache):
             return None
@@ -160,6 +211,7 @@ class ResilientLM(dspy.LM):
         if any(k in _DSPY_ONLY for k in merged if merged[k] is not None):
             return None
         parts = ['"model":' + json_dumps(settings.model), '"messages":' + json_dumps(messages)]
+        sent: dict[str, Any] = {}
         try:
             for key, value in merged.items():
                 if key in _NOT_SENT or value is None:
@@ -168,14 +220,17 @@ class ResilientLM(dspy.LM):
                     parts.append('"response_format":' + response_format_json(value))
                 else:
                     parts.append(json_dumps(key) + ":" + json_dumps(value))
+                sent[key] = value
         except (TypeError, ValueError):
             return None  # something only DSPy knows how to send
-        return ("{" + ",".join(parts) + "}").encode("utf-8")
+        return ("{" + ",".join(parts) + "}").encode("utf-8"), messages, sent
 
-    def _outputs(self, answer: dict[str, Any], kwargs) -> list:
-        usage = answer.get("usage") or {}
-        self._record(Usage(calls=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                           completion_tokens=int(usage.get("completion_tokens") or 0)), usage)
+    def _outputs(self, answer: dict[str, Any], kwargs, cached: bool = False) -> list:
+        """DSPy's outputs of a chat answer; counts the call (``cached``: counts a cache hit, nothing paid)."""
+        if not cached:
+            usage = answer.get("usage") or {}
+            self._record(Usage(calls=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                               completion_tokens=int(usage.get("completion_tokens") or 0)), usage)
         outputs = []
         for choice in answer["choices"]:
             message = choice.get("message") or {}
@@ -189,6 +244,8 @@ class ResilientLM(dspy.LM):
             if choice.get("finish_reason") == "length":
                 _dspy_logger.warning("LM response was truncated; increase max_tokens or inspect history.")
             outputs.append(output)
+        if cached:  # counted once the entry proved to be an answer (else it is a miss, and the call is sent)
+            self._record(Usage(cached=1))
         if all(len(o) == 1 for o in outputs):
             return [o["text"] for o in outputs]
         return outputs

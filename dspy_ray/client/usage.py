@@ -6,7 +6,8 @@ Every LM call made through :mod:`dspy_ray.client.lm` (batch, optimize, serve) is
   the LM adds every request it sends to that row's :class:`Usage`: requests (retries
   included), retries, prompt and completion tokens, and their cost when the endpoint has a
   price (``price_in`` / ``price_out``, USD per million tokens: ``LM_PRICE_IN`` ..., or the
-  ``MODEL_PRICES`` table of :mod:`dspy_ray.endpoints.settings`);
+  ``MODEL_PRICES`` table of :mod:`dspy_ray.endpoints.settings`); an answer served from the LM
+  cache adds ``cached=1`` and nothing else;
 * **per process**: :func:`process_usage` sums every call by endpoint (optimization workers
   report theirs);
 * **per run**: a batch run's stage actors send their totals to the run's :class:`RunMeter`
@@ -33,13 +34,18 @@ from typing import Any
 
 @dataclass
 class Usage:
-    """What LM calls cost: requests sent (retries included), retries, tokens and USD (None: no price set)."""
+    """What LM calls cost: requests sent (retries included), retries, tokens and USD (None: no price set).
+
+    ``cached`` counts answers served from the LM cache (:mod:`dspy_ray.client.cache`): nothing was
+    sent for them, so they add no calls, tokens or cost, and a budget counts only what was paid.
+    """
 
     calls: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = None
+    cached: int = 0
 
     @property
     def tokens(self) -> int:
@@ -50,21 +56,25 @@ class Usage:
         self.retries += other.retries
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cached += other.cached
         if other.cost_usd is not None:
             self.cost_usd = (self.cost_usd or 0.0) + other.cost_usd
 
     def as_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "retries": self.retries, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cost_usd": self.cost_usd}
+                "completion_tokens": self.completion_tokens, "cost_usd": self.cost_usd, "cached": self.cached}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Usage:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+        # A count missing (a row written before ``cached`` existed) or null is 0; a null cost is "no price".
+        return cls(**{k: v for k, v in (data or {}).items() if k in names and (v is not None or k == "cost_usd")})
 
     def describe(self) -> str:
+        """One line: ``'3 calls sent (0 retries), 2 answered from the cache, 10 prompt + 0 completion tokens'``."""
         cost = f", ${self.cost_usd:,.4f}" if self.cost_usd is not None else ""
-        return (f"{self.calls:,} calls ({self.retries:,} retries), {self.prompt_tokens:,} prompt + "
+        cached = f", {self.cached:,} answered from the cache" if self.cached else ""
+        return (f"{self.calls:,} calls sent ({self.retries:,} retries){cached}, {self.prompt_tokens:,} prompt + "
                 f"{self.completion_tokens:,} completion tokens{cost}")
 
 
@@ -116,8 +126,9 @@ def usage_since(before: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         now, then = Usage.from_dict(data), Usage.from_dict(before.get(endpoint))
         diff = Usage(now.calls - then.calls, now.retries - then.retries, now.prompt_tokens - then.prompt_tokens,
                      now.completion_tokens - then.completion_tokens,
-                     None if now.cost_usd is None else now.cost_usd - (then.cost_usd or 0.0))
-        if diff.calls or diff.prompt_tokens or diff.completion_tokens:
+                     None if now.cost_usd is None else now.cost_usd - (then.cost_usd or 0.0),
+                     now.cached - then.cached)
+        if diff.calls or diff.prompt_tokens or diff.completion_tokens or diff.cached:
             out[endpoint] = diff.as_dict()
     return out
 
@@ -129,7 +140,7 @@ def total_of(usages: Iterable[Usage | Mapping[str, Any] | None]) -> Usage:
     """The sum of ``usages`` (each a Usage or its ``as_dict()``; extra keys such as ``rows`` are ignored).
 
         >>> total_of([{"calls": 2, "prompt_tokens": 10}, Usage(calls=1, cost_usd=0.5)]).describe()
-        '3 calls (0 retries), 10 prompt + 0 completion tokens, $0.5000'
+        '3 calls sent (0 retries), 10 prompt + 0 completion tokens, $0.5000'
     """
     total = Usage()
     for usage in usages:

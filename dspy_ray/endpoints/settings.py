@@ -74,6 +74,10 @@ class EndpointSettings(BaseModel):
                               json_schema_extra={"env": "QUERY_PREFIX"})
     passage_prefix: str = Field("", description="Text put before each passage (e5: 'passage: ')",
                                 json_schema_extra={"env": "PASSAGE_PREFIX"})
+    # LM roles only: where answers are cached (dspy_ray.client.cache); it travels to actors inside this object.
+    cache: str = Field("", description="LM answer cache: '' = the local default folder (~/.cache/dspy-ray/lm), "
+                       "'off' = none, a folder, or a URI (s3://, gs://, file://) shared by a cluster",
+                       json_schema_extra={"env": "CACHE"})
     origin: str = Field("", description="Where the endpoint came from: configured, discovery or embedded")
 
     @property
@@ -82,10 +86,20 @@ class EndpointSettings(BaseModel):
         return not self.base_url or self.origin == "embedded"
 
     def redacted(self) -> dict[str, Any]:
-        """Settings safe to print, log or store: no key, no credentials in the URL."""
+        """Settings safe to print, log or store: no key, no credentials in the URLs."""
         data = self.model_dump(exclude={"api_key"})
         data["base_url"] = redact_url(data["base_url"])
+        data["cache"] = redact_location(data["cache"])
         return data
+
+    def __repr_args__(self):
+        # repr() and str() show the URLs as redacted() does (the key is a SecretStr and prints as '**********').
+        for name, value in super().__repr_args__():
+            if name == "base_url":
+                value = redact_url(value)
+            elif name == "cache":
+                value = redact_location(value)
+            yield name, value
 
     def with_key(self) -> dict[str, Any]:
         """Every field including the real key: constructor arguments for an actor or replica (never logged)."""
@@ -192,3 +206,12 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def redact_location(location: str) -> str:
+    """A cache location as it may be printed: a URI as :func:`redact_url` shows it, a folder or ``off`` as is.
+
+        >>> redact_location("s3://AKIA:secret@bucket/lm?token=x"), redact_location("~/lm")
+        ('s3://bucket/lm', '~/lm')
+    """
+    return redact_url(location) if "://" in location else location

@@ -1,0 +1,344 @@
+"""The LM response cache's store: keys, the cacheable rule, both stores on real files, many processes at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+
+import threading
+
+import pydantic
+import pytest
+
+from dspy_ray.client.cache import store as store_module
+from dspy_ray.client.cache import (
+    ENTRY_VERSION,
+    LocalStore,
+    MemoryStore,
+    RemoteStore,
+    cache_key,
+    cacheable,
+    close_caches,
+    default_directory,
+    encode_entry,
+    lookup_key,
+    open_cache,
+)
+
+REQUEST = {
+    "model": "qwen-7b",
+    "base_url": "http://10.0.0.5:8000/v1",
+    "api_key": "sk-secret-1",
+    "messages": [{"role": "system", "content": "Triage."}, {"role": "user", "content": "Smoke near house 4."}],
+    "temperature": 0.0,
+    "max_tokens": 256,
+}
+
+
+def answer(text: str, model: str = "qwen-7b") -> dict:
+    return {"id": "c1", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 5}}
+
+
+def key_of(i: int) -> str:
+    return cache_key({**REQUEST, "messages": [{"role": "user", "content": f"row {i}"}]})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stores():
+    yield
+    close_caches()
+
+
+# -- the key ---------------------------------------------------------------------------
+
+
+class Verdict(pydantic.BaseModel):
+    label: str
+
+
+class OtherVerdict(pydantic.BaseModel):
+    label: str
+    confidence: float
+
+
+def test_key_ignores_credentials_order_and_unset_fields():
+    key = cache_key(REQUEST)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert cache_key({**REQUEST, "api_key": "sk-other", "headers": {"Authorization": "Bearer x"},
+                      "extra_headers": {"X-Team": "a"}, "timeout": 3, "num_retries": 9}) == key
+    assert cache_key(dict(reversed(list(REQUEST.items())))) == key
+    assert cache_key({**REQUEST, "stop": None, "temperature": 0}) == key  # None = unset; 0 == 0.0
+    assert cache_key({**REQUEST, "base_url": "HTTP://user:pw@10.0.0.5:8000/v1/"}) == key
+    assert cache_key({k: v for k, v in REQUEST.items() if k != "base_url"} | {"api_base": REQUEST["base_url"]}) == key
+
+
+@pytest.mark.parametrize("change", [
+    {"messages": [{"role": "user", "content": "Smoke near house 5."}]},
+    {"model": "qwen-14b"},
+    {"base_url": "http://10.0.0.6:8000/v1"},
+    {"temperature": 0.7},
+    {"top_p": 0.9},
+    {"max_tokens": 512},
+    {"stop": ["\n"]},
+    {"seed": 7},
+    {"n": 2},
+    {"rollout_id": 1},
+    {"response_format": {"type": "json_object"}},
+    {"response_format": Verdict},
+])
+def test_key_changes_with_what_decides_the_answer(change):
+    assert cache_key({**REQUEST, **change}) != cache_key(REQUEST)
+
+
+def test_key_tells_schemas_and_rollouts_apart():
+    assert cache_key({**REQUEST, "response_format": Verdict}) != cache_key({**REQUEST, "response_format": OtherVerdict})
+    assert cache_key({**REQUEST, "response_format": Verdict}) == cache_key({**REQUEST, "response_format": Verdict})
+    assert cache_key({**REQUEST, "rollout_id": 1}) != cache_key({**REQUEST, "rollout_id": 2})
+
+
+def test_key_refuses_values_with_no_stable_form():
+    with pytest.raises(TypeError):
+        cache_key({**REQUEST, "callback": lambda: None})
+    assert lookup_key({**REQUEST, "callback": lambda: None}) is None
+
+
+def test_cacheable_rules():
+    assert cacheable(REQUEST) and cacheable({**REQUEST, "temperature": 0})
+    assert not cacheable({**REQUEST, "temperature": 0.7})
+    unset = {k: v for k, v in REQUEST.items() if k != "temperature"}
+    assert not cacheable(unset)  # the provider's default temperature samples
+    assert cacheable({**REQUEST, "temperature": 0.7, "rollout_id": 3})  # a named sample is reproducible
+    assert cacheable({**REQUEST, "temperature": 0.7}, allow_sampled=True) and cacheable(unset, allow_sampled=True)
+    assert lookup_key({**REQUEST, "temperature": 0.7}) is None
+    assert lookup_key(REQUEST) == cache_key(REQUEST)
+
+
+# -- one store, one process ------------------------------------------------------------
+
+
+def stores(tmp_path):
+    return [LocalStore(tmp_path / "disk"), RemoteStore(f"file://{tmp_path}/files", memory_entries=0)]
+
+
+def test_round_trip_and_entry_format(tmp_path):
+    for store in stores(tmp_path):
+        key = key_of(1)
+        assert store.get(key) is None
+        store.put(key, answer("fire"))
+        got = store.get(key)
+        assert got == answer("fire")
+        got["choices"].clear()  # the caller's copy
+        assert store.get(key) == answer("fire")
+        assert (store.stats().hits, store.stats().misses, store.stats().puts) == (2, 1, 1)
+        store.close()
+    entry = json.loads((tmp_path / "files" / key[:2] / f"{key}.json").read_bytes())
+    assert entry["version"] == ENTRY_VERSION and entry["key"] == key and entry["model"] == "qwen-7b"
+    assert entry["created"] > 0 and entry["response"] == answer("fire")
+    assert not [p for p in (tmp_path / "files").rglob(".tmp-*")]
+
+
+def test_errors_are_not_stored():
+    store = MemoryStore()
+    store.put(key_of(1), {"error": {"message": "rate limited", "code": 429}})
+    store.put(key_of(2), {"choices": [object()]})  # not JSON
+    assert store.get(key_of(1)) is None and store.get(key_of(2)) is None
+    assert store.stats().refused == 2 and store.stats().puts == 0
+    store.put(key_of(3), {**answer("ok"), "error": None})  # a null error field is no error
+    assert store.get(key_of(3))["choices"][0]["message"]["content"] == "ok"
+
+
+def corrupt_local(store: LocalStore, key: str, data: bytes) -> None:
+    store._opened().set(key, data)
+
+
+def corrupt_file(store: RemoteStore, key: str, data: bytes) -> None:
+    path = store.path_for(key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("bad", [
+    b"",
+    b"\x00\xffgarbage",
+    encode_entry(key_of(1), answer("fire"))[:40],  # half-written
+    b"[1, 2]",
+    encode_entry(key_of(1), answer("fire")).replace(b'"version":1', b'"version":99'),
+    encode_entry(key_of(2), answer("fire")),  # another key's entry
+])
+def test_a_corrupt_entry_is_a_miss_and_gets_rewritten(tmp_path, bad, caplog):
+    local, remote = stores(tmp_path)
+    key = key_of(1)
+    for store, corrupt in ((local, corrupt_local), (remote, corrupt_file)):
+        corrupt(store, key, bad)
+        with caplog.at_level(logging.DEBUG, logger="dspy_ray.client.cache"):
+            assert store.get(key) is None
+        assert store.stats().corrupt == 1 and store.stats().errors == 0
+        store.put(key, answer("fire"))
+        assert store.get(key) == answer("fire")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_size_bound_evicts(tmp_path):
+    store = LocalStore(tmp_path / "small", size_limit=256 * 1024)
+    for i in range(400):  # ~2.4 KB each: ~1 MB written into a 256 KiB bound
+        store.put(key_of(i), answer(f"answer {i} " + "x" * 2000))
+    assert store.volume() <= 256 * 1024 + 64 * 1024  # diskcache culls 10 entries per put once over
+    assert len(store) < 200
+    assert store.get(key_of(0)) is None  # the least recently stored went first
+    assert store.get(key_of(399)) == answer("answer 399 " + "x" * 2000)
+
+
+def test_memory_lru_serves_repeated_hits(tmp_path):
+    store = RemoteStore(f"file://{tmp_path}/r", memory_entries=2)
+    for i in range(3):
+        store.put(key_of(i), answer(str(i)))
+    for i in range(3):
+        os.remove(store.path_for(key_of(i)))
+    assert store.get(key_of(0)) is None  # pushed out of the LRU by the later two
+    assert store.get(key_of(2)) == answer("2") and store.stats().memory_hits == 1
+
+
+# -- failing stores ----------------------------------------------------------------------
+
+
+def test_an_unwritable_location_is_misses_and_one_warning(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a path through a file fails even for root
+    for store in (LocalStore(blocker / "lm"), RemoteStore(f"file://{blocker}/lm")):
+        with caplog.at_level(logging.WARNING, logger="dspy_ray.client.cache"):
+            caplog.clear()
+            for i in range(3):
+                store.put(key_of(i), answer("fire"))
+                assert store.get(key_of(i)) is None
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert str(blocker) in warnings[0].getMessage()
+        assert store.stats().errors >= 3 and store.stats().puts == 0 and store.stats().misses == 3
+
+
+def test_a_store_that_comes_back_is_used_again(tmp_path, monkeypatch):
+    blocker = tmp_path / "later"
+    blocker.write_text("in the way")
+    store = LocalStore(blocker)
+    store.put(key_of(1), answer("fire"))
+    blocker.unlink()
+    store.put(key_of(1), answer("fire"))  # not retried at once: an unreachable store must not cost every call
+    assert store.stats().errors == 2 and store.stats().puts == 0
+    monkeypatch.setattr(store, "_retry_at", 0.0)  # REOPEN_AFTER_S later
+    store.put(key_of(1), answer("fire"))
+    assert store.get(key_of(1)) == answer("fire") and store_module.REOPEN_AFTER_S > 0
+
+
+def test_an_unknown_scheme_is_misses_not_an_exception(caplog):
+    store = RemoteStore("nosuchscheme://AKIA1:topsecret@bucket/prefix")
+    with caplog.at_level(logging.DEBUG, logger="dspy_ray.client.cache"):
+        store.put(key_of(1), answer("fire"))
+        assert store.get(key_of(1)) is None and store.stats().errors == 2
+    assert "topsecret" not in caplog.text + repr(store) and "***@bucket/prefix" in caplog.text
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["off", "OFF", "0", "false", "none", " off "])
+def test_lm_cache_off(monkeypatch, setting):
+    monkeypatch.setenv("LM_CACHE", setting)
+    assert open_cache() is None
+    assert open_cache(setting) is None
+
+
+def test_open_cache_settings(monkeypatch, tmp_path):
+    monkeypatch.delenv("LM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("LM_CACHE_SIZE_MB", "8")
+    default = open_cache()
+    assert isinstance(default, LocalStore) and default.location == str(tmp_path / "xdg" / "dspy-ray" / "lm")
+    assert default.size_limit == 8 * 2**20 and default_directory() == tmp_path / "xdg" / "dspy-ray" / "lm"
+    assert open_cache("") is default and open_cache("on") is default  # one store per setting per process
+    here = open_cache(str(tmp_path / "here"))
+    assert isinstance(here, LocalStore) and open_cache(str(tmp_path / "here") + "/") is here
+    remote = open_cache(f"file://{tmp_path}/shared/")
+    assert isinstance(remote, RemoteStore) and open_cache(f"file://{tmp_path}/shared") is remote
+    monkeypatch.setenv("LM_CACHE", f"file://{tmp_path}/shared")
+    assert open_cache() is remote
+    monkeypatch.setenv("LM_CACHE_SIZE_MB", "lots")
+    with pytest.raises(ValueError, match="LM_CACHE_SIZE_MB"):
+        open_cache(str(tmp_path / "here"))
+
+
+def test_threads_share_one_store(tmp_path):
+    found, errors = [], []
+
+    def worker(t: int) -> None:
+        try:
+            store = open_cache(str(tmp_path / "shared"))
+            found.append(store)
+            for i in range(20):
+                store.put(key_of(100 * t + i), answer(f"{t}/{i}"))
+                assert store.get(key_of(100 * t + i)) == answer(f"{t}/{i}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len({id(s) for s in found}) == 1
+    assert found[0].stats().puts == 160 and found[0].stats().hits == 160
+
+
+def test_file_uri_remote_round_trip_through_open_cache(tmp_path):
+    writer = open_cache(f"file://{tmp_path}/shared")
+    writer.put(key_of(7), answer("seven"), model="served-model")
+    close_caches()
+    reader = open_cache(f"file://{tmp_path}/shared")
+    assert reader is not writer and reader.get(key_of(7)) == answer("seven")
+    entry = json.loads((tmp_path / "shared" / key_of(7)[:2] / f"{key_of(7)}.json").read_text())
+    assert entry["model"] == "served-model"
+
+
+# -- many processes at once --------------------------------------------------------------
+
+PROCESSES, SHARED, OWN = 6, 60, 40
+
+
+def _writer(kind: str, location: str, worker: int, start) -> None:
+    store = LocalStore(location) if kind == "local" else RemoteStore(location, memory_entries=0)
+    start.wait()
+    for i in range(SHARED):  # every process writes these same keys, with the same answer
+        store.put(key_of(i), answer(f"shared {i}"))
+        store.get(key_of((i * 7) % SHARED))
+    for i in range(OWN):
+        store.put(key_of(1000 * (worker + 1) + i), answer(f"worker {worker} row {i}"))
+    assert store.stats().errors == 0, store.stats()
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "remote"])
+def test_many_processes_writing_at_once(tmp_path, kind):
+    location = str(tmp_path / "disk") if kind == "local" else f"file://{tmp_path}/files"
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(PROCESSES)
+    procs = [ctx.Process(target=_writer, args=(kind, location, w, start)) for w in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * PROCESSES
+    store = LocalStore(location) if kind == "local" else RemoteStore(location, memory_entries=0)
+    for i in range(SHARED):
+        assert store.get(key_of(i)) == answer(f"shared {i}")
+    for w in range(PROCESSES):
+        for i in range(OWN):
+            assert store.get(key_of(1000 * (w + 1) + i)) == answer(f"worker {w} row {i}")
+    assert store.stats().corrupt == 0 and store.stats().misses == 0
+    if kind == "local":
+        assert len(store) == SHARED + PROCESSES * OWN
+    else:
+        assert not list((tmp_path / "files").rglob(".tmp-*"))
