@@ -326,6 +326,7 @@ def test_no_ray_no_discovery():
     assert not ray.is_initialized()  # discovery never starts or joins a cluster
 
 
+@pytest.mark.slow
 def test_discovery_finds_the_serve_app_on_the_cluster(ray_local, tmp_path, free_port):
     """A stand-in for the Serve LLM app (its /v1/models route) found through Serve itself."""
     from ray import serve

@@ -87,6 +87,7 @@ def test_nothing_is_embedded_for_a_missing_corpus_or_unwritable_index(tmp_path, 
     assert embed_fake.stats()["embeddings"]["requests"] == 0
 
 
+@pytest.mark.slow
 def test_bad_files_are_named_counted_and_listed(ray_local, embed_fake, tmp_path, monkeypatch, capsys):
     corpus = copy_corpus(tmp_path / "corpus", SMALL[:2])
     (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
@@ -108,6 +109,7 @@ def test_bad_files_are_named_counted_and_listed(ray_local, embed_fake, tmp_path,
     assert files["notes.jsonl"] is None and "UTF-8" in files["latin1.txt"]
 
 
+@pytest.mark.slow
 def test_failed_passages_are_recorded_left_out_and_retried(ray_local, tmp_path):
     from dspy_ray.testing.fake_llm import FakeLLM
 
@@ -189,6 +191,7 @@ def test_bad_key_fails_before_any_passage_and_keys_are_never_written(ray_local, 
                 assert secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_without_reembedding_finished_passages(ray_local, tmp_path):
     """SIGKILL a real CLI process mid-embedding (it joins this session's Ray), then --resume in-process."""
     from dspy_ray.testing.fake_llm import FakeLLM
@@ -256,6 +259,7 @@ def test_approximate_index_above_the_threshold(shipped_index, embed_fake, tmp_pa
         assert manifest.index.ef_search
 
 
+@pytest.mark.slow
 @pytest.mark.llm
 def test_embedded_embedder_is_the_default(ray_local, tmp_path, monkeypatch, capsys):
     """No EMBED_BASE_URL: the build starts all-MiniLM-L6-v2 on llama.cpp, and stops it; the retriever does too."""

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"programs": 0, "dspy_ray": 1, "stages": 2, "tasks": 3, "pipelines": 4, "optimize": 4, "serve": 4}
@@ -88,6 +90,7 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(cycles)
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """Each module first in a new interpreter: no hidden dependence on another module having loaded first."""
     modules = package_modules()

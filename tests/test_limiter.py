@@ -63,6 +63,7 @@ def after(samples: list[dict], seconds: float, until: float) -> list[dict]:
     return [s for s in active if seconds <= s["seconds"] - t0 <= until]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity", [32, 128])
 def test_finds_the_capacity_of_an_endpoint_that_rejects_what_it_cannot_hold(capacity):
     with FakeLLM(latency=LATENCY, capacity=capacity, reject_over=0, retry_after=1.0, sample_interval=0.05) as fake:
@@ -79,6 +80,7 @@ def test_finds_the_capacity_of_an_endpoint_that_rejects_what_it_cannot_hold(capa
     assert stats["over_capacity"] > 0  # it did have to find the edge
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity", [32, 128])
 def test_finds_the_capacity_of_an_endpoint_that_queues(capacity):
     with FakeLLM(latency=LATENCY, capacity=capacity, sample_interval=0.05) as fake:
@@ -93,6 +95,7 @@ def test_finds_the_capacity_of_an_endpoint_that_queues(capacity):
     assert lm.limiter.limit <= 1.8 * capacity, lm.limiter.state()
 
 
+@pytest.mark.slow
 def test_background_429s_do_not_collapse_the_limit():
     """A provider that throttles 20% of requests at random: cutting does not help, so it is learned as background."""
     with FakeLLM(latency=0.1, p_429=0.2, retry_after=0.05, seed=4) as fake:
@@ -105,6 +108,7 @@ def test_background_429s_do_not_collapse_the_limit():
     assert lm.limiter.limit >= 24, lm.limiter.state()  # not collapsed to a few slots
 
 
+@pytest.mark.slow
 def test_the_ceiling_holds_for_all_processes_together(ray_local):
     ray = ray_local
 
@@ -125,6 +129,7 @@ def test_the_ceiling_holds_for_all_processes_together(ray_local):
     assert sum(s["in_flight"] for s in steady) / len(steady) >= 14  # and it is used
 
 
+@pytest.mark.slow
 def test_no_deadlock_when_the_endpoint_is_down():
     # Nothing listens: every attempt fails at once; calls end with errors, the limiter keeps no slot.
     down = EndpointSettings(base_url="http://127.0.0.1:9/v1", model="fake-model", max_attempts=2)

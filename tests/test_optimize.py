@@ -150,6 +150,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_kill_redoes_no_finished_trial(ray_local, gold, tmp_path):
     """Kill the optimization driver midway (a preempted node), resume, and check nothing finished is redone."""
     import ray

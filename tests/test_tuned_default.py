@@ -56,6 +56,7 @@ def test_nearest_demos_follow_the_input_and_a_small_set_is_kept_whole():
     assert program.nearest.select(pool[:5], "transcript", "anything") == pool[:5]  # few demos: all of them
 
 
+@pytest.mark.slow
 def test_embedded_endpoint_gets_the_default_artifact_unless_one_was_chosen(ray_local, tmp_path):
     """On the embedded model a stage with no artifact runs the tuned one; an explicit artifact always wins."""
     calls = tmp_path / "calls.jsonl"
