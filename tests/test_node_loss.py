@@ -1,0 +1,77 @@
+"""Losing a node mid-run: a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``).
+
+The batch CLI runs as its own driver against the cluster; the worker node is killed (no warning, as a
+spot instance is reclaimed) while rows are in flight, and a fresh node joins.  Every input row must
+come out exactly once.  The cluster is separate from the session's local Ray (``ray_local``): this
+process only starts and stops its nodes, it never connects to it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dspy_ray.testing.fake_llm import FakeLLM
+from tests.batch_helpers import read_output, write_calls
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_nodes():
+    """A head with one CPU (the drivers' node) and a worker with two; yields (cluster, worker node)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, worker
+    finally:
+        cluster.shutdown()
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_batch_run_that_loses_a_node_writes_every_row_exactly_once(two_nodes, tmp_path):
+    cluster, worker = two_nodes
+    n = 400
+    src = write_calls(tmp_path / "calls.jsonl", n)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
+    env.pop("LM_BASE_URL", None)
+    with FakeLLM(latency=0.1, capacity=16) as fake:
+        args = [sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
+                "--lm-base-url", fake.base_url, "--lm-model", "fake-model", "--num-actors", "2",
+                "--concurrency", "4", "--batch-size", "8"]
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            # Kill the worker once the LM has answered a fair share of the calls, and before the end.
+            started = wait_for(lambda: fake.stats()["requests"] >= n // 2, 240, proc)
+            assert started, "the run ended or stalled before the node could be killed"
+            answered_before = fake.stats()["requests"]
+            cluster.remove_node(worker, allow_graceful=False)
+            cluster.add_node(num_cpus=2)  # the replacement a spot group launches
+            stdout, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        answered = fake.stats()["requests"]
+    assert proc.returncode == 0, stdout[-3000:]
+    assert answered_before < 2 * n <= answered, (answered_before, answered)  # two stages: the run went on after the kill
+    ids = read_output(out).column("id").to_pylist()
+    assert len(ids) == n and len(set(ids)) == n
