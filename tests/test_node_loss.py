@@ -75,3 +75,38 @@ def test_batch_run_that_loses_a_node_writes_every_row_exactly_once(two_nodes, tm
     assert answered_before < 2 * n <= answered, (answered_before, answered)  # two stages: the run went on after the kill
     ids = read_output(out).column("id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n
+
+
+def test_index_build_that_loses_a_node_embeds_every_passage_exactly_once(two_nodes, tmp_path):
+    import faiss
+    import pyarrow.parquet as pq
+
+    from dspy_ray.retrieval import read_manifest
+    from dspy_ray.retrieval.manifest import PASSAGES
+    from dspy_ray.retrieval.store import EmbeddingStore
+    from tests.index_helpers import CORPUS, MODEL
+
+    cluster, worker = two_nodes
+    index = tmp_path / "index"
+    with FakeLLM(latency=0.25) as fake:
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, "EMBED_BASE_URL": fake.base_url, "EMBED_MODEL": MODEL,
+               "EMBED_BATCH_SIZE": "4", "EMBED_MAX_IN_FLIGHT": "2", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.index", "--corpus", str(CORPUS), "--index",
+                                 str(index), "--shard-rows", "16", "--num-actors", "2", "--batch-size", "16"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            started = wait_for(lambda: len(EmbeddingStore(str(index)).shards()) >= 2, 240, proc)
+            assert started, "the build ended or stalled before the node could be killed"
+            cluster.remove_node(worker, allow_graceful=False)
+            cluster.add_node(num_cpus=2)
+            stdout, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, stdout[-3000:]
+    passages = pq.read_table(index / PASSAGES)
+    ids = passages.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) > 0
+    manifest = read_manifest(str(index))
+    vectors = faiss.read_index(str(index / "index.faiss"))
+    assert manifest.passages == len(ids) == vectors.ntotal  # every passage once, one vector each
