@@ -1,0 +1,191 @@
+"""Corpus scale: what the driver holds and how soon the first LM call goes out, as the corpus grows.
+
+    python benchmarks/corpus_scale.py [--sizes 50000,500000,2000000] [--files 64] [--watch 20]
+                                      [--full 50000] [--capacity 512] [--latency 0.05]
+
+For each size, a corpus of that many jsonl rows in ``--files`` files (made once, kept under
+``$TMPDIR/dspy-ray-corpus-scale``) is run, side by side, by:
+
+* **ours**: ``python -m pipelines.triage`` (its own local Ray, the fake endpoint);
+* **ray-data**: Ray Data's own ``read_json -> map_batches -> write_parquet`` over the same folder,
+  its map sending one chat request per row to the same fake endpoint (a floor: no DSPy, no retries).
+
+Each driver process is watched from outside: its peak RSS (``VmHWM`` in ``/proc``), the seconds from
+its start to the endpoint's first request, and the requests answered in the ``--watch`` seconds after
+that.  A run is then stopped, except at the ``--full`` size, which runs to the end for rows/s against
+the endpoint's limit (capacity / latency).  Prints a table and the ratios; writes
+``benchmarks/results/corpus_scale.json`` and a plot of driver RSS against rows (``corpus_scale.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
+
+WORDS = ("smoke", "kitchen", "neighbour", "car", "crash", "dog", "loud", "music", "bleeding", "fall",
+         "window", "broken", "stairs", "fire", "alarm", "street", "party", "child", "lost", "injured")
+
+RAY_DATA_FLOOR = r'''
+import json, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+import ray
+
+folder, out, base_url = sys.argv[1:4]
+def ask(text):
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": str(text)}]}).encode()
+    req = urllib.request.Request(base_url + "/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["choices"][0]["message"]["content"][:200]
+
+def call(batch):
+    with ThreadPoolExecutor(16) as pool:
+        return {"id": batch["id"], "answer": list(pool.map(ask, batch["transcript"]))}
+
+ray.init()
+ds = ray.data.read_json(folder, file_extensions=["jsonl"])
+ds.map_batches(call, batch_size=64, batch_format="numpy", num_cpus=0.25).write_parquet(out)
+'''
+
+
+def make_corpus(rows: int, files: int) -> Path:
+    folder = Path(tempfile.gettempdir()) / "dspy-ray-corpus-scale" / f"{rows}x{files}"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(rows)
+    per_file = -(-rows // files)
+    for f in range(files):
+        with (folder / f"calls-{f:03d}.jsonl").open("w") as out:
+            for i in range(f * per_file, min(rows, (f + 1) * per_file)):
+                text = " ".join(rng.choice(WORDS) for _ in range(40))
+                out.write(json.dumps({"id": f"c{i:09d}", "transcript": f"Caller {i}: {text}"}) + "\n")
+    done.touch()
+    return folder
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) -> dict:
+    """Run ``cmd``; its peak RSS, seconds to the first LM request, answers in the watch window."""
+    fake.reset_stats()
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    first, peak, stop_at = None, 0.0, None
+    while proc.poll() is None:
+        peak = max(peak, peak_rss_mb(proc.pid))
+        now = time.monotonic()
+        if first is None and fake.stats()["requests"] > 0:
+            first, stop_at = now - start, now + watch_s
+            at_first = fake.stats()["ok"]
+        if stop_at is not None and now >= stop_at and not full:
+            answered = fake.stats()["ok"] - at_first
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            return {"peak_rss_mb": round(peak, 1), "first_call_s": round(first, 2),
+                    "answered_per_s": round(answered / watch_s, 1)}
+        time.sleep(0.1)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[1:4]} exited {proc.returncode}: {proc.stderr.read()[-1500:]}")
+    ok = fake.stats()["ok"]
+    return {"peak_rss_mb": round(peak, 1), "first_call_s": None if first is None else round(first, 2),
+            "answered_per_s": round(ok / max(seconds - (first or 0), 1e-9), 1), "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="50000,500000,2000000")
+    p.add_argument("--files", type=int, default=64)
+    p.add_argument("--watch", type=float, default=20.0, help="seconds watched after the first LM call")
+    p.add_argument("--full", type=int, default=0, help="this size runs to the end (rows/s); 0 = none")
+    p.add_argument("--capacity", type=int, default=512)
+    p.add_argument("--latency", type=float, default=0.05)
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LM_BASE_URL")}
+    env.update(PYTHONPATH=str(ROOT), RAY_DATA_DISABLE_PROGRESS_BARS="1", LM_CACHE="off")
+    rows, results = [], {}
+    with FakeLLM(latency=args.latency, capacity=args.capacity) as fake, tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            folder = make_corpus(n, args.files)
+            print(f"{n:,} rows in {args.files} files ({sum(f.stat().st_size for f in folder.glob('*.jsonl')) / 1e6:,.0f} MB)",
+                  flush=True)
+            ours = [sys.executable, "-m", "pipelines.triage", "--input", str(folder), "--output", f"{tmp}/ours-{n}",
+                    "--lm-base-url", fake.base_url, "--lm-model", "fake-model"]
+            floor = [sys.executable, "-c", RAY_DATA_FLOOR, str(folder), f"{tmp}/floor-{n}", fake.base_url]
+            for name, cmd in (("ours", ours), ("ray-data", floor)):
+                r = watch(cmd, fake, args.watch, full=n == args.full, env=env)
+                results[f"{name}@{n}"] = r
+                rows.append((name, n, r))
+                print(f"  {name:9s} peak driver RSS {r['peak_rss_mb']:8.0f} MB   first LM call {r['first_call_s']} s   "
+                      f"{r['answered_per_s']} answered/s", flush=True)
+    report(rows, sizes, args)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "corpus_scale.json").write_text(json.dumps(results, indent=1))
+    plot(rows, out / "corpus_scale.png")
+
+
+def report(rows: list, sizes: list[int], args) -> None:
+    by = {(name, n): r for name, n, r in rows}
+    small, large = sizes[0], sizes[-1]
+    ours_small, ours_large = by[("ours", small)], by[("ours", large)]
+    floor_large = by[("ray-data", large)]
+    print(f"\ndriver RSS growth {small:,} -> {large:,} rows: ours {ours_large['peak_rss_mb'] - ours_small['peak_rss_mb']:+.0f} MB "
+          f"(goal <= +300 MB), ray-data {floor_large['peak_rss_mb'] - by[('ray-data', small)]['peak_rss_mb']:+.0f} MB")
+    print(f"first LM call at {large:,} rows: ours {ours_large['first_call_s']} s vs ray-data {floor_large['first_call_s']} s "
+          f"(goal: within +15 s)")
+    limit = args.capacity / args.latency
+    if args.full:
+        print(f"rows/s at {args.full:,} (full run): ours {by[('ours', args.full)]['answered_per_s'] / 2:.0f} rows/s "
+              f"(two calls a row; the endpoint's limit {limit:.0f} calls/s)")
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("ours", "ray-data"):
+        pts = sorted((n, r["peak_rss_mb"]) for nm, n, r in rows if nm == name)
+        ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("rows in the corpus")
+    ax.set_ylabel("driver peak RSS (MB)")
+    ax.set_title("Driver memory against corpus size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
