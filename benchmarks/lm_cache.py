@@ -16,6 +16,16 @@ the LM call), then ``--writers`` processes putting new entries at once, and as m
 Latencies are per call in microseconds (median and p99), CPU is this process's CPU time per call.
 The table goes to stdout and ``benchmarks/results/lm_cache.txt``; the last lines say which store
 the numbers favour as the default and whether that is the one :func:`open_cache` uses.
+
+    python benchmarks/lm_cache.py --misses [--miss-seconds 8] [--concurrency 128]
+
+The cost of the cache when it never helps: ``--concurrency`` threads call the LM (``build_lm``, the
+lean path) against a fake endpoint (latency 0.25 s, so C/L = 4 C calls/s), every call a new
+request, so every call misses and is stored.  Side by side, interleaved (off, on, inline, and
+back): the cache **off**; **on** as shipped (the answer is written by the process's cache writer
+thread, :mod:`dspy_ray.client.cache.writer`); and **inline** (the same store written on the
+caller's thread, before the answer is returned: what a put on the hot path costs).  Printed:
+answered calls/s of each and the ratios to off (the goal for "on": >= 0.95).
 """
 
 from __future__ import annotations
@@ -188,12 +198,74 @@ def verdict(results: dict[str, dict], writers: int) -> str:
     return "\n".join(lines)
 
 
+def miss_throughput(seconds: float, concurrency: int) -> None:
+    """Calls/s at ``concurrency`` with the cache off, on (background writes) and inline, every call a miss."""
+    import threading
+
+    from dspy_ray.client.cache.store import GuardedStore
+    from dspy_ray.client.lm import build_lm
+    from dspy_ray.endpoints.settings import EndpointSettings
+    from dspy_ray.testing.fake_llm import FakeLLM
+
+    folder = Path(tempfile.mkdtemp(prefix="lm-cache-miss-"))
+    shipped = GuardedStore.put_later
+
+    def inline(store, key, value, *, model=None):  # the put on the caller's thread, before it returns
+        store.put(key, value, model=model)
+
+    def run(fake, variant: str, round_: int) -> float:
+        GuardedStore.put_later = inline if variant == "inline" else shipped
+        cache = "off" if variant == "off" else str(folder / f"{variant}-{round_}")
+        lm = build_lm(EndpointSettings(base_url=fake.base_url, model="fake-model", max_in_flight=concurrency,
+                                       adaptive=False, cache=cache))
+        stop, counts, lock = time.monotonic() + seconds, [0], threading.Lock()
+
+        def work(i: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                lm(messages=[{"role": "user", "content": f"{variant} {round_} caller {i} call {n}: smoke at house {n}"}])
+                n += 1
+            with lock:
+                counts[0] += n
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(concurrency)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return counts[0] / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {"off": [], "on": [], "inline": []}
+    try:
+        with FakeLLM(latency=0.25) as fake:
+            run(fake, "off", -1)  # warm-up: connections, imports
+            for r, order in enumerate((("off", "on", "inline"), ("inline", "on", "off"))):
+                for variant in order:
+                    rates[variant].append(run(fake, variant, r))
+    finally:
+        GuardedStore.put_later = shipped
+        shutil.rmtree(folder, ignore_errors=True)
+    off = statistics.mean(rates["off"])
+    print(f"every call a miss, {concurrency} in flight, endpoint C/L = {concurrency / 0.25:.0f} calls/s")
+    for variant, values in rates.items():
+        print(f"  cache {variant:<6} {statistics.mean(values):7.1f} calls/s  ({', '.join(f'{v:.0f}' for v in values)})"
+              f"  ratio to off {statistics.mean(values) / off:.3f}")
+    print(f"throughput with the cache on, every call a miss: {statistics.mean(rates['on']) / off:.1%} of off "
+          f"(goal >= 95%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--misses", action="store_true", help="only the all-miss throughput, cache off / on / inline")
+    parser.add_argument("--miss-seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--entries", type=int, default=1000)
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="each a fresh folder per store; medians reported")
     args = parser.parse_args()
+    if args.misses:
+        return miss_throughput(args.miss_seconds, args.concurrency)
     keys = [cache_key(request(i)) for i in range(args.entries)]
     key_lat, _ = timed([lambda i=i: cache_key(request(i)) for i in range(2000)])
     base = Path(tempfile.mkdtemp(prefix="lm-cache-bench-"))

@@ -169,7 +169,9 @@ class ProgramServer:
                     if self.settings.origin == "embedded" else None)
             return {"program": name, "version": self.version, "model": self.settings.model,
                     "endpoint": self.settings.redacted()["base_url"], "endpoint_origin": self.settings.origin,
-                    "note": note, **self.artifact_info}
+                    "note": note, **self.artifact_info,
+                    # This replica's X-Cache results and LM calls the cache answered (caching on only).
+                    **({"cache": dict(self.metrics.cache_counts)} if self.caching else {})}
 
         @app.post(f"/{name}/predict", response_model=api.response_model, dependencies=auth,
                   responses=ERROR_RESPONSES)
@@ -213,13 +215,17 @@ class ProgramServer:
             detail = describe_errors(exc.errors(), prefix=("items", index))[:3]
             return None, "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)[:500]
 
-    def _cache_header(self, response: Response, cached: list[bool]) -> None:
-        """``X-Cache: hit`` when every item was answered from the LM cache alone, else ``miss`` (caching on only)."""
+    def _cache_header(self, response: Response, cached: list[int]) -> None:
+        """``X-Cache: hit`` when every item was answered from the LM cache alone, else ``miss`` (caching on only);
+        counted in the replica's metrics with the LM calls the cache answered.  ``cached``: per item, its LM calls
+        answered from the cache when none was sent, else 0."""
         if self.caching:
-            response.headers["X-Cache"] = "hit" if cached and all(cached) else "miss"
+            hit = bool(cached) and all(cached)
+            response.headers["X-Cache"] = "hit" if hit else "miss"
+            self.metrics.record_cache(hit, sum(cached))
 
-    async def _predict_one(self, inputs: dict[str, Any]) -> tuple[dict | None, str | None, bool]:
-        """(output, error, whether every LM call of it was answered from the cache, none sent)."""
+    async def _predict_one(self, inputs: dict[str, Any]) -> tuple[dict | None, str | None, int]:
+        """(output, error, its LM calls answered from the cache when none was sent, else 0)."""
         program = self.program  # pinned for this request, across a concurrent reconfigure
         start = time.perf_counter()
         outcome = await self.runner.predict(inputs, program=program)
@@ -227,7 +233,7 @@ class ProgramServer:
         if outcome.prediction is None:
             self.metrics.record_request(elapsed, ok=False)
             # A short reason, never a traceback: the first line of the first error.
-            return None, (outcome.errors[0] if outcome.errors else "no output")[:300], False
+            return None, (outcome.errors[0] if outcome.errors else "no output")[:300], 0
         output = {f: outcome.prediction.get(f) for f in self.output_fields}
         self.metrics.record_request(elapsed, ok=True)
         if self.monitor is not None:
@@ -237,7 +243,7 @@ class ProgramServer:
             if time.monotonic() - self._last_sync > ARTIFACT_SYNC_S:
                 self._last_sync = time.monotonic()
                 asyncio.get_running_loop().create_task(self._sync_artifact())
-        return output, None, outcome.usage.cached > 0 and outcome.usage.calls == 0
+        return output, None, outcome.usage.cached if outcome.usage.calls == 0 else 0
 
     async def _sync_artifact(self) -> None:
         """Adopt the artifact the drift monitor deployed after a re-optimization."""
@@ -246,8 +252,8 @@ class ProgramServer:
             self.reconfigure({"artifact": wanted})
 
 
-async def _failed(error: str | None) -> tuple[None, str | None, bool]:
-    return None, error, False
+async def _failed(error: str | None) -> tuple[None, str | None, int]:
+    return None, error, 0
 
 
 def _jsonable(output: dict[str, Any]) -> dict[str, Any]:

@@ -142,7 +142,8 @@ class DSPyStageUDF:
         if self.limiter is None:
             return self.max_in_flight or 64
         share = int(self.limiter.share)
-        target = share + max(2, share // 16)
+        # Rows waiting out a Retry-After or a backoff hold no slot: admit as many others meanwhile.
+        target = share + self.limiter.resting() + max(2, share // 16)
         return max(1, min(target, self.max_in_flight) if self.max_in_flight else target)
 
     # -- batch level -------------------------------------------------------
@@ -194,6 +195,8 @@ class DSPyStageUDF:
         if self.limiter is not None and self._loop_state is not None:
             # Rows waiting to start are demand the endpoint's limit should hear about.
             self.limiter.note_queued(id(self), len(self._loop_state.waiting))
+            if self.limiter.pump is not None:  # the report to the job's coordinator, from this event loop
+                self.limiter.pump()
         await self._report_usage()
 
     async def _report_usage(self) -> None:

@@ -193,10 +193,13 @@ def test_policy_never_passes_the_ceiling_and_cuts_to_what_was_served():
         policy.observe(Signals(ok=level, latency_sum=level * 0.25, peak_in_flight=level, demand=2 * level), now)
         assert policy.limit <= 100
     assert policy.limit == 100
-    # Now it holds 60: 60 answered per 0.25 s, the rest 429.
+    # Now it holds 60: 60 answered per 0.25 s, what is sent beyond that answered 429 at once.
     for _ in range(6):
         now += 0.3
-        policy.observe(Signals(ok=72, overloads=40, latency_sum=72 * 0.25, peak_in_flight=100, demand=200), now)
+        level = int(policy.limit)
+        ok, rejected = int(min(level, 60) * 0.3 / 0.25), int(max(0, level - 60) * 0.3 / 0.05)
+        policy.observe(Signals(ok=ok, overloads=rejected, latency_sum=ok * 0.25, peak_in_flight=level,
+                               demand=200), now)
     assert 55 <= policy.limit <= 75, policy.limit
     assert policy.cuts >= 1
 
@@ -252,3 +255,68 @@ def test_the_coordinator_says_which_reports_it_decided_with():
     second = coordinator.report("b", signals, 1)
     assert second["decided"] == 1
     assert coordinator.report("a", signals, 2)["decided"] == 1  # a's first report was in that step
+
+
+def clean(policy: AimdPolicy, now: float, latency: float, level: int | None = None, windows: int = 1) -> float:
+    """``windows`` windows of 0.25 s in which the endpoint answers every call of ``level`` in flight."""
+    for _ in range(windows):
+        now += 0.25
+        n = level or int(policy.limit)
+        ok = int(n * 0.25 / latency)
+        policy.observe(Signals(ok=ok, latency_sum=ok * latency, peak_in_flight=n, demand=2 * n), now)
+    return now
+
+
+def test_one_slow_window_is_noise_two_are_a_queue():
+    policy = AimdPolicy(ceiling=256, initial=64)
+    policy.w_max = 65.0
+    now = clean(policy, 0.0, 0.05, windows=4)
+    cuts = policy.cuts
+    now = clean(policy, now, 0.12)  # one window at 2.4x the floor: a hiccup
+    now = clean(policy, now, 0.05)
+    assert policy.cuts == cuts
+    now = clean(policy, now, 0.12, windows=2)  # two in a row: a queue
+    assert policy.cuts == cuts + 1
+
+
+def test_a_latency_cut_that_costs_calls_in_proportion_is_undone():
+    """Latency rose, but not from a queue: after the cut each slot answers no more than before (fewer
+    calls answered in all), so the cut is undone and the floor follows the new latency."""
+    policy = AimdPolicy(ceiling=256, initial=64)
+    policy.w_max = 65.0
+    now = clean(policy, 0.0, 0.05, windows=4)
+    policy.held.clear()  # nothing held lately to fall back on: the cut goes to what was served
+    start, cuts = policy.limit, policy.cuts
+    now = clean(policy, now, 0.12, windows=2)
+    before, reverted = policy.cuts, policy.reverted
+    assert policy.cuts == cuts + 1 and policy.limit < start
+    for _ in range(8):  # each slot keeps answering at the slow pace: throughput fell with the cut
+        now = clean(policy, now, 0.12, level=int(policy.limit))
+        if policy.reverted > reverted:
+            break
+    assert policy.reverted == reverted + 1 and policy.limit >= start, (policy.limit, policy.cuts, before)
+    assert policy.latency_floor >= 0.1
+
+
+def test_a_cut_that_leaves_the_429_share_as_it_was_is_undone():
+    """20% of calls answered 429 whatever the level: the cut is undone and the share learned as background."""
+    policy = AimdPolicy(ceiling=256, initial=64)
+    now = clean(policy, 0.0, 0.05, level=64, windows=3)
+    limit = policy.limit
+    for _ in range(30):
+        now += 0.25
+        n = int(policy.limit)
+        answered = int(n * 0.25 / 0.05)
+        policy.observe(Signals(ok=int(answered * 0.8), overloads=answered - int(answered * 0.8),
+                               latency_sum=int(answered * 0.8) * 0.05, peak_in_flight=n, demand=2 * n), now)
+    assert policy.reverted >= 1 and policy.background_rate() >= 0.15
+    assert policy.limit >= limit, policy.limit
+
+
+def test_calls_waiting_to_retry_are_counted_while_they_wait():
+    limiter = EndpointLimiter("test|resting", ceiling=8)
+    limiter.rest(0.2)
+    limiter.rest(5.0)
+    assert limiter.resting() == 2
+    time.sleep(0.3)
+    assert limiter.resting() == 1

@@ -110,6 +110,36 @@ def test_metrics_reach_rays_prometheus_export(serve_http, fake):
     assert found["ray_dspy_serve_lm_tokens_total"] > 0
 
 
+def scrape(wanted: set[str], program: str = "triage", seconds: float = 90) -> dict[str, float]:
+    """One scrape of the node's Prometheus endpoint holding every name in ``wanted``: name{tags} -> value."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline = time.monotonic() + seconds  # Ray exports metrics every few seconds
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.split("{", 1)[0] in wanted and f'program="{program}"' in line}
+        if {key.split("{", 1)[0] for key in found} == wanted:
+            return found
+        assert time.monotonic() < deadline, f"missing {sorted(wanted - {k.split('{', 1)[0] for k in found})}"
+        time.sleep(2)
+
+
+def test_cache_hits_are_counted_in_the_replicas_metrics(serve_http, fake, tmp_path):
+    deploy(fake, lm=settings(fake, cache=str(tmp_path / "lm")), cache=True)
+    body = {"transcript": "cache metrics: smoke in the kitchen"}
+    heads = [http("POST", f"{serve_http}/triage/predict", body)[2].get("x-cache") for _ in range(2)]
+    assert heads == ["miss", "hit"]
+    status, info, _ = http("GET", f"{serve_http}/triage/info")
+    assert status == 200 and info["cache"]["hit"] == 1 and info["cache"]["miss"] == 1, info
+    assert info["cache"]["lm_cached"] >= 1  # the hit's LM call(s), none sent
+    found = scrape({"ray_dspy_serve_cache_responses_total", "ray_dspy_serve_lm_cached_total"})
+    hits = sum(v for k, v in found.items() if k.startswith("ray_dspy_serve_cache_responses_total")
+               and 'result="hit"' in k)
+    assert hits >= 1 and sum(v for k, v in found.items() if k.startswith("ray_dspy_serve_lm_cached_total")) >= 1
+
+
 def test_bad_body_is_422_naming_the_field(serve_http, fake):
     deploy(fake)
     status, out, _ = http("POST", f"{serve_http}/triage/predict", {"transcrpt": "typo"})

@@ -152,7 +152,8 @@ class ResilientLM(dspy.LM):
         answer = self._attempts(lambda: self.http.complete(body))
         outputs = self._outputs(answer, kwargs)
         if key is not None:  # only an answer that got this far is stored: errors raised above
-            store.put(key, answer, model=self._settings.model)
+            # Written by the process's cache writer thread: the row does not wait for the disk.
+            store.put_later(key, answer, model=self._settings.model)
         return outputs
 
     def _cache_key(self, messages: list[dict], sent: dict[str, Any], kwargs: dict[str, Any]) -> str | None:
@@ -185,6 +186,9 @@ class ResilientLM(dspy.LM):
         """Count a failed attempt (a request sent, and a retry when ``wait`` says there will be one)."""
         self._record(Usage(calls=1, retries=int(wait is not None)))
         if wait is not None:
+            limiter = self.limiter
+            if limiter is not None:  # the call waits holding no slot: its caller may admit another meanwhile
+                limiter.rest(wait)
             logger.debug("LM call attempt %d failed (%s); retrying in %.2fs", attempt, type(exc).__name__, wait)
 
     def _lean_body(self, prompt, messages, kwargs) -> bytes | None:

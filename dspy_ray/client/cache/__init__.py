@@ -18,6 +18,8 @@ raises: an unreachable store, a corrupt entry, a full disk are misses and ignore
 The package, bottom up (each module imports only those above it):
 
 * :mod:`.key` - :func:`cache_key`, :func:`cacheable`, :func:`lookup_key`: pure, no I/O;
+* :mod:`.writer` - the process's cache writer thread: a miss's answer is stored after the caller has it
+  (:meth:`GuardedStore.put_later`, batched, :func:`flush_writes` at exit);
 * :mod:`.store` - the entry format, :class:`CacheStats`, the :class:`CacheStore` interface and the
   :class:`GuardedStore` base that turns every failure into a miss (:class:`MemoryStore` for tests);
 * :mod:`.local` - :class:`LocalStore`, the default: a size-bounded diskcache (SQLite) folder;
@@ -48,6 +50,7 @@ from dspy_ray.client.cache.store import (
     decode_entry,
     encode_entry,
 )
+from dspy_ray.client.cache.writer import flush_writes
 
 __all__ = [
     "DEFAULT_SIZE_LIMIT",
@@ -68,6 +71,7 @@ __all__ = [
     "default_directory",
     "encode_entry",
     "endpoint_identity",
+    "flush_writes",
     "lookup_key",
     "open_cache",
     "size_limit_bytes",

@@ -90,8 +90,26 @@ def open_cache(setting: str | None = None) -> CacheStore | None:
         return store
 
 
+def pinned_location(setting: str) -> str:
+    """``setting`` as every process of a job must read it: a relative or ``~`` folder made absolute here.
+
+    A Ray worker's working directory and home need not be the driver's, so the driver pins the folder
+    before the setting travels; ``on``, ``off``, the default (empty) and URIs are returned as they are.
+
+        >>> pinned_location("off"), pinned_location("s3://b/lm"), pinned_location("/scratch/lm")
+        ('off', 's3://b/lm', '/scratch/lm')
+    """
+    text = setting.strip()
+    if text.lower() in OFF or text.lower() in ON or is_uri(text):
+        return setting
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def close_caches() -> None:
     """Close and forget this process's stores (tests; a process about to exit need not call it)."""
+    from dspy_ray.client.cache.writer import flush_writes
+
+    flush_writes()  # what the writer thread still holds goes to the stores first
     with _lock:
         stores = list(_stores.values())
         _stores.clear()

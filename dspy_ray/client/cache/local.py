@@ -47,6 +47,11 @@ class LocalStore(GuardedStore):
     def _write(self, cache, key: str, data: bytes) -> None:
         cache.set(key, data)
 
+    def _write_many(self, cache, entries: list[tuple[str, bytes]]) -> None:
+        with cache.transact():  # one SQLite transaction for the batch, not one per entry
+            for key, data in entries:
+                cache.set(key, data)
+
     def _close(self, cache) -> None:
         cache.close()
 

@@ -19,6 +19,7 @@ ignored put, with one warning per store and process: an LM call is never failed 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -148,12 +149,17 @@ class GuardedStore:
         self._handle = None
         self._open_lock = threading.Lock()
         self._retry_at = 0.0
+        self._pending: dict[str, tuple[dict, str | None]] = {}  # handed to the writer thread, not yet written
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.shown!r})"
 
     def get(self, key: str) -> dict | None:
         """The response stored under ``key`` (a fresh dict, the caller may change it), None on a miss."""
+        pending = self._pending.get(key) if self._pending else None
+        if pending is not None:  # put_later's entry, not written yet: it is an answer all the same
+            self._count(hits=1, memory_hits=1)
+            return copy.deepcopy(pending[0])
         data = self._memory.get(key) if self._memory is not None else None
         from_memory = data is not None
         if data is None:
@@ -202,6 +208,49 @@ class GuardedStore:
             self._memory.put(key, data)
         self._count(puts=1)
 
+    def put_later(self, key: str, value: dict, *, model: str | None = None) -> None:
+        """:meth:`put` done by the process's cache writer thread (:mod:`.writer`): the caller does not wait.
+
+        Until it is written, :meth:`get` answers ``key`` from memory.  ``value`` must not change afterwards.
+        """
+        from dspy_ray.client.cache.writer import submit
+
+        self._pending[key] = (value, model)
+        submit(self, key)
+
+    def write_pending(self, keys: list[str]) -> None:
+        """Write the entries :meth:`put_later` left under ``keys``, together (the writer thread calls it)."""
+        entries, items = [], []
+        for key in dict.fromkeys(keys):
+            pending = self._pending.get(key)
+            if pending is None:
+                continue
+            value, model = pending
+            if not isinstance(value, dict) or value.get("error"):
+                self._count(refused=1)
+                self._pending.pop(key, None)
+                continue
+            try:
+                entries.append((key, encode_entry(key, value, model)))
+                items.append((key, pending))
+            except (TypeError, ValueError) as e:
+                self._count(refused=1)
+                self._pending.pop(key, None)
+                logger.debug("LM cache: response for %s is not JSON (%s): not stored", key, e)
+        try:
+            if entries:
+                self._write_many(self._opened(), entries)
+        except Exception as e:  # noqa: BLE001 - a failed put is an ignored put
+            self._failed("write", e)
+        else:
+            if self._memory is not None:
+                for key, data in entries:
+                    self._memory.put(key, data)
+            self._count(puts=len(entries))
+        for key, pending in items:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+
     def stats(self) -> CacheStats:
         """A copy of this process's counters."""
         with self._lock:
@@ -243,6 +292,11 @@ class GuardedStore:
 
     def _write(self, handle: Any, key: str, data: bytes) -> None:
         raise NotImplementedError
+
+    def _write_many(self, handle: Any, entries: list[tuple[str, bytes]]) -> None:
+        """Several writes at once (a store with transactions makes them one)."""
+        for key, data in entries:
+            self._write(handle, key, data)
 
     def _close(self, handle: Any) -> None:
         pass

@@ -82,7 +82,7 @@ class LimitCoordinator:
         state.window_peak = max(state.window_peak, incoming.peak_in_flight)
         state.window_demand = max(state.window_demand, incoming.demand)
         self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,
-                                   latency_sum=incoming.latency_sum))
+                                   latency_sum=incoming.latency_sum, latency_hist=incoming.latency_hist))
         self.pending_reports += 1
         # One policy step per round of reports (every member about once), not per report.
         if self.pending_reports >= len(self.members):
@@ -225,24 +225,67 @@ def retry_due(now: float) -> bool:
     return now >= _service_retry_at
 
 
+REPORT_TIMEOUT_S = 5.0  # a report unanswered this long: the service is taken for gone
+
+_pending = None  # (sent at, the ObjectRef, its concurrent future) of the one report in flight
+
+
 def report_all(coordinated: list[EndpointLimiter], now: float) -> None:
-    """Report ``coordinated`` limiters' intervals in one call to the service and set the shares it answers."""
-    global _service, _service_retry_at
+    """Send ``coordinated`` limiters' intervals in one call to the service; never waits for the answer.
+
+    Called from the threads that make the calls (:mod:`.registry`), never from a background thread:
+    a Ray call from a thread that outlives the worker's task crashes the worker at teardown.  The
+    answer (the shares) is applied by Ray's own callback when it comes; one report is in flight at
+    a time, and the intervals of the meantime go with the next one.
+    """
+    global _service, _pending
     if not ray_initialized():  # Ray was shut down in this process: never start it again from here
         for limiter in coordinated:
             limiter.lost_coordinator()
             limiter.coordinated = False
-        _service = None
+        _service = _pending = None
+        return
+    if _pending is not None:
+        sent, _, future = _pending
+        if not future.done():
+            if now - sent < REPORT_TIMEOUT_S:
+                return
+            _pending = None
+            _unreachable(coordinated, now, f"no answer within {REPORT_TIMEOUT_S:g}s")
+            return
+    _pending = None
+    remote = [lim for lim in coordinated if lim.coordinator is not None or retry_due(now)]
+    for limiter in coordinated:
+        if limiter not in remote:  # cut off: decide locally until the service is tried again
+            limiter.tick(now)
+    if not remote:
         return
     try:
         handle = _service_handle()
-        answers = _ray_get(handle.report.remote([lim.coordinated_report() for lim in coordinated]), timeout=5.0)
+        ref = handle.report.remote([lim.coordinated_report() for lim in remote])
+        future = ref.future()
     except Exception as exc:  # noqa: BLE001 - the service is gone (its owner exited): local until it is back
-        logger.warning("endpoint limits: coordinator unreachable (%s); deciding locally", type(exc).__name__)
-        _service, _service_retry_at = None, now + 1.0
-        for limiter in coordinated:
-            limiter.lost_coordinator()
+        _unreachable(remote, now, type(exc).__name__)
+        return
+    _pending = (now, ref, future)
+    future.add_done_callback(lambda done: _answered(remote, handle, done, now))
+
+
+def _answered(coordinated: list[EndpointLimiter], handle, future, sent: float) -> None:
+    """The service's answer to a report (run by Ray's callback): set the shares, or go local."""
+    try:
+        answers = future.result()
+    except Exception as exc:  # noqa: BLE001 - gone, or failed: local until it is back
+        _unreachable(coordinated, sent, type(exc).__name__)
         return
     for limiter, answer in zip(coordinated, answers):
         limiter.coordinator, limiter.cap = handle, None
         limiter.set_share(answer["share"], answer["background"], answer["decided"])
+
+
+def _unreachable(coordinated: list[EndpointLimiter], now: float, why: str) -> None:
+    global _service, _service_retry_at
+    logger.warning("endpoint limits: coordinator unreachable (%s); deciding locally", why)
+    _service, _service_retry_at = None, now + 1.0
+    for limiter in coordinated:
+        limiter.lost_coordinator()

@@ -21,6 +21,32 @@ def is_overload(exc: BaseException | None) -> bool:
     return "billing" not in type(exc).__name__.lower()
 
 
+# Latencies are also counted in buckets, four to an octave from 0.5 ms (the last one open-ended), so a
+# window's typical latency is its median: a few calls that hang for seconds are not a queue forming.
+LATENCY_BUCKETS = 72
+_BUCKET_BASE_S = 0.0005
+
+
+def latency_bucket(seconds: float) -> int:
+    """The bucket of a call's latency (see :data:`LATENCY_BUCKETS`)."""
+    if seconds <= _BUCKET_BASE_S:
+        return 0
+    return min(LATENCY_BUCKETS - 1, int(4.0 * math.log2(seconds / _BUCKET_BASE_S)))
+
+
+def median_latency(histogram: list[int]) -> float | None:
+    """The median of a latency histogram (interpolated within its bucket); None when it is empty."""
+    total = sum(histogram)
+    if not total:
+        return None
+    half, seen = total / 2.0, 0
+    for bucket, count in enumerate(histogram):
+        if count and seen + count >= half:
+            return _BUCKET_BASE_S * 2.0 ** ((bucket + (half - seen) / count) / 4.0)
+        seen += count
+    return None  # pragma: no cover - the loop always returns
+
+
 def overload_threshold(answered: int, background: float) -> float:
     """More 429/503s than this among ``answered`` calls is a signal, not the endpoint's usual noise."""
     mean = answered * background
@@ -35,6 +61,7 @@ class Signals:
     overloads: int = 0  # answered 429 / 503
     errors: int = 0  # other failures (timeouts, 500s, broken connections): no latency, no verdict
     latency_sum: float = 0.0  # seconds, over the ok calls
+    latency_hist: list[int] | None = None  # the ok calls' latencies by bucket (latency_bucket), when counted
     peak_in_flight: int = 0
     demand: int = 0  # peak of (in flight + waiting for a slot)
 
@@ -44,12 +71,24 @@ class Signals:
         self.overloads += other.overloads
         self.errors += other.errors
         self.latency_sum += other.latency_sum
+        if other.latency_hist:
+            if self.latency_hist is None:
+                self.latency_hist = [0] * LATENCY_BUCKETS
+            for bucket, count in enumerate(other.latency_hist):
+                self.latency_hist[bucket] += count
         self.peak_in_flight = max(self.peak_in_flight, other.peak_in_flight)
         self.demand = max(self.demand, other.demand)
 
     @property
     def answered(self) -> int:
         return self.ok + self.overloads
+
+    def typical_latency(self) -> float | None:
+        """The window's median latency when counted by bucket, else its mean; None without an answer."""
+        if not self.ok:
+            return None
+        median = median_latency(self.latency_hist) if self.latency_hist else None
+        return median if median is not None else self.latency_sum / self.ok
 
 
 @dataclass(frozen=True)
@@ -59,7 +98,8 @@ class CutOnTrial:
     before: float  # the limit before the cut
     per_slot: float  # calls answered per second per slot, over about the second before the cut
     level: float  # mean requests in flight over that second
-    rate: float  # the share of 429s that made the cut
+    rate: float  # the share of 429s that made the cut (0 for a cut on latency)
+    latency: float = 0.0  # a cut on latency: the latency / floor ratio that made it (0 for a cut on 429s)
     after: Signals = field(default_factory=Signals)  # what the endpoint did since the cut ...
     seconds: float = 0.0  # ... over this long
 
@@ -87,6 +127,8 @@ class AimdPolicy:
     LEAK_SPAN_S = 1.0  # 429s beyond the background, added up over this long, also say "full"
     LEAK_CUT = 0.9  # ... and cut at least this deep, so the cut's effect can be judged
     FLOOR_DRIFT = 1.005  # per window: the latency floor follows a lasting change of the endpoint
+    MAX_BACKGROUND = 0.5  # a cut on a larger share of 429s is never undone: that endpoint refuses, it is not noise
+    LATENCY_SAMPLES = 10  # answers a window needs before its latency says anything (else it runs longer)
 
     def __init__(self, ceiling: int, initial: int = 16, min_limit: int = 1, adaptive: bool = True):
         self.ceiling = max(1, int(ceiling))
@@ -100,7 +142,7 @@ class AimdPolicy:
         self.probe_at = 0.0
         self.probe_step = 1.0
         self.cooldown_until = 0.0
-        self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=16)  # (429s, answered), not cut
+        self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=16)  # (429s, answered) per window
         self.leak: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, 429s, answered) since a cut
         self.background = 0.0  # share of 429s learned not to be caused by the level (see _judge_cut)
         self.last_cut: CutOnTrial | None = None  # a 429 cut waiting for its effect to be judged
@@ -110,6 +152,7 @@ class AimdPolicy:
         self.window_start: float | None = None
         self.cuts = 0
         self.reverted = 0
+        self.slow_windows = 0  # windows in a row with latency above CUT_LATENCY x the floor
         self.rounding = 0  # slack for shares moving between processes (one per process, set by the coordinator)
 
     # -- what the callers learn back --------------------------------------------
@@ -135,8 +178,12 @@ class AimdPolicy:
             self.window_start = now
         self.window.merge(signals)
         length = max(self.MIN_WINDOW_S, self.latency_floor or 0.0)
-        early = self.window.overloads > self.overload_threshold(self.window.answered)
-        if now - self.window_start >= length or early:
+        elapsed = now - self.window_start
+        # 429s come back at once and answers only after the latency, so a short window overweights them:
+        # only an endpoint with no background of 429s is judged before its window ends.
+        early = not self.background and self.window.overloads > self.overload_threshold(self.window.answered)
+        # A window ends once it is long enough and has heard enough answers (or has run 4x longer).
+        if early or (elapsed >= length and (self.window.ok >= self.LATENCY_SAMPLES or elapsed >= 4 * length)):
             self._decide(now)
             self.window, self.window_start = Signals(), now
         return self.limit
@@ -149,14 +196,15 @@ class AimdPolicy:
             return
         if self.last_cut is not None and self._on_trial(w, now - start):
             return
-        ratio = latency / self.latency_floor if latency is not None and self.latency_floor and w.ok >= 5 else 1.0
+        ratio = (latency / self.latency_floor if latency is not None and self.latency_floor
+                 and w.ok >= self.LATENCY_SAMPLES else 1.0)
         if self._cut_if_full(w, ratio, now) or self._hold(w, ratio):
             return
         self._grow(w, now)
 
     def _learn(self, w: Signals, start: float, now: float) -> float | None:
         """Track the latency floor and what was served (for cuts), whatever is decided; the window's latency."""
-        latency = w.latency_sum / w.ok if w.ok else None
+        latency = w.typical_latency()
         if latency is not None:
             floor = self.latency_floor
             self.latency_floor = latency if floor is None else min(floor * self.FLOOR_DRIFT, latency)
@@ -173,12 +221,15 @@ class AimdPolicy:
 
     def _cut_if_full(self, w: Signals, ratio: float, now: float) -> bool:
         """Cut when the endpoint says it is full (429s in this window or added up, or a queue); True if cut."""
-        overloaded = w.overloads > self.overload_threshold(w.answered)
-        if overloaded or ratio > self.CUT_LATENCY:
-            self._cut(now, w.peak_in_flight, by_overloads=overloaded, rate=w.overloads / max(1, w.answered))
-            return True
-        if w.answered >= 10:
+        if w.answered >= 10:  # every window, cut or not: the background share is never above what they saw
             self.recent.append((w.overloads, w.answered))
+        overloaded = w.overloads > self.overload_threshold(w.answered)
+        # One slow window is noise (a busy client, a few slow answers); two in a row are a queue forming.
+        self.slow_windows = self.slow_windows + 1 if ratio > self.CUT_LATENCY else 0
+        if overloaded or self.slow_windows >= 2:
+            self._cut(now, w.peak_in_flight, by_overloads=overloaded, rate=w.overloads / max(1, w.answered),
+                      latency=0.0 if overloaded else ratio)
+            return True
         leak = self._leak(now, w)
         if leak is not None:
             self._cut(now, w.peak_in_flight, by_overloads=True, rate=leak, keep=self.LEAK_CUT)
@@ -239,29 +290,37 @@ class AimdPolicy:
         answered = sum(n for _, _, n in self.leak)
         return overloads / max(1, answered) if overloads > self.overload_threshold(answered) else None
 
-    def _cut(self, now: float, peak: int, *, by_overloads: bool, rate: float, keep: float = 1.0) -> None:
+    def _cut(self, now: float, peak: int, *, by_overloads: bool, rate: float, keep: float = 1.0,
+             latency: float = 0.0) -> None:
         before, recent = self.limit, self._ok_per_s(now)
-        self.fail_peak = peak or None
+        # After 429s a probe counts as held only once in flight reached the level that failed; a cut on
+        # latency may have been a passing stall, so there each probe that fills the limit counts.
+        self.fail_peak = (peak or None) if by_overloads else None
         ok_rate, level = recent if recent is not None else (None, before)
         served = ok_rate * self.latency_floor if ok_rate is not None and self.latency_floor else None
         while self.held and self.held[0][0] < now - 3.0:
             self.held.popleft()
         # What the endpoint served (Little's law) or, after a small excess (a probe), the most it held
         # lately without complaint below the level that failed; after a large one only what it served.
-        held = max((n for _, n in self.held if n < before), default=0) if rate < 0.1 else 0
+        probing = self.w_max is not None and before >= self.w_max
+        small = rate < 0.1 or (probing and self.window.overloads <= 5)  # a probe's few 429s in a short window
+        held = max((n for _, n in self.held if n < before), default=0) if small else 0
         target = max(served or 0.0, held) or before * 0.5
         self.limit = max(float(self.min_limit), min(before - 1, keep * before, max(target, before * 0.5)))
         self.leak.clear()
-        probing = self.w_max is not None and before >= self.w_max
-        self.probe_wait = min(self.MAX_PROBE_WAIT_S, self.probe_wait * 2) if probing else 1.0
+        # A probe that failed waits longer next time; an endpoint refusing most calls (down, out of quota)
+        # says nothing of its capacity, so the probes go on at once when it answers again.
+        failed_probe = probing and rate <= self.MAX_BACKGROUND
+        self.probe_wait = min(self.MAX_PROBE_WAIT_S, self.probe_wait * 2) if failed_probe else 1.0
         # The level that failed, or (after an overshoot) just above what was actually held.
         self.w_max = max(self.limit + 1, min(before, target + 1))
         self.probe_at = now + self.probe_wait
         self.probe_step = 1.0
         self.cooldown_until = now + 2 * max(self.MIN_WINDOW_S, self.latency_floor or 0.0)
         self.cuts += 1
-        self.last_cut = (CutOnTrial(before=before, per_slot=ok_rate / level, level=level, rate=rate)
-                         if by_overloads and ok_rate else None)
+        self.last_cut = (CutOnTrial(before=before, per_slot=ok_rate / level, level=level,
+                                    rate=rate if by_overloads else 0.0, latency=latency)
+                         if (by_overloads or latency) and ok_rate else None)
 
     def _judge_cut(self) -> bool:
         """Judge the last 429 cut by its effect; True when it is undone.
@@ -273,15 +332,47 @@ class AimdPolicy:
         looked for again.
         """
         cut, self.last_cut = self.last_cut, None
+        if cut.latency:
+            return self._judge_latency_cut(cut)
         w = cut.after
         level = max(1.0, min(self.limit, w.peak_in_flight or self.limit))
         gain = cut.level / level  # > 1: fewer requests held after the cut
         per_slot = w.ok / max(cut.seconds, self.MIN_WINDOW_S) / level
         rate = w.overloads / max(1, w.answered)
-        if gain < 1.05 or per_slot >= cut.per_slot * (1 + gain) / 2 or rate < 0.6 * cut.rate:
+        if cut.rate > self.MAX_BACKGROUND and w.overloads and not w.ok:
+            # It refuses everything, at any level (down, out of quota): nothing learned of its capacity,
+            # so the limit stays cut, and grows from slow start once it answers again.
+            self.w_max = self.fail_peak = None
+            return False
+        if (gain < 1.05 or per_slot >= cut.per_slot * (1 + gain) / 2 or rate < 0.6 * cut.rate
+                or cut.rate > self.MAX_BACKGROUND):
             return False  # the cut helped: more answered per slot, or fewer 429s
         self.background = max(self.background, min(cut.rate, w.overloads / max(1, w.answered) + 0.05))
+        self.recent.clear()  # windows from before it was learned say nothing of it
         self.limit = max(self.limit, cut.before)
         self.w_max = self.fail_peak = None  # the failures were noise: find the capacity again
+        self.reverted += 1
+        return True
+
+    def _judge_latency_cut(self, cut: CutOnTrial) -> bool:
+        """Judge a cut on latency by its effect; True when it is undone.
+
+        A queue drained by the cut leaves the endpoint answering as many calls as before, with
+        fewer in flight.  When the cut cost calls answered in proportion, the requests it removed
+        were being worked on, not queued: latency rose for another reason (a slower endpoint, a
+        busy client, a few hung calls), so the cut is undone and the floor follows the latency.
+        """
+        w = cut.after
+        latency = w.typical_latency()
+        if latency is None or not self.latency_floor or w.ok < self.LATENCY_SAMPLES:
+            return False
+        level = max(1.0, min(self.limit, w.peak_in_flight or self.limit))
+        gain = cut.level / level  # > 1: fewer requests held after the cut
+        kept = (w.ok / max(cut.seconds, self.MIN_WINDOW_S)) / (cut.per_slot * cut.level)  # calls/s after / before
+        if gain < 1.05 or kept >= 1.0 - 0.5 * (1.0 - 1.0 / gain):
+            return False  # as many answered with fewer in flight: a queue it was
+        self.latency_floor = latency
+        self.limit = max(self.limit, cut.before)
+        self.w_max, self.fail_peak = self.limit + 1, None  # back where it was, probing on from there
         self.reverted += 1
         return True

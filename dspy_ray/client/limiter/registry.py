@@ -1,13 +1,20 @@
-"""One limiter per endpoint per process, and the ticker thread that runs them all.
+"""One limiter per endpoint per process; who decides and reports for them, and when.
 
 Every caller of an endpoint in a process (both stages of a task in one actor, the judge, the
 embedding client) gets the same :class:`~.slots.EndpointLimiter` from :func:`endpoint_limiter`.
-Every ``SYNC_INTERVAL_S`` one daemon thread decides for the limiters that run their own policy
-and reports the others, together, in one call to the job's coordinator (:mod:`.coordinator`).
+
+* Limiters that share the job's coordinator (with Ray) are reported together, in one call to it
+  (:mod:`.coordinator`), at most every ``SYNC_INTERVAL_S``, by :func:`sync`: the threads that make
+  the calls run it when they give a slot back or while they wait for one, and a stage actor's
+  event loop runs it on its ticks.  No background thread ever makes a Ray call: a thread that
+  outlives the worker's last task would call into a Ray worker being torn down, and crash it.
+* Limiters that decide alone (no Ray) are decided by one daemon thread every ``SYNC_INTERVAL_S``;
+  it touches no Ray, and is stopped and joined at interpreter exit (:func:`stop_ticker`).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -18,7 +25,6 @@ from dspy_ray.client.limiter.coordinator import (
     attach,
     ray_initialized,
     report_all,
-    retry_due,
 )
 from dspy_ray.client.limiter.slots import EndpointLimiter, endpoint_key
 
@@ -29,6 +35,9 @@ SYNC_INTERVAL_S = 0.1  # how often a process reports to its coordinator (and a l
 _registry: dict[str, EndpointLimiter] = {}
 _registry_lock = threading.Lock()
 _ticker: threading.Thread | None = None
+_stop = threading.Event()
+_sync_lock = threading.Lock()  # one caller reports at a time; the others go on at once
+_next_sync = 0.0
 
 
 def endpoint_limiter(settings: Any, *, coordinate: bool | None = None) -> EndpointLimiter:
@@ -49,9 +58,11 @@ def endpoint_limiter(settings: Any, *, coordinate: bool | None = None) -> Endpoi
                 coordinate = ray_initialized()
             if coordinate:
                 limiter.coordinated = True
+                limiter.pump = sync
                 attach(limiter)
+            else:
+                _start_ticker()
             _registry[key] = limiter
-            _start_ticker()
         elif ceiling < limiter.ceiling:  # two callers disagree: the lower ceiling holds
             limiter.ceiling = ceiling
             limiter.set_share(min(limiter.share, ceiling))
@@ -66,35 +77,65 @@ def limiters() -> list[EndpointLimiter]:
         return list(_registry.values())
 
 
-def _tick_all(now: float) -> None:
-    """One round: local limiters decide; coordinated ones report together in one call to the service."""
-    coordinated = []
+def sync(now: float | None = None) -> None:
+    """Report this process's coordinated limiters to the job's coordinator, when one is due.
+
+    Cheap when none is due (one clock read); never blocks on the answer (:func:`.coordinator.report_all`).
+    Run by callers of the endpoints (:class:`~.slots.EndpointLimiter` calls it as its ``pump``) and by a
+    stage actor's event loop: threads that are working for a task, so never after the worker's last one.
+    """
+    global _next_sync
+    now = time.monotonic() if now is None else now
+    if now < _next_sync or _stop.is_set() or not _sync_lock.acquire(blocking=False):
+        return
+    try:
+        if now < _next_sync:
+            return
+        _next_sync = now + SYNC_INTERVAL_S
+        coordinated = [limiter for limiter in limiters() if limiter.coordinated]
+        if coordinated:
+            report_all(coordinated, now)
+            if any(not limiter.coordinated for limiter in coordinated):  # Ray was shut down: decide alone
+                _start_ticker()
+    except Exception:  # noqa: BLE001 - a report never fails a call
+        logger.exception("endpoint limits: report failed")
+    finally:
+        _sync_lock.release()
+
+
+def _tick_local(now: float) -> None:
+    """One round of the limiters that decide alone (no coordinator: no Ray call here)."""
     for limiter in limiters():
-        if limiter.coordinated and (limiter.coordinator is not None or retry_due(now)):
-            coordinated.append(limiter)
-        else:
+        if not limiter.coordinated:
             limiter.tick(now)
-    if coordinated:
-        report_all(coordinated, now)
 
 
 def _start_ticker() -> None:
     global _ticker
     if _ticker is not None and _ticker.is_alive():
         return
+    _stop.clear()
     _ticker = threading.Thread(target=_tick_forever, name="endpoint-limiter", daemon=True)
     _ticker.start()
 
 
+def stop_ticker(timeout: float = 5.0) -> None:
+    """Stop the local ticker and wait for it (run at interpreter exit, before Ray's own shutdown hook)."""
+    _stop.set()
+    ticker = _ticker
+    if ticker is not None and ticker is not threading.current_thread():
+        ticker.join(timeout)
+
+
 def _tick_forever() -> None:
     pid = os.getpid()
-    while True:
-        time.sleep(SYNC_INTERVAL_S)
-        if os.getpid() != pid:  # a forked child does not report for its parent
+    while not _stop.wait(SYNC_INTERVAL_S):
+        if os.getpid() != pid:  # a forked child does not decide for its parent
             return
         try:
-            _tick_all(time.monotonic())
-        except SystemExit:  # Ray raises it in threads while the process shuts down
-            return
-        except Exception:  # noqa: BLE001 - never let the reporter die
+            _tick_local(time.monotonic())
+        except Exception:  # noqa: BLE001 - never let the ticker die
             logger.exception("endpoint limits: tick failed")
+
+
+atexit.register(stop_ticker)

@@ -10,23 +10,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 from dspy_ray.client.limiter.policy import (
+    LATENCY_BUCKETS,
     AimdPolicy,
     Signals,
     is_overload,
+    latency_bucket,
     overload_threshold,
 )
 
 # What a process reports to the coordinator for one endpoint: key, member, signals, ceiling, adaptive,
 # and the report's number (see EndpointLimiter.coordinated_report).
 Report = tuple[str, str, dict[str, Any], int, bool, int]
+
+PUMP_S = 0.1  # a caller waiting for a slot runs the limiter's pump (the report to the coordinator) this often
 
 
 def endpoint_key(base_url: str, model: str) -> str:
@@ -92,6 +97,31 @@ class EndpointLimiter:
         # A quick local cut on a burst of 429s: (the interval it happened in, the limit it left). It holds,
         # and the limit is not paced up, until a share decided with that interval's signals comes back.
         self.backoff: tuple[int, float] | None = None
+        # Run by the calling threads after each call and while they wait (set by the registry for a
+        # coordinated limiter: the report to the job's coordinator, when one is due).
+        self.pump: Callable[[], None] | None = None
+        self._resting: list[float] = []  # when each call now waiting to retry (holding no slot) will try again
+
+    # -- calls waiting to retry -------------------------------------------------------
+
+    def rest(self, seconds: float) -> None:
+        """A call holds no slot for ``seconds`` before it retries (a 429's Retry-After, a backoff).
+
+        A caller that admits work by this limiter's share (a stage's rows) admits that many more
+        meanwhile, so the calls that wait out a Retry-After do not shrink what the endpoint is sent.
+        """
+        with self._lock:
+            heapq.heappush(self._resting, time.monotonic() + max(0.0, seconds))
+
+    def resting(self) -> int:
+        """Calls waiting to retry now."""
+        if not self._resting:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            while self._resting and self._resting[0] <= now:
+                heapq.heappop(self._resting)
+            return len(self._resting)
 
     # -- taking and giving back slots -----------------------------------------------
 
@@ -104,8 +134,10 @@ class EndpointLimiter:
             yield
         except BaseException as exc:
             self._release(None, exc)
+            self._pump()
             raise
         self._release(time.perf_counter() - start, None)
+        self._pump()
 
     @contextlib.asynccontextmanager
     async def aslot(self):
@@ -116,8 +148,15 @@ class EndpointLimiter:
             yield
         except BaseException as exc:
             self._release(None, exc)
+            self._pump()
             raise
         self._release(time.perf_counter() - start, None)
+        self._pump()
+
+    def _pump(self) -> None:
+        pump = self.pump
+        if pump is not None:
+            pump()
 
     def _try(self) -> bool:
         if self.in_flight < int(self.limit) and not self._waiters:
@@ -147,7 +186,10 @@ class EndpointLimiter:
             waiter = _Waiter()
             self._waiters.append(waiter)
             self._note_demand()
-        waiter.lock.acquire()  # released by the releaser, who counted us in already
+        # Released by the releaser, who counted us in already; meanwhile this thread reports (a share
+        # of 0 grows only by a report, and nothing else in a worker may make one).
+        while not waiter.lock.acquire(timeout=PUMP_S):
+            self._pump()
 
     async def _aacquire(self) -> None:
         with self._lock:
@@ -157,7 +199,14 @@ class EndpointLimiter:
             self._waiters.append(waiter)
             self._note_demand()
         try:
-            await waiter.future
+            if self.pump is None:
+                await waiter.future
+            else:
+                while True:
+                    done, _ = await asyncio.wait((waiter.future,), timeout=PUMP_S)
+                    if done:
+                        break
+                    self._pump()
         except BaseException:
             with self._lock:
                 if waiter.granted:  # granted while being cancelled: give the slot back
@@ -183,6 +232,9 @@ class EndpointLimiter:
             if exc is None:
                 s.ok += 1
                 s.latency_sum += latency or 0.0
+                if s.latency_hist is None:
+                    s.latency_hist = [0] * LATENCY_BUCKETS
+                s.latency_hist[latency_bucket(latency or 0.0)] += 1
                 if self.limit < self.share and self.backoff is None:  # pace growth: one more slot per answer
                     self.limit = min(self.share, self.limit + 1)
             elif is_overload(exc):
