@@ -71,11 +71,13 @@ def main() -> None:
           f"full eval every {search.full_eval_steps}; {args.threads} threads per evaluator", flush=True)
 
     def dev_score(fake, program) -> float:
-        ctx = EvalContext(task=task, lm=EndpointSettings(base_url=fake.base_url, model="fake-model"), threads=32)
+        ctx = EvalContext(task=task, lm=EndpointSettings(base_url=fake.base_url, model="fake-model", cache="off"),
+                          threads=32)
         return EvalSummary.of(EvalRuntime(ctx).evaluate(program, dev), task.metric).score
 
     with FakeLLM(gold=triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"]), latency=args.latency) as fake:
-        settings = EndpointSettings(base_url=fake.base_url, model="fake-model", max_in_flight=256)
+        # No LM cache: each side pays for every call, as the comparison assumes (see optimize_cache.py for it).
+        settings = EndpointSettings(base_url=fake.base_url, model="fake-model", max_in_flight=256, cache="off")
 
         # -- DSPy's own MIPROv2, sequential trials -------------------------------------------------
         captured: dict = {}

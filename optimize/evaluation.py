@@ -35,7 +35,11 @@ from tasks.base import Task
 
 
 class EvalContext(BaseModel):
-    """Everything an evaluation needs besides the program and the examples (sent to every worker)."""
+    """Everything an evaluation needs besides the program and the examples (sent to every worker).
+
+    The endpoint settings carry the LM cache's location (``cache``), so every worker opens the same
+    store, and answers one worker paid for are free to the others (``docs/optimize.md``).
+    """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import dspy
 
+from dspy_ray.client.cache.config import pinned_location
+from dspy_ray.client.limiter import ensure_coordinator
 from dspy_ray.execution.artifacts import ArtifactMetadata, redacted_settings, save_artifact, sidecar_path
 from dspy_ray.endpoints.fallback import open_endpoints
 from dspy_ray.util.fs import filesystem_for, is_uri, write_bytes
@@ -248,10 +250,11 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
          lm_settings: EndpointSettings, judge_settings: EndpointSettings | None,
          embed_settings: EndpointSettings | None, start: float) -> OptimizeResult:
     init_ray()
+    ensure_coordinator()  # the endpoint's limit service, owned here: it outlives any worker that is lost
     before = process_usage()  # this process's own calls (GEPA reflects from the driver)
     with open_endpoints(lm=lm_settings, judge=judge_settings if cfg.judge else None,
                         embed=embed_settings) as endpoints:
-        lm, judge = endpoints.lm, endpoints.judge
+        lm, judge = _pinned_cache(endpoints.lm), _pinned_cache(endpoints.judge)
         # Opened here, once the embedder is up: a missing or broken index fails before any LM call.
         resources = plan.task.program.open_resources(cfg.resources, endpoints.embed)
 
@@ -281,6 +284,13 @@ def _run(cfg: OptimizeConfig, plan: RunPlan, storage: RunStorage, estimate: Call
     result = finish(cfg, plan, storage, lm, judge, program, outcome, baseline, optimized, estimate, start)
     result.usage = usage
     return result
+
+
+def _pinned_cache(settings: EndpointSettings | None) -> EndpointSettings | None:
+    """``settings`` with a relative LM cache folder made absolute: every worker opens the store this process names."""
+    if settings is None:
+        return None
+    return settings.model_copy(update={"cache": pinned_location(settings.cache)})
 
 
 def _threads(cfg: OptimizeConfig, lm: EndpointSettings, judge: EndpointSettings | None) -> int:

@@ -18,11 +18,13 @@ functions of their arguments, so a retry is harmless.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from collections.abc import Hashable, Iterable
 from typing import Any
 
 import dspy
 
+from dspy_ray.client.cache import close_caches
 from dspy_ray.client.json_adapter import CachingJSONAdapter
 from dspy_ray.execution.scoring import DSPyMetric
 from optimize.candidates import (
@@ -38,6 +40,8 @@ from optimize.candidates import (
 from dspy_ray.client.usage import merge_by_key, process_usage
 from optimize.evaluation import EvalContext, EvalRuntime
 from optimize.trial import TrialRequest, TrialResult, run_trial
+
+FLUSH_TIMEOUT_S = 10.0  # how long shutdown waits for the workers to write their pending LM cache entries
 
 
 class EvalWorker:
@@ -81,6 +85,29 @@ class EvalWorker:
         """Every LM call this worker's process made, by endpoint (:func:`dspy_ray.client.usage.process_usage`)."""
         return process_usage()
 
+    def close_caches(self) -> None:
+        """Write the answers this process's LM cache still holds in memory, and let go of its stores."""
+        close_caches()
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """This process's LM cache counters (hits, misses, puts, errors, ...) by role, for roles with a cache."""
+        lms = {"lm": self.runtime.lm, "judge": self.runtime.judge.lm if self.runtime.judge is not None else None}
+        return {role: lm.cache_store.stats().as_dict() for role, lm in lms.items()
+                if lm is not None and getattr(lm, "cache_store", None) is not None}
+
+
+MAX_REPLACEMENTS = 3  # how often one call may lose its worker (node) before the run gives up
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    args: tuple
+    replacements: int = 0
+
+    def again(self) -> _Call:
+        return _Call(self.method, self.args, self.replacements + 1)
+
 
 class WorkerPool:
     """``size`` EvalWorker actors and the calls running on them (one per actor at a time)."""
@@ -88,11 +115,12 @@ class WorkerPool:
     def __init__(self, ctx: EvalContext, size: int):
         import ray
 
-        actor = ray.remote(EvalWorker).options(num_cpus=ctx.num_cpus, max_restarts=3, max_task_retries=3)
+        self._new = lambda: ray.remote(EvalWorker).options(num_cpus=ctx.num_cpus, max_restarts=3,
+                                                            max_task_retries=3).remote(ctx)
         self.size = size
-        self.actors = [actor.remote(ctx) for _ in range(size)]
+        self.actors = [self._new() for _ in range(size)]
         self.idle = list(self.actors)
-        self.pending: dict[Any, tuple[Any, Hashable]] = {}  # ObjectRef -> (actor, tag)
+        self.pending: dict[Any, tuple[Any, Hashable, _Call]] = {}  # ObjectRef -> (actor, tag, the call)
         self._map_lock = threading.Lock()  # DSPy's optimizers may evaluate from several threads
 
     def __enter__(self) -> WorkerPool:
@@ -112,17 +140,40 @@ class WorkerPool:
         """Start ``method(*args)`` on an idle actor; ``tag`` comes back with its result."""
         if not self.idle:
             raise RuntimeError("no idle worker: wait for one first")
-        actor = self.idle.pop()
-        self.pending[getattr(actor, method).remote(*args)] = (actor, tag)
+        self._start(self.idle.pop(), tag, _Call(method, args))
+
+    def _start(self, actor: Any, tag: Hashable, call: _Call) -> None:
+        self.pending[getattr(actor, call.method).remote(*call.args)] = (actor, tag, call)
 
     def wait_one(self) -> tuple[Hashable, Any]:
-        """(tag, result) of the next call to finish; a failed call raises its Ray error."""
+        """(tag, result) of the next call to finish; a failed call raises its Ray error.
+
+        A worker lost with its node (dead, or unreachable past Ray's own retries) is replaced by a new
+        one and its call started again there, up to ``MAX_REPLACEMENTS`` times; only that call is redone.
+        """
         import ray
 
-        [ref], _ = ray.wait(list(self.pending), num_returns=1)
-        actor, tag = self.pending.pop(ref)
-        self.idle.append(actor)
-        return tag, ray.get(ref)
+        while True:
+            [ref], _ = ray.wait(list(self.pending), num_returns=1)
+            actor, tag, call = self.pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
+                if call.replacements >= MAX_REPLACEMENTS:
+                    self.idle.append(actor)
+                    raise
+                self._start(self._replace(actor), tag, call.again())
+                continue
+            self.idle.append(actor)
+            return tag, result
+
+    def _replace(self, actor: Any) -> Any:
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        new = self._new()
+        self.actors[self.actors.index(actor)] = new
+        return new
 
     def map(self, calls: Iterable[tuple[Hashable, str, tuple]]) -> dict[Hashable, Any]:
         """Run every (tag, method, args) on the pool, at most ``size`` at once; tag -> result."""
@@ -151,6 +202,11 @@ class WorkerPool:
     def shutdown(self) -> None:
         import ray
 
+        # ray.kill skips a process's exit hooks: the idle workers write their pending cache entries first
+        # (a busy one is abandoned with its call; waiting for it would hold up a Ctrl-C).
+        flushes = [actor.close_caches.remote() for actor in self.idle]
+        if flushes:
+            ray.wait(flushes, num_returns=len(flushes), timeout=FLUSH_TIMEOUT_S)
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.idle, self.pending = [], [], {}
