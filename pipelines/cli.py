@@ -50,13 +50,17 @@ def build_parser(task: Task | None, prog: str, *, task_flag: bool = False) -> ar
     if task_flag:
         add_task_arg(parser, names=task_names())
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of .txt; "
+    io.add_argument("--input", required=True, help="parquet/jsonl/csv file, a folder of them, or a folder of "
+                                                   "documents (txt, md, rst, html, pdf, docx, eml: one row each); "
                                                    "a local path or s3://, gs://, file:// URI")
     io.add_argument("--output", required=True, help="output folder or object-store prefix (parquet dataset)")
     io.add_argument("--text-column", default=task.cli.text_column, help="column holding the text")
     io.add_argument("--id-column", default=task.cli.id_column, help="column holding row ids (generated if absent)")
     io.add_argument("--limit", type=positive_int, default=None, help="process only the first N rows (N >= 1)")
     io.add_argument("--resume", action="store_true", help="continue a killed run: skip ids already in --output")
+    io.add_argument("--no-precheck", dest="precheck", action="store_false",
+                    help="skip the validation pass over the whole input before the first LM call (for a corpus "
+                         "known to be good: a bad file then stops the run when a worker reaches it)")
     io.add_argument("--max-chars", type=positive_int, default=task.cli.max_chars,
                     help="truncate longer texts (noted in the row's errors)")
     task.add_resource_args(io)
@@ -152,7 +156,7 @@ def run_task(task: Task, args: argparse.Namespace) -> RunResult:
     return run_pipeline(spec, args.output, stage_chain(task, args), lm,
                         embed_settings=embed, resume=args.resume, summary_columns=task.cli.summary_columns,
                         embedded_default=embedded_default_hook(task, args),
-                        budget=Budget(args.max_tokens, args.max_cost))
+                        budget=Budget(args.max_tokens, args.max_cost), precheck_first=args.precheck)
 
 
 def parse_args(task_ref: str | Task | None, argv: list[str] | None, prog: str | None

@@ -1,7 +1,12 @@
 """``python -m pipelines.retrieve``: rank passages for a file of queries, no LM - how retrieval is evaluated.
 
     python -m pipelines.retrieve --index out/rag-index --input data/rag_dev.jsonl --query-column question \\
-        --k 10 --output out/dev-retrieval.jsonl [--mode dense|bm25|hybrid]
+        --k 10 --output out/dev-retrieval.jsonl [--mode dense|bm25|hybrid] [--no-decompose] [--per-source N]
+
+Multi-part questions ("read a CSV file and write it as JSON") are searched as a
+whole and in parts, the rankings fused, and at most ``--per-source`` passages
+(default 2) of one document kept, so the second document gets a place
+(:mod:`dspy_ray.retrieval.decompose`; no LM).
 
 Input: a jsonl / csv / parquet file (or folder) with a query column (``--query-column``,
 default ``question``) and an id column (``--id-column``, default ``id``; generated from
@@ -105,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id-column", default="id", help="column holding query ids (generated if absent)")
     parser.add_argument("--k", type=positive_int, default=10, help="passages per query")
     parser.add_argument("--mode", choices=list(MODES), default=None, help="default: the index's (manifest)")
+    parser.add_argument("--no-decompose", dest="decompose", action="store_false",
+                        help="search each query whole only, not also its parts (split at conjunctions)")
+    parser.add_argument("--per-source", type=int, default=None, metavar="N",
+                        help="at most N passages of one document per query (default 2; 0: no cap)")
     parser.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched (approximate indexes)")
     parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth")
     add_endpoint_args(parser, "EMBED")
@@ -116,7 +125,10 @@ def retrieve(args: argparse.Namespace) -> tuple[list[dict], str]:
     manifest = read_manifest(args.index)  # a missing index fails before the queries are read
     table = load_corpus(InputSpec(args.input, text_column=args.query_column, id_column=args.id_column))
     mode = args.mode or manifest.retrieval.mode
-    options = RetrieverOptions(mode=mode, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.per_source is not None and args.per_source < 0:
+        raise ValueError(f"--per-source must be 0 or more, got {args.per_source}")
+    options = RetrieverOptions(mode=mode, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
+                               decompose=args.decompose, per_source=args.per_source)
     embed = resolve_settings("EMBED", flags=endpoint_flags(args, "EMBED"))
     needs_embedder = mode != "bm25"
     with (open_endpoints(embed=embed, discover=ray_connected(), say=say) if needs_embedder

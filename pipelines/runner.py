@@ -13,24 +13,29 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dspy_ray.endpoints.fallback import open_endpoints
-from dspy_ray.util.fs import filesystem_for, is_uri
 from dspy_ray.client.limiter import ensure_coordinator
-from dspy_ray.util.ray_runtime import init_ray
-from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.client.usage import Budget, RunMeter, Usage, total_of
-from pipelines.inputs import InputSpec, load_corpus, to_dataset
-from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
+from dspy_ray.corpus import InputError, InputFiles, InputSpec, discover
+from dspy_ray.corpus.local import read_table
+from dspy_ray.corpus.precheck import Checked, precheck
+from dspy_ray.corpus.source import corpus_dataset, input_error_in
+from dspy_ray.endpoints.fallback import open_endpoints
+from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.util.cli import EXIT_USAGE
+from dspy_ray.util.fs import filesystem_for, is_uri
+from dspy_ray.util.ray_runtime import init_ray
+from pipelines.inputs import to_dataset
+from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ class RunResult:
     rows_left: int = 0  # rows of the input not written: the budget was reached first
     stop_reason: str | None = None  # why the run stopped taking rows (the budget), None when it finished
     usage: dict[str, dict] = field(default_factory=dict)  # stage -> Usage as a dict, this run's LM calls
+    ignored: list[str] = field(default_factory=list)  # input files of unsupported kinds, not read
+    unreadable: list[str] = field(default_factory=list)  # "file: why" of documents that gave no text (first 20)
+    unreadable_count: int = 0  # all of them: each is still a row, with the reason in its errors
 
     @property
     def rows_per_s(self) -> float:
@@ -74,11 +82,25 @@ class RunResult:
             f"({self.rows_per_s:.1f} rows/s); {self.rows_total} rows in total, "
             f"{self.rows_with_errors} with errors; {labels}"
         ]
-        lines += self.usage_lines()
+        lines += self.usage_lines() + self.input_lines()
         if self.stopped:
             lines.append(f"stopped: budget reached ({self.stop_reason}) with {self.rows_left} rows left; every "
                          f"finished row is written; run the same command with --resume to continue")
         return "\n".join(lines + self.constant_output_warnings())
+
+    def input_lines(self) -> list[str]:
+        """Every input file accounted for: those of unsupported kinds, and documents that gave no text."""
+        lines = []
+        if self.ignored:
+            more = f" and {len(self.ignored) - 10} more" if len(self.ignored) > 10 else ""
+            lines.append(f"not read: {len(self.ignored)} files of unsupported kinds: "
+                         f"{', '.join(self.ignored[:10])}{more}")
+        if self.unreadable_count:
+            lines.append(f"{self.unreadable_count} documents gave no text (a row each, the reason in its errors):")
+            lines += [f"  {line}" for line in self.unreadable]
+            if self.unreadable_count > len(self.unreadable):
+                lines.append(f"  ... and {self.unreadable_count - len(self.unreadable)} more")
+        return lines
 
     def usage_lines(self) -> list[str]:
         """One line per stage and a total: LM calls sent, retries, answers from the cache, tokens, cost, calls
@@ -110,6 +132,14 @@ class RunResult:
 # -- resume -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Written:
+    """The readable parquet files already in the output, and their rows (from the footers: no row is read)."""
+
+    files: tuple[str, ...] = ()
+    rows: int = 0
+
+
 def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
@@ -117,26 +147,64 @@ def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
 
 
-def written_ids(output: str) -> set[str]:
-    """Ids already in ``output``'s parquet files; unreadable (half-written) files are set aside."""
+def written_files(output: str) -> Written:
+    """The complete parquet files in ``output``; a half-written one (a killed writer: no footer) is set aside
+    in ``_incomplete/`` and its rows are redone."""
     fs, root = filesystem_for(output)
-    done: set[str] = set()
+    files, rows = [], 0
     for path in _parquet_files(fs, root):
         try:
-            ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
-        except Exception as exc:  # noqa: BLE001 - a killed writer leaves truncated files
+            with fs.open_input_file(path) as f:
+                rows += pq.read_metadata(f).num_rows
+            files.append(path)
+        except Exception as exc:
             quarantine = f"{root.rstrip('/')}/{QUARANTINE_DIR}"
             fs.create_dir(quarantine, recursive=True)
             name = path.rsplit("/", 1)[-1]
             fs.move(path, f"{quarantine}/{name}")
             logger.warning("set aside unreadable output file %s (%s); its rows will be redone", name, exc)
-            continue
-        done.update(ids)
-    return done
+    return Written(tuple(files), rows)
 
 
-def prepare_output(output: str, resume: bool) -> set[str]:
-    """Check the output location (a folder or an object-store prefix) and return the ids already there."""
+def written_ids(output: str) -> set[str]:
+    """Ids already in ``output`` (for tests and tools: a run excludes them on the workers, see
+    :func:`exclude_written`)."""
+    fs, _ = filesystem_for(output)
+    return {i for path in written_files(output).files
+            for i in pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()}
+
+
+class _DropWritten:
+    """A Ray Data UDF (one per actor): drops the rows whose id is already written.  The written ids arrive as
+    object-store refs of their blocks, fetched once per actor; the driver never holds them."""
+
+    def __init__(self, refs: list):
+        import ray
+
+        tables = ray.get(refs)
+        self.done = pa.concat_arrays([t.column("id").combine_chunks() for t in tables if t.num_rows]
+                                     or [pa.array([], pa.string())])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.done)))
+
+
+def exclude_written(ds, output: str, written: Written):
+    """``ds`` without the rows whose id is already written, filtered on the workers: the written ids are read
+    there (parquet, the id column only) and each filter actor holds them as one Arrow array (~20 bytes an id)."""
+    import ray
+
+    if not written.files:
+        return ds
+    fs, _ = filesystem_for(output)
+    done = ray.data.read_parquet(list(written.files), columns=["id"], filesystem=fs).materialize()
+    refs = done.to_arrow_refs()
+    return ds.map_batches(_DropWritten, fn_constructor_args=(refs,), batch_format="pyarrow", batch_size=None,
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+
+
+def prepare_output(output: str, resume: bool) -> Written:
+    """Check the output location (a folder or an object-store prefix); with ``resume``, what is written there."""
     try:
         fs, root = filesystem_for(output)
         kind = fs.get_file_info(root).type
@@ -149,7 +217,7 @@ def prepare_output(output: str, resume: bool) -> set[str]:
             f"output {output} already holds results; pass --resume to continue that run, or choose a new --output"
         )
     check_writable(output, fs, root)
-    return written_ids(output) if resume else set()
+    return written_files(output) if resume else Written()
 
 
 def check_writable(output: str, fs: pafs.FileSystem, root: str) -> None:
@@ -168,6 +236,36 @@ def check_writable(output: str, fs: pafs.FileSystem, root: str) -> None:
 # -- running ----------------------------------------------------------------
 
 
+@dataclass
+class CorpusPlan:
+    """What the driver knows of the input before the stages start: never its rows."""
+
+    found: InputFiles
+    rows: int | None  # None: not counted (--no-precheck)
+    table: pa.Table | None = None  # --limit: the first rows, read here
+    checked: Checked | None = None
+
+
+def plan_input(spec: InputSpec, precheck_first: bool) -> CorpusPlan:
+    """List the corpus and check it (on the workers, no LM) before any LM call; ``--limit`` rows are read here."""
+    found = discover(spec)
+    if spec.limit is not None:
+        table = read_table(found, spec)
+        return CorpusPlan(found, table.num_rows, table=table)
+    init_ray()
+    if not precheck_first:
+        return CorpusPlan(found, None)
+    checked = precheck(found, spec)
+    return CorpusPlan(found, checked.rows, checked=checked)
+
+
+def input_dataset(plan: CorpusPlan, spec: InputSpec, per_block: int):
+    if plan.table is not None:
+        return to_dataset(plan.table, rows_per_block=per_block)
+    return corpus_dataset(plan.found, spec, rows_per_block=per_block,
+                          types=plan.checked.types if plan.checked is not None else None)
+
+
 def run_pipeline(
     spec: InputSpec,
     output: str,
@@ -179,6 +277,7 @@ def run_pipeline(
     summary_columns: tuple[str, ...] = (),
     embedded_default: Callable[[DSPyStage], str | None] | None = None,
     budget: Budget | None = None,
+    precheck_first: bool = True,
 ) -> RunResult:
     """Run ``stages`` over the corpus into ``output``.
 
@@ -186,81 +285,144 @@ def run_pipeline(
     the LM turns out to be the embedded model, the artifact a stage without one loads instead.
     ``budget``: ``--max-tokens`` / ``--max-cost``; once reached the run starts no new rows, writes
     every finished one and returns with ``stopped`` set (``--resume`` continues).
+    ``precheck_first`` False (``--no-precheck``): no validation pre-pass; a bad file stops the run when
+    a worker reaches it.
     """
-    import ray
-
     out = output if is_uri(output) else str(Path(output).resolve())
-    done = prepare_output(out, resume)
-    table = load_corpus(spec)  # every input problem is reported here, before any LM call
-    todo = table.filter(pa.compute.invert(pa.compute.is_in(table.column("id"), pa.array(sorted(done), pa.string()))))
-    resumed = table.num_rows - todo.num_rows
+    written = prepare_output(out, resume)
+    plan = plan_input(spec, precheck_first)  # every input problem is reported here, before any LM call
+    resumed = written.rows if plan.rows is None else min(written.rows, plan.rows)
+    todo = None if plan.rows is None else plan.rows - resumed
     start = time.perf_counter()
     stop_reason = None
-    if todo.num_rows:
-        init_ray()
-        with open_endpoints(lm=lm_settings, embed=embed_settings) as endpoints:
-            settings = endpoints.lm
-            if settings.origin == "embedded" and embedded_default is not None:
-                stages = [s if s.artifact else s.model_copy(update={"artifact": embedded_default(s)}) for s in stages]
-            ray.data.DataContext.get_current().enable_progress_bars = True
-            # The endpoint's limit lives in an actor of this driver, so it lasts as long as the run.
-            ensure_coordinator()
-            meter_name, meter = None, None
-            if budget is not None and budget.set:  # what the rows spend, gathered while they run
-                meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
-                meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
-                                                                                          budget.max_cost)
-            # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
-            # actor (and, streaming, every stage) busy at once.
-            actors = max(stage.num_actors for stage in stages)
-            per_block = max(1, min(4 * max(stage.batch_size for stage in stages), -(-todo.num_rows // (2 * actors))))
-            ds = to_dataset(todo, rows_per_block=per_block)
-            on_endpoint = sum(stage.num_actors for stage in stages)
-            for i, stage in enumerate(stages):
-                ds = stage.apply(ds, settings, embed_settings=endpoints.embed, rows_per_block=per_block,
-                                 actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0)
-            ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
-            if meter is not None:
-                stop_reason = ray.get(meter.report.remote())["stop_reason"]
-                ray.kill(meter)
+    if todo is None or todo > 0:
+        try:
+            stop_reason = _run_stages(plan, spec, out, written, stages, lm_settings, embed_settings,
+                                      embedded_default, budget, todo)
+        except Exception as exc:
+            found = input_error_in(exc)  # --no-precheck: a bad file met by a worker
+            if found is not None:
+                raise InputError(str(found)) from None
+            raise
     seconds = time.perf_counter() - start
-    result = summarize(out, resumed, seconds, summary_columns, done=done)
+    result = summarize(out, resumed, seconds, summary_columns, before=written.files)
     result.stop_reason = stop_reason
-    result.rows_left = max(0, todo.num_rows - result.rows_this_run)
+    result.ignored = plan.found.unsupported
+    if plan.checked is not None:
+        result.unreadable, result.unreadable_count = plan.checked.unreadable, plan.checked.unreadable_count
+    if stop_reason is not None:
+        rows = plan.rows if plan.rows is not None else corpus_dataset(plan.found, spec).count()
+        result.rows_left = max(0, rows - resumed - result.rows_this_run)
     return result
+
+
+def _run_stages(plan: CorpusPlan, spec: InputSpec, out: str, written: Written, stages: list[DSPyStage],
+                lm_settings: EndpointSettings, embed_settings: EndpointSettings | None,
+                embedded_default: Callable[[DSPyStage], str | None] | None, budget: Budget | None,
+                todo: int | None) -> str | None:
+    """The stage chain over the rows not yet written, into ``out``; why it stopped taking rows, if it did."""
+    import ray
+
+    init_ray()
+    with open_endpoints(lm=lm_settings, embed=embed_settings) as endpoints:
+        settings = endpoints.lm
+        if settings.origin == "embedded" and embedded_default is not None:
+            stages = [s if s.artifact else s.model_copy(update={"artifact": embedded_default(s)}) for s in stages]
+        ray.data.DataContext.get_current().enable_progress_bars = True
+        # The endpoint's limit lives in an actor of this driver, so it lasts as long as the run.
+        ensure_coordinator()
+        meter_name, meter = None, None
+        if budget is not None and budget.set:  # what the rows spend, gathered while they run
+            meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
+            meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
+                                                                                      budget.max_cost)
+        # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
+        # actor (and, streaming, every stage) busy at once.
+        actors = max(stage.num_actors for stage in stages)
+        per_block = 4 * max(stage.batch_size for stage in stages)
+        if todo is not None:
+            per_block = max(1, min(per_block, -(-todo // (2 * actors))))
+        ds = exclude_written(input_dataset(plan, spec, per_block), out, written)
+        on_endpoint = sum(stage.num_actors for stage in stages)
+        for i, stage in enumerate(stages):
+            ds = stage.apply(ds, settings, embed_settings=endpoints.embed, rows_per_block=per_block,
+                             actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0)
+        ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
+        if meter is None:
+            return None
+        stop_reason = ray.get(meter.report.remote())["stop_reason"]
+        ray.kill(meter)
+        return stop_reason
+
+
+# -- the summary -------------------------------------------------------------
+
+
+def file_summary(path: str, fs: pafs.FileSystem, columns: tuple[str, ...]) -> dict:
+    """One output file's rows, rows with errors, label counts and LM usage per stage, by Arrow compute."""
+    with fs.open_input_file(path) as f:
+        names = pq.read_schema(f).names
+    t = pq.read_table(path, columns=[c for c in (ERRORS_COLUMN, USAGE_COLUMN, *columns) if c in names],
+                      filesystem=fs)
+    found: dict = {"rows": t.num_rows, "with_errors": 0, "labels": {}, "usage": {}}
+    if ERRORS_COLUMN in t.column_names:
+        found["with_errors"] = pc.sum(pc.greater(pc.fill_null(pc.list_value_length(t[ERRORS_COLUMN]), 0), 0)).as_py() or 0
+    for col in columns:
+        if col in t.column_names:
+            counts = pc.value_counts(t[col].combine_chunks())
+            found["labels"][col] = {"null" if v is None else str(v): n for v, n in
+                                    zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())}
+    if USAGE_COLUMN in t.column_names and t.num_rows:
+        usage = t[USAGE_COLUMN].combine_chunks()
+        for stage in (usage.type.field(i).name for i in range(usage.type.num_fields)):
+            found["usage"][stage] = _stage_usage(pc.struct_field(usage, stage))
+    return found
+
+
+def _stage_usage(stage: pa.StructArray) -> dict:
+    """Totals of one stage's usage struct over the rows that called the LM or the cache; ``rows``: how many."""
+    def field(name: str) -> pa.Array:
+        return pc.struct_field(stage, name) if stage.type.get_field_index(name) >= 0 else pa.nulls(len(stage), pa.int64())
+
+    used = pc.fill_null(pc.or_(pc.greater(field("calls"), 0), pc.greater(field("cached"), 0)), False)
+    picked = {name: pc.filter(field(name), used) for name in Usage.__dataclass_fields__}
+    totals = {name: pc.sum(values).as_py() for name, values in picked.items()}
+    return {**{k: (v or 0) if k != "cost_usd" else v for k, v in totals.items()}, "rows": pc.sum(used).as_py() or 0}
 
 
 def summarize(out: str, resumed: int, seconds: float, columns: tuple[str, ...], *,
-              done: set[str] | frozenset[str] = frozenset()) -> RunResult:
-    """Read the output back: rows, errors, label counts, and the LM usage of the rows this run wrote
-    (``done``: the ids that were there before it)."""
+              before: tuple[str, ...] = ()) -> RunResult:
+    """Read the output's files back (``before``: those there before this run): rows, errors, label counts,
+    and the LM usage of the rows this run wrote; one small dict per file, computed where Ray runs."""
     fs, root = filesystem_for(out)
-    wanted = ["id", ERRORS_COLUMN, USAGE_COLUMN, *columns]
+    paths = _parquet_files(fs, root)
+    summaries = _per_file(paths, fs, columns)
     result = RunResult(out, 0, 0, resumed, seconds)
     usage: dict[str, Usage] = {}
     rows_run: Counter = Counter()
-    for path in _parquet_files(fs, root):
-        with fs.open_input_file(path) as f:
-            names = pq.read_schema(f).names
-        t = pq.read_table(path, columns=[c for c in wanted if c in names], filesystem=fs)
-        result.rows_total += t.num_rows
-        if ERRORS_COLUMN in t.column_names:
-            result.rows_with_errors += sum(1 for e in t.column(ERRORS_COLUMN).to_pylist() if e)
-        for col in columns:
-            if col in t.column_names:
-                counts = result.label_counts.setdefault(col, {})
-                for value, n in Counter(t.column(col).to_pylist()).items():
-                    key = "null" if value is None else str(value)
-                    counts[key] = counts.get(key, 0) + n
-        if USAGE_COLUMN in t.column_names:
-            ids = t.column("id").to_pylist()
-            for rid, row in zip(ids, t.column(USAGE_COLUMN).to_pylist()):
-                if rid in done or not row:
-                    continue
-                for stage, data in row.items():
-                    if data and (data.get("calls") or data.get("cached")):
-                        usage.setdefault(stage, Usage()).add(Usage.from_dict(data))
-                        rows_run[stage] += 1
-    result.rows_this_run = result.rows_total - len(done)
+    old = set(before)
+    for path, found in zip(paths, summaries):
+        result.rows_total += found["rows"]
+        result.rows_with_errors += found["with_errors"]
+        if path not in old:
+            result.rows_this_run += found["rows"]
+        for col, counts in found["labels"].items():
+            merged = result.label_counts.setdefault(col, {})
+            for key, n in counts.items():
+                merged[key] = merged.get(key, 0) + n
+        for stage, data in found["usage"].items() if path not in old else ():
+            if data["rows"]:
+                usage.setdefault(stage, Usage()).add(Usage.from_dict(data))
+                rows_run[stage] += data["rows"]
     result.usage = {stage: {**u.as_dict(), "rows": rows_run[stage]} for stage, u in usage.items()}
     return result
+
+
+def _per_file(paths: list[str], fs: pafs.FileSystem, columns: tuple[str, ...]) -> list[dict]:
+    """:func:`file_summary` of each file: as Ray tasks when Ray is up (the files are read on the workers)."""
+    import ray
+
+    if not ray.is_initialized() or len(paths) < 2:
+        return [file_summary(p, fs, columns) for p in paths]
+    task = ray.remote(num_cpus=0.25)(file_summary)
+    return ray.get([task.remote(p, fs, columns) for p in paths])

@@ -283,3 +283,33 @@ def test_embedded_embedder_is_the_default(ray_local, tmp_path, monkeypatch, caps
         hit = retriever.search("What colour do the most critical calls flash on dispatch screens?")[0]
         retriever.close()
     assert hit.source == "dispatch/priority_codes.md"
+
+
+@pytest.mark.slow
+def test_pdf_word_and_mail_are_indexed_with_page_sections(ray_local, embed_fake, tmp_path, monkeypatch, capsys):
+    """The issue's new user: a .pdf, a .docx, an .eml and two .md files are all read; a scan is named, a PNG too."""
+    from tests.doc_fixtures import make_docx, make_eml, make_pdf
+
+    corpus = copy_corpus(tmp_path / "corpus", SMALL[:1])
+    (corpus / "guide.md").write_text("# Hydrants\n\nKeep hydrants clear of snow.\n")
+    detour = "Traffic from the ferry terminal turns left at the old station and follows the harbour wall."
+    (corpus / "closure.pdf").write_bytes(make_pdf([["Quay Street is closed.", *[detour] * 5],
+                                                   ["Use Dock Road instead.", *[detour] * 5]]))
+    (corpus / "scan.pdf").write_bytes(make_pdf([["x"]], image_only=True))
+    (corpus / "crews.docx").write_bytes(make_docx("Crews", [("North", ["Engine 4 covers the north."])]))
+    (corpus / "dog.eml").write_bytes(make_eml("Loose dog on Pier 3", "A large dog is loose on Pier 3."))
+    (corpus / "logo.png").write_bytes(b"\x89PNG")
+    code, out, err = _cli(monkeypatch, capsys, embed_fake, "--corpus", corpus, "--index", tmp_path / "index")
+    assert code == 0, err
+    assert "skipped scan.pdf: no text layer" in err
+    assert "not a document kind: logo.png" in err
+    assert "5 files read, 1 skipped (scan.pdf: no text layer" in out.strip().splitlines()[-1]
+    passages = pq.read_table(tmp_path / "index" / PASSAGES).to_pylist()
+    by_file = {}
+    for p in passages:
+        by_file.setdefault(p["file"], []).append(p)
+    assert set(by_file) == {SMALL[0], "guide.md", "closure.pdf", "crews.docx", "dog.eml"}
+    dock = next(p for p in by_file["closure.pdf"] if "Dock Road" in p["text"])
+    assert dock["section"] == "page 2"
+    assert any("Engine 4" in p["text"] and p["section"] == "Crews" for p in by_file["crews.docx"])  # one passage
+    assert by_file["dog.eml"][0]["section"] == "Loose dog on Pier 3"

@@ -54,6 +54,7 @@ class IndexSummary:
     skipped: list[Problem] = field(default_factory=list)  # file-level problems
     records_skipped: int = 0
     ignored: dict[str, int] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)  # files of other kinds (not hidden or excluded), by name
     new_files: int = 0
     changed_files: int = 0
     unchanged_files: int = 0
@@ -86,7 +87,12 @@ class IndexSummary:
 
     def ignored_line(self) -> str:
         items = ", ".join(f"{k} {v}" for k, v in sorted(self.ignored.items(), key=lambda kv: (-kv[1], kv[0])))
-        return f"ignored (not a document kind, hidden or excluded): {items}" if items else ""
+        if not items:
+            return ""
+        names = ", ".join(self.unsupported[:10]) + (f" and {len(self.unsupported) - 10} more"
+                                                    if len(self.unsupported) > 10 else "")
+        return f"ignored (not a document kind, hidden or excluded): {items}" + (
+            f"; not a document kind: {names}" if names else "")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Step 2 of a build: read and chunk every corpus file, or reuse its passages when it has not changed.
 
+Files are read, parsed (PDF, Word, mail ... through :mod:`dspy_ray.corpus.documents`, the reader the
+batch pipeline uses) and chunked in Ray tasks over groups of files when Ray is already up (a cluster
+job); the passages come back to this process, which builds the index from them.
+
 A file whose sha256 is the one the last complete build recorded, and whose passages all made it
 into that index, keeps its passages without being parsed.  Unreadable, undecodable or empty files
 and bad records are reported by name (the first :data:`SHOWN_PROBLEMS`), counted, and kept for
@@ -17,13 +21,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from dspy_ray.retrieval.manifest import ERRORS, FILES, PASSAGES, IndexManifest
 from dspy_ray.retrieval.passages import PASSAGE_SCHEMA
-from pipelines.chunking import Chunk, chunk_document
-from pipelines.documents import Corpus, CorpusError, CorpusFile, Problem, file_digest, parse_bytes
+from pipelines.chunking import Chunk, ChunkSettings, chunk_document
+from pipelines.documents import (
+    Corpus,
+    CorpusError,
+    CorpusFile,
+    Problem,
+    RecordColumns,
+    file_digest,
+    parse_bytes,
+)
 from pipelines.index.base import IndexDir, IndexOptions, IndexSummary
 
+FILES_PER_TASK = 32  # files one read task parses and chunks at most (when Ray is up)
+BYTES_PER_TASK = 64 << 20  # and at most this many bytes of them
 SHOWN_PROBLEMS = 20  # problems printed one per line; the rest are counted (all are in errors.parquet)
 
 
@@ -70,39 +85,37 @@ class CorpusReader:
         """Every file's passages; :class:`CorpusError` when no file gave one."""
         shas, reusable = self._previous_build()
         read = CorpusPassages()
-        self.summary.ignored = corpus.ignored
-        for f in corpus.files:
-            self._read_file(corpus, f, shas, reusable, read)
+        self.summary.ignored, self.summary.unsupported = corpus.ignored, corpus.unsupported
+        reuse = {path: shas[path] for path in reusable if path in shas}
+        for f, got in zip(corpus.files, read_files(corpus, reuse, self.options.columns, self.options.chunking)):
+            self._read_file(f, got, shas, reusable, read)
         self._summarize(corpus, shas, read)
         return read
 
-    def _read_file(self, corpus: Corpus, f: CorpusFile, shas: dict[str, str], reusable: dict[str, dict[str, list]],
+    def _read_file(self, f: CorpusFile, got: FileRead, shas: dict[str, str], reusable: dict[str, dict[str, list]],
                    read: CorpusPassages) -> None:
-        try:
-            raw = corpus.read(f)
-        except OSError as exc:
-            problem = Problem(f.path, f"cannot read ({getattr(exc, 'strerror', None) or exc})")
+        """Account for one file read (on a worker or here): reused, parsed into passages, or a problem."""
+        if got.error is not None:
+            problem = Problem(f.path, got.error)
             self._problem(problem, read)
             read.files.append(_file_row(f, None, f.size, 0, problem.reason))
             return
-        digest = file_digest(raw)
         before = shas.get(f.path)
         if before is None:
             self.summary.new_files += 1 if self.previous is not None else 0
-        elif before != digest:
+        elif before != got.digest:
             self.summary.changed_files += 1
-        elif f.path in reusable:
+        elif got.reused:
             self.summary.unchanged_files += 1
             rows = reusable[f.path]
             read.passages.extend(rows)
-            read.files.append(_file_row(f, digest, len(raw), len(rows["id"]), None))
+            read.files.append(_file_row(f, got.digest, got.size, len(rows["id"]), None))
             return
-        docs, problems = parse_bytes(f.path, f.kind, raw, self.options.columns)
-        for problem in problems:
+        for problem in got.problems:
             self._problem(problem, read)
-        count = sum(read.passages.add_chunks(chunk_document(doc, self.options.chunking)) for doc in docs)
-        file_problem = next((p.reason for p in problems if p.kind == "file"), None)
-        read.files.append(_file_row(f, digest, len(raw), count, file_problem))
+        read.passages.extend(got.rows)
+        file_problem = next((p.reason for p in got.problems if p.kind == "file"), None)
+        read.files.append(_file_row(f, got.digest, got.size, len(got.rows["id"]), file_problem))
 
     def _summarize(self, corpus: Corpus, shas: dict[str, str], read: CorpusPassages) -> None:
         s = self.summary
@@ -143,6 +156,61 @@ class CorpusReader:
         complete = {f["path"] for f in files if f["error"] is None and f["path"] in rows
                     and len(rows[f["path"]]["id"]) == f["passages"]}
         return shas, {path: group for path, group in rows.items() if path in complete}
+
+
+@dataclass
+class FileRead:
+    """One file read and chunked, wherever that ran: its sha256, and its passages unless it is reused."""
+
+    digest: str | None = None
+    size: int = 0
+    error: str | None = None  # it could not be read at all
+    reused: bool = False  # unchanged since the last build: its passages are kept, it was not parsed
+    rows: dict[str, list] = field(default_factory=lambda: {name: [] for name in PASSAGE_SCHEMA.names})
+    problems: list[Problem] = field(default_factory=list)
+
+
+def read_and_chunk(fs: pafs.FileSystem, files: list[CorpusFile], reuse: dict[str, str], columns: RecordColumns,
+                   chunking: ChunkSettings) -> list[FileRead]:
+    """Read, parse and chunk ``files`` (``reuse``: path -> the sha256 whose passages are kept): a task's work."""
+    out = []
+    for f in files:
+        try:
+            with fs.open_input_stream(f.full) as stream:
+                raw = stream.read()
+        except OSError as exc:
+            out.append(FileRead(error=f"cannot read ({getattr(exc, 'strerror', None) or exc})"))
+            continue
+        got = FileRead(digest=file_digest(raw), size=len(raw))
+        if reuse.get(f.path) == got.digest:
+            got.reused = True
+        else:
+            docs, got.problems = parse_bytes(f.path, f.kind, raw, columns)
+            chunks = [c for doc in docs for c in chunk_document(doc, chunking)]
+            got.rows = {name: [getattr(c, name) for c in chunks] for name in PASSAGE_SCHEMA.names}
+        out.append(got)
+    return out
+
+
+def read_files(corpus: Corpus, reuse: dict[str, str], columns: RecordColumns,
+               chunking: ChunkSettings) -> list[FileRead]:
+    """:func:`read_and_chunk` over the corpus, in its order: as Ray tasks over groups of files when Ray is up
+    and the files are where workers can open them (not an in-process ``memory://`` store), else here."""
+    import ray
+
+    if not ray.is_initialized() or isinstance(corpus.fs, pafs.PyFileSystem) or len(corpus.files) < 2:
+        return read_and_chunk(corpus.fs, corpus.files, reuse, columns, chunking)
+    groups, size = [[]], 0
+    for f in corpus.files:
+        if groups[-1] and (len(groups[-1]) >= FILES_PER_TASK or size + f.size > BYTES_PER_TASK):
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.size
+    task = ray.remote(read_and_chunk)
+    refs = [task.remote(corpus.fs, group, {f.path: reuse[f.path] for f in group if f.path in reuse}, columns,
+                        chunking) for group in groups]
+    return [got for part in ray.get(refs) for got in part]
 
 
 def _file_row(f: CorpusFile, sha256: str | None, size: int, passages: int, error: str | None) -> dict:

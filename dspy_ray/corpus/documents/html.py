@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import re
 
-from pipelines.documents.base import Block, Document, Problem, RecordColumns, one_document
+from dspy_ray.corpus.documents.base import (
+    Block,
+    Document,
+    Problem,
+    RecordColumns,
+    one_document,
+)
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9_.:-]+)""", re.I)
 
@@ -42,7 +48,7 @@ def read_html(path: str, kind: str, raw: bytes, columns: RecordColumns | None = 
         return [], [Problem(path, problem)]
     try:
         title, text, blocks, headings = html_document(markup)
-    except Exception as exc:  # noqa: BLE001 - a parser crash on one page must not stop the corpus
+    except Exception as exc:
         return [], [Problem(path, f"cannot parse HTML ({type(exc).__name__}: {exc})")]
     return one_document(path, title, text, blocks, headings,
                         empty="no text (after dropping navigation, scripts and styles)")

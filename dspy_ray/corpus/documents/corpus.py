@@ -9,12 +9,14 @@ size=4016, kind='md'), {})
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
+from dspy_ray.corpus.documents.base import KINDS, CorpusError
 from dspy_ray.util.fs import filesystem_for, list_files
-from pipelines.documents.base import KINDS, CorpusError
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Corpus:
     root: str
     files: list[CorpusFile]
     ignored: dict[str, int]  # extension (or "hidden or excluded") -> count
+    unsupported: list[str] = field(default_factory=list)  # files of other kinds, by corpus-relative path
 
     def read(self, f: CorpusFile) -> bytes:
         with self.fs.open_input_stream(f.full) as stream:
@@ -52,15 +55,18 @@ def scan_corpus(location: str, exclude: tuple[str, ...] = ()) -> Corpus:
     if info.type == pafs.FileType.NotFound:
         raise CorpusError(f"corpus not found: {location}")
     try:
-        listing = list_files(fs, root, info=info, hidden="path", exclude=exclude, suffixes=KINDS)
+        listing = list_files(fs, root, info=info, hidden="path", exclude=exclude)
     except OSError as exc:
         raise CorpusError(f"corpus {location}: cannot list ({_one_line(exc)})") from None
-    files = [CorpusFile(f.path, f.full, f.size, KINDS[f.suffix]) for f in listing.files]
+    files = [CorpusFile(f.path, f.full, f.size, KINDS[f.suffix]) for f in listing.files if f.suffix in KINDS]
+    unsupported = [f.path for f in listing.files if f.suffix not in KINDS]
+    skipped = Counter(listing.skipped)
+    skipped.update(PurePosixPath(p).suffix.lower() or "(no extension)" for p in unsupported)
     if not files:
         kinds = ", ".join(sorted(KINDS))
-        found = f" (found only: {_counts(listing.skipped)})" if listing.skipped else ""
+        found = f" (found only: {_counts(skipped)})" if skipped else ""
         raise CorpusError(f"corpus {location}: no files to index{found}; supported: {kinds}")
-    return Corpus(location, fs, root, files, listing.skipped)
+    return Corpus(location, fs, root, files, dict(skipped), unsupported)
 
 
 def file_digest(data: bytes) -> str:

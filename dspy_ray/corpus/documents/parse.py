@@ -12,21 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipelines.documents.base import Document, Problem, RecordColumns
-from pipelines.documents.corpus import Corpus, CorpusFile
-from pipelines.documents.html import read_html
-from pipelines.documents.records import read_records
-from pipelines.documents.text import read_text
+from dspy_ray.corpus.documents.base import Document, Problem, RecordColumns
+from dspy_ray.corpus.documents.corpus import Corpus, CorpusFile
+from dspy_ray.corpus.documents.html import read_html
+from dspy_ray.corpus.documents.mail import read_eml
+from dspy_ray.corpus.documents.pdf import read_pdf
+from dspy_ray.corpus.documents.records import read_records
+from dspy_ray.corpus.documents.text import read_text
+from dspy_ray.corpus.documents.word import read_docx
 
 Reader = Callable[[str, str, bytes, RecordColumns], tuple[list[Document], list[Problem]]]
 
 READERS: dict[str, Reader] = {"txt": read_text, "md": read_text, "rst": read_text, "html": read_html,
-                              "jsonl": read_records, "csv": read_records, "parquet": read_records}
+                              "jsonl": read_records, "csv": read_records, "parquet": read_records,
+                              "pdf": read_pdf, "docx": read_docx, "eml": read_eml}
 
 
 def parse_bytes(path: str, kind: str, raw: bytes, columns: RecordColumns = RecordColumns()
                 ) -> tuple[list[Document], list[Problem]]:
-    """The documents of one file of ``kind`` (see :data:`pipelines.documents.KINDS`), and the problems met."""
+    """The documents of one file of ``kind`` (see :data:`dspy_ray.corpus.documents.KINDS`), and the problems met."""
     if not raw.strip():
         return [], [Problem(path, "file is empty")]
     return READERS[kind](path, kind, raw, columns)

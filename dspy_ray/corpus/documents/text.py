@@ -9,8 +9,13 @@ The document's text is the decoded file, unchanged, so passage offsets point int
 
 from __future__ import annotations
 
-from pipelines.documents.base import Document, Problem, RecordColumns, one_document
-from pipelines.documents.blocks import first_heading, split_blocks
+from dspy_ray.corpus.documents.base import (
+    Document,
+    Problem,
+    RecordColumns,
+    one_document,
+)
+from dspy_ray.corpus.documents.blocks import first_heading, split_blocks
 
 
 def decode_utf8(raw: bytes) -> tuple[str, str | None]:

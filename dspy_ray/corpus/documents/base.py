@@ -13,8 +13,10 @@ from pathlib import PurePosixPath
 from dspy_ray.util.cli import EXIT_USAGE
 
 TEXT_KINDS = {".txt": "txt", ".md": "md", ".markdown": "md", ".rst": "rst", ".html": "html", ".htm": "html"}
+BINARY_KINDS = {".pdf": "pdf", ".docx": "docx", ".eml": "eml"}  # text extracted: page text, paragraphs, mail body
+DOCUMENT_KINDS = {**TEXT_KINDS, **BINARY_KINDS}  # one file, one document
 RECORD_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-KINDS = {**TEXT_KINDS, **RECORD_KINDS}
+KINDS = {**DOCUMENT_KINDS, **RECORD_KINDS}
 
 
 class CorpusError(ValueError):

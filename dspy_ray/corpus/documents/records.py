@@ -16,9 +16,9 @@ import io
 import json
 from collections.abc import Callable, Iterator
 
-from pipelines.documents.base import Document, Problem, RecordColumns
-from pipelines.documents.blocks import split_blocks
-from pipelines.documents.text import decode_utf8
+from dspy_ray.corpus.documents.base import Document, Problem, RecordColumns
+from dspy_ray.corpus.documents.blocks import split_blocks
+from dspy_ray.corpus.documents.text import decode_utf8
 
 Rows = Iterator[tuple[str, dict]]  # (row label, values) per record
 

@@ -1,0 +1,108 @@
+"""A corpus as a Ray Data dataset read on the workers: one read task per table file, or per group of documents.
+
+The driver lists the files (names and sizes) and plans the read tasks; each task opens its files
+on a worker (local disk, or the object store straight from the worker) and yields blocks of
+``rows_per_block`` normalized rows as it reads them, so the first rows reach the first stage while
+the rest of the corpus is still being read and the driver never holds a row::
+
+    >>> found = discover(InputSpec("s3://bucket/calls/", text_column="transcript"))   # doctest: +SKIP
+    >>> ds = corpus_dataset(found, InputSpec(...), rows_per_block=64)                  # doctest: +SKIP
+    >>> ds.map_batches(...).write_parquet("s3://bucket/out/")                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from dspy_ray.corpus.listing import InputFile, InputFiles
+from dspy_ray.corpus.rows import documents_rows, file_rows
+from dspy_ray.corpus.spec import DOCUMENTS, InputError, InputSpec
+
+GroupReader = Callable[[list[InputFile], str, pafs.FileSystem, InputSpec, int], Iterator[pa.Table]]
+DOCS_PER_TASK = 64  # documents one read task reads at most (they are small; the task overhead is not)
+BYTES_PER_TASK = 64 << 20  # and at most this many bytes of them
+
+
+def read_rows(files: list[InputFile], fmt: str, fs: pafs.FileSystem, spec: InputSpec,
+              rows_per_block: int, types: dict[str, str] | None = None) -> Iterator[pa.Table]:
+    """The normalized rows of a group of files (what a read task yields); ``types``: see
+    :func:`~dspy_ray.corpus.rows.file_rows`."""
+    if fmt == DOCUMENTS:
+        yield from documents_rows(files, fs, spec, rows_per_block)
+        return
+    for f in files:
+        yield from file_rows(f, fs, spec, rows_per_block, types=types)
+
+
+def plan_groups(found: InputFiles, parallelism: int) -> list[list[InputFile]]:
+    """Table files one per task; documents in groups, enough of them to use ``parallelism`` workers."""
+    if found.format != DOCUMENTS:
+        return [[f] for f in found.files]
+    per_task = max(1, min(DOCS_PER_TASK, -(-len(found.files) // max(parallelism, 1))))
+    groups: list[list[InputFile]] = [[]]
+    size = 0
+    for f in found.files:
+        if groups[-1] and (len(groups[-1]) >= per_task or size + f.size > BYTES_PER_TASK):
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.size
+    return groups
+
+
+class CorpusSource(Datasource):
+    """Ray Data datasource over the files :func:`~dspy_ray.corpus.listing.discover` found."""
+
+    def __init__(self, found: InputFiles, spec: InputSpec, rows_per_block: int, reader: GroupReader = read_rows):
+        self.found, self.spec, self.rows_per_block, self.reader = found, spec, rows_per_block, reader
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.found.bytes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        tasks = []
+        for group in plan_groups(self.found, parallelism):
+            read = functools.partial(self.reader, group, self.found.format, self.found.fs, self.spec,
+                                     self.rows_per_block)
+            meta = BlockMetadata(num_rows=None, size_bytes=sum(f.size for f in group), exec_stats=None,
+                                 input_files=tuple(f.full for f in group))
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def get_name(self) -> str:
+        return "ReadCorpus"
+
+
+def corpus_dataset(found: InputFiles, spec: InputSpec, *, rows_per_block: int = 256,
+                   reader: GroupReader = read_rows, types: dict[str, str] | None = None):
+    """The corpus as a dataset read on the workers (``reader``: what each read task yields; ``types``: the
+    columns' types the pre-pass found, so every block has one schema).  Without ``types`` each block infers
+    its own: a jsonl column whose values change type between blocks then fails the write."""
+    import ray
+
+    if types:
+        reader = functools.partial(reader, types=types)
+    return ray.data.read_datasource(CorpusSource(found, spec, rows_per_block, reader))
+
+
+def input_error_in(exc: BaseException) -> InputError | None:
+    """The :class:`InputError` a read task raised, out of the Ray errors that wrap it (None if there is none)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is InputError:
+            return e
+        cause = getattr(e, "cause", None)
+        stack.extend([e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None])
+    return None
