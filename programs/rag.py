@@ -13,6 +13,16 @@ The retriever is anything with ``search(query, k) -> passages`` whose passages
 have ``id``, ``source`` and ``text`` (the framework's FAISS/BM25 retriever,
 or a stub in tests); ``k=None`` takes the retriever's own default.  Nothing
 here knows about Ray, files or endpoints.
+
+Two ways to answer (``answer_style``, a program setting saved with its state):
+
+* ``generate`` (default): the model writes the answer and cites passages;
+* ``extract``: for a small model, which cannot write answers (SmolLM2-135M
+  answers "True" or "1"): the question itself is the search query, the
+  sentences of the top passages that best match the question are ranked
+  without a model (:mod:`programs.extract`), and the model only chooses one
+  of them or ``none`` (an enum); the answer is that sentence, the citation its
+  passage.  The artifact shipped for the embedded model sets it.
 """
 
 from __future__ import annotations
@@ -22,10 +32,15 @@ from typing import Any, Literal
 import dspy
 from pydantic import BaseModel, Field
 
+from programs.demo_pool import NearestDemos
+from programs.extract import ranked_sentences
 from programs.fields import field_of
 
 SNIPPET_CHARS = 240
 MAX_ANSWER_WORDS = 60
+ANSWER_STYLES = ("generate", "extract")
+CANDIDATE_SENTENCES = 4
+NOT_ANSWERED = "The documents do not say."
 
 
 class RewriteQuery(dspy.Signature):
@@ -47,6 +62,15 @@ class AnswerFromPassages(dspy.Signature):
     citations: list[str] = dspy.OutputField(desc="ids of the passages the answer is taken from")
 
 
+class ChooseSentence(dspy.Signature):
+    """Which numbered sentence answers the question? Answer with its number, or none when none of them
+    answers it."""
+
+    question: str = dspy.InputField()
+    sentences: str = dspy.InputField(desc="numbered sentences from the documents, the likeliest first")
+    choice: str = dspy.OutputField(desc="the number of the sentence that answers the question, or none")
+
+
 class CitedPassage(BaseModel):
     """A passage the answer cites, as the API returns it."""
 
@@ -56,14 +80,19 @@ class CitedPassage(BaseModel):
 
 
 class CitedRAG(dspy.Module):
-    def __init__(self, retriever: Any, k: int | None = None):
+    def __init__(self, retriever: Any, k: int | None = None, answer_style: str = "generate"):
         super().__init__()
         self.retriever = retriever
         self.k = k
+        self.answer_style = _style(answer_style)
         self.rewrite = dspy.ChainOfThought(RewriteQuery)
         self.respond = dspy.ChainOfThought(AnswerFromPassages)
+        self.choose = dspy.Predict(ChooseSentence)
+        self.nearest = NearestDemos(k=2, pool_threshold=8)
 
     def forward(self, question: str) -> dspy.Prediction:
+        if self.answer_style == "extract":
+            return self._extract(question)
         query = self.rewrite(question=question).search_query
         passages = self.retriever.search(query or question, k=self.k)
         context = "\n\n".join(f"[{p.id}] {p.text}" for p in passages)
@@ -72,13 +101,50 @@ class CitedRAG(dspy.Module):
             ids = tuple(dict.fromkeys(p.id for p in passages))
             signature = signature.with_updated_fields("citations", type_=list[Literal[ids]])
         out = self.respond(question=question, passages=context, signature=signature)
-        by_id = {p.id: p for p in passages}
         citations = [c.strip().strip("[]") for c in (out.citations or [])]
-        cited = [CitedPassage(id=c, source=by_id[c].source, snippet=by_id[c].text[:SNIPPET_CHARS])
-                 for c in citations if c in by_id]
-        return dspy.Prediction(answer=out.answer, answerable=out.answerable, citations=citations, cited=cited,
-                               search_query=query, retrieved_ids=[p.id for p in passages],
-                               retrieved_sources=[p.source for p in passages])
+        return _prediction(out.answer, out.answerable, citations, passages, query)
+
+    def _extract(self, question: str) -> dspy.Prediction:
+        """The model chooses one of the best-matching sentences (or none); the sentence is the answer."""
+        passages = self.retriever.search(question, k=self.k)
+        candidates = ranked_sentences(question, passages, n=CANDIDATE_SENTENCES)
+        if not candidates:
+            return _prediction(NOT_ANSWERED, False, [], passages, question)
+        labels = tuple(str(n) for n in range(1, len(candidates) + 1)) + ("none",)
+        signature = self.choose.signature.with_updated_fields("choice", type_=Literal[labels])  # an enum
+        listed = "\n".join(f"{n}. {sentence}" for n, (sentence, _) in enumerate(candidates, 1))
+        demos = self.nearest.select(self.choose.demos, "question", question)
+        choice = str(self.choose(question=question, sentences=listed, signature=signature, demos=demos).choice)
+        if choice not in labels[:-1]:
+            return _prediction(NOT_ANSWERED, False, [], passages, question)
+        sentence, passage = candidates[int(choice) - 1]
+        return _prediction(sentence, True, [passage.id], passages, question)
+
+    # The answer style is part of the program's saved state (DSPy's JSON), so an artifact can set it.
+    def dump_state(self, json_mode=True):
+        return {**super().dump_state(json_mode=json_mode), "settings": {"answer_style": self.answer_style}}
+
+    def load_state(self, state, *, allow_unsafe_lm_state=False):
+        state = dict(state)
+        settings = state.pop("settings", None) or {}
+        super().load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        self.answer_style = _style(settings.get("answer_style", self.answer_style))
+        return self
+
+
+def _style(answer_style: str) -> str:
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
+    return answer_style
+
+
+def _prediction(answer: str, answerable: Any, citations: list[str], passages: list, query: str) -> dspy.Prediction:
+    by_id = {p.id: p for p in passages}
+    cited = [CitedPassage(id=c, source=by_id[c].source, snippet=by_id[c].text[:SNIPPET_CHARS])
+             for c in citations if c in by_id]
+    return dspy.Prediction(answer=answer, answerable=answerable, citations=citations, cited=cited,
+                           search_query=query, retrieved_ids=[p.id for p in passages],
+                           retrieved_sources=[p.source for p in passages])
 
 
 def citation_reward(inputs: dict, prediction: Any) -> float:

@@ -184,3 +184,75 @@ def test_serve_rag_answers_with_citations(shipped_index, embed_fake, ray_local):
         assert spec["components"]["schemas"]["RagResponse"]["properties"]["citations"]["anyOf"][0]["type"] == "array"
     finally:
         serve.shutdown()
+
+
+# -- the extractive answer style (what the embedded default runs) ---------------------------------
+
+EXTRACT_PASSAGES = [
+    P("overview/history.md:2", "overview/history.md",
+      "The county's fire service is old.\nThe Ashby Falls Hose Company No. 1 was founded in 1889. It had one cart."),
+    P("fire/stations.md:0", "fire/stations.md", "Station 7 sits at Kettle Bay."),
+]
+
+
+def _extract_runner(fake, retriever):
+    program = CitedRAG(retriever, answer_style="extract")
+    return ProgramRunner(program, build_lm(EndpointSettings(base_url=fake.base_url, model="m")),
+                         output_fields=RAG.output_fields(), reward_fn=citation_reward)
+
+
+def test_extract_style_answers_with_the_chosen_sentence_and_cites_its_passage():
+    retriever = StubRetriever(EXTRACT_PASSAGES)
+    with FakeLLM(field_overrides={"choice": "1"}) as fake:
+        outcome = _extract_runner(fake, retriever).run({"question": "In what year was the first hose company founded?"})
+    pred = outcome.prediction
+    assert not outcome.errors, outcome.errors
+    assert pred.answer == "The Ashby Falls Hose Company No. 1 was founded in 1889."  # a sentence of the passage
+    assert pred.answerable is True and pred.citations == ["overview/history.md:2"]
+    assert pred.cited[0].source == "overview/history.md"
+    assert retriever.queries == ["In what year was the first hose company founded?"]  # the question itself
+
+
+def test_extract_style_declines_when_the_model_chooses_none():
+    with FakeLLM(field_overrides={"choice": "none"}) as fake:
+        outcome = _extract_runner(fake, StubRetriever(EXTRACT_PASSAGES)).run({"question": "How tall is the dam?"})
+    pred = outcome.prediction
+    assert pred.answerable is False and pred.citations == [] and pred.cited == []
+    assert citation_reward({}, pred) == 1.0
+
+
+def test_the_choice_is_an_enum_of_the_candidates():
+    from dspy_ray.client.json_adapter import response_schema
+
+    program = CitedRAG(StubRetriever(EXTRACT_PASSAGES), answer_style="extract")
+    seen = {}
+
+    def choose(**kwargs):
+        seen.update(kwargs)
+        return dspy.Prediction(choice="2")
+
+    program.choose.forward = choose
+    out = program(question="Where does Station 7 sit?")
+    enum = response_schema(seen["signature"])["properties"]["choice"]["enum"]
+    assert enum[-1] == "none" and enum[:-1] == [str(n) for n in range(1, len(enum))]
+    assert out.answer in seen["sentences"] and out.citations
+
+
+def test_answer_style_is_saved_with_the_program_and_checked(tmp_path):
+    program = CitedRAG(StubRetriever(PASSAGES), answer_style="extract")
+    path = tmp_path / "rag.json"
+    program.save(str(path))
+    loaded = load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)}).program
+    assert loaded.answer_style == "extract"
+    state = json.loads(path.read_text())
+    state["settings"]["answer_style"] = "poetry"
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)})
+
+
+def test_the_embedded_default_runs_the_shipped_extract_artifact():
+    path = RAG.embedded_artifact("rag")
+    assert path and path.startswith("data/artifacts/rag_smollm2-135m-instruct_")
+    loaded = load_program(RAG.program, path, resources={"retriever": StubRetriever(PASSAGES)}).program
+    assert loaded.answer_style == "extract"

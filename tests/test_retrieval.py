@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -296,3 +297,45 @@ def test_blank_queries_find_nothing_and_the_retriever_is_shared_not_copied(retri
     assert copy.deepcopy(retriever) is retriever  # DSPy deep-copies programs; the index stays one
     with pytest.raises(TypeError, match="open it in each one from its setting"):
         pickle.dumps(retriever)
+
+
+# -- multi-part questions: sub-queries and a per-document cap -------------------------------------
+
+
+def test_subqueries_split_multi_part_questions_only():
+    from dspy_ray.retrieval.decompose import subqueries
+
+    assert subqueries("How do I compute the SHA-256 digest of a file and encode it as base64 text?") == [
+        "How do I compute the SHA-256 digest of a file", "encode it as base64 text?"]
+    assert subqueries("What is the easiest way to tally how many times each item occurs?") == []
+    assert subqueries("cats and dogs") == []  # a part needs two words of three letters or more
+    assert subqueries("") == []
+
+
+def test_cap_per_source_keeps_order_and_moves_a_second_document_up():
+    from dspy_ray.retrieval.decompose import cap_per_source
+
+    hits = [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)]
+    sources = ["a", "a", "a", "b"]
+    assert cap_per_source(hits, sources, 1, 2) == [(0, 0.9), (3, 0.6)]
+    assert cap_per_source(hits, sources, 2, 3) == [(0, 0.9), (1, 0.8), (3, 0.6)]
+    assert cap_per_source(hits, sources, 0, 2) == hits[:2]  # 0: no cap
+
+
+def test_parse_setting_multi_part_options():
+    _, options = parse_setting("out/idx?decompose=0&per_source=1")
+    assert options.decompose is False and options.per_source == 1
+    assert parse_setting("out/idx?per_source=0")[1].per_source == 0
+    assert parse_setting("out/idx")[1].decompose is True
+
+
+def test_a_two_document_question_finds_both_documents(retriever):
+    """A question about two documents: each part is searched too and no document takes the whole top k."""
+    question = ("How thick must the ice on Lake Tessaly be before it is safe to walk on, "
+                "and how many consoles does the dispatch floor have?")
+    wanted = {"community/water_safety.md", "dispatch/call_handling_procedure.md"}
+    plain = retriever.search_many([question], k=4, mode="bm25", decompose=False, per_source=0)[0]
+    both = retriever.search_many([question], k=4, mode="bm25")[0]  # the defaults: decompose, 2 per document
+    assert wanted <= {p.source for p in both}, [p.source for p in both]
+    assert max(Counter(p.source for p in both).values()) <= 2
+    assert len(plain) == 4 and len(both) == 4

@@ -33,8 +33,9 @@ from dspy_ray.execution.artifacts import (
     resolve_artifact,
 )
 
-# Keys DSPy writes next to the predictors in a saved program.
-_NON_PREDICTOR_KEYS = {"metadata"}
+# Keys DSPy writes next to the predictors in a saved program; "settings": a program's own settings
+# (programs/rag.py's answer_style), passed on to its load_state.
+_NON_PREDICTOR_KEYS = {"metadata", "settings"}
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,10 @@ def load_program(
 
 def apply_state(module: dspy.Module, state: dict[str, Any], source: str) -> None:
     """Load ``state`` into ``module`` after checking that it fits (names ``source`` and the predictor if not)."""
-    state = {k: v for k, v in state.items() if k not in _NON_PREDICTOR_KEYS}
-    check_state_fits(module, state, source)
-    module.load_state(state)
+    predictors = {k: v for k, v in state.items() if k not in _NON_PREDICTOR_KEYS}
+    check_state_fits(module, predictors, source)
+    settings = state.get("settings")
+    module.load_state({**predictors, "settings": settings} if settings is not None else predictors)
 
 
 def check_state_fits(module: dspy.Module, state: dict[str, Any], source: str) -> None:

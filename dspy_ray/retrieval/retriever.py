@@ -16,6 +16,11 @@ candidates    hits taken from each side before fusion (hybrid)                th
 nprobe        IVF lists searched per query (approximate indexes)              the manifest's
 ef_search     HNSW search breadth                                             the manifest's
 mmap          ``0`` loads the FAISS and BM25 files into memory instead        ``1``
+decompose     ``1``: also search the parts of a multi-part question (split    ``1``
+              at conjunctions, :mod:`~dspy_ray.retrieval.decompose`) and
+              fuse all rankings; ``0``: the question alone
+per_source    at most this many passages of one document in the results       ``2``
+              (``0``: no cap)
 ============  ==============================================================  ==================
 
 Dense and hybrid modes embed the query with ``embed`` (the ``EMBED`` endpoint);
@@ -37,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dspy_ray.util.fs import filesystem_for, is_uri
+from dspy_ray.retrieval.decompose import cap_per_source, cover_parts, subqueries
 from dspy_ray.retrieval.dense import apply_search_params, read_index
 from dspy_ray.retrieval.dense import search as dense_search
 from dspy_ray.retrieval.manifest import (
@@ -67,6 +73,11 @@ class RetrieverOptions:
     nprobe: int | None = None
     ef_search: int | None = None
     mmap: bool = True
+    decompose: bool = True
+    per_source: int | None = None  # None: DEFAULT_PER_SOURCE; 0: no cap
+
+
+DEFAULT_PER_SOURCE = 2  # measured in benchmarks/pydocs_rag.py (docs/rag.md, "Multi-part questions")
 
 
 def parse_setting(setting: str) -> tuple[str, RetrieverOptions]:
@@ -83,14 +94,14 @@ def parse_setting(setting: str) -> tuple[str, RetrieverOptions]:
             if raw not in MODES:
                 raise ValueError(f"retriever setting {setting!r}: mode must be one of {MODES}, got {raw!r}")
             values[key] = raw
-        elif key == "mmap":
+        elif key in ("mmap", "decompose"):
             values[key] = raw.lower() not in ("0", "false", "no")
         else:
             try:
                 values[key] = int(raw)
             except ValueError:
                 raise ValueError(f"retriever setting {setting!r}: {key} must be a whole number, got {raw!r}") from None
-            if values[key] < 1:
+            if values[key] < (0 if key == "per_source" else 1):
                 raise ValueError(f"retriever setting {setting!r}: {key} must be 1 or more")
     return location, RetrieverOptions(**values)
 
@@ -115,10 +126,13 @@ class Retriever:
     """
 
     def __init__(self, *, location: str, manifest: IndexManifest, passages: pa.Table, mode: str, k: int,
-                 candidates: int, dense_index=None, bm25: BM25Index | None = None, client=None):
+                 candidates: int, dense_index=None, bm25: BM25Index | None = None, client=None,
+                 decompose: bool = True, per_source: int | None = DEFAULT_PER_SOURCE):
         self.location, self.manifest, self.passages = location, manifest, passages
         self.mode, self.k, self.candidates = mode, k, candidates
         self.dense_index, self.bm25, self.client = dense_index, bm25, client
+        self.decompose, self.per_source = decompose, per_source
+        self.sources = passages.column("source").to_pylist()
 
     @classmethod
     def open(cls, location: str, embed: EndpointSettings | None = None, options: RetrieverOptions | None = None
@@ -150,7 +164,8 @@ class Retriever:
         bm25 = BM25Index.load(join(local, BM25_DIR), mmap=options.mmap) if mode in ("bm25", "hybrid") else None
         return cls(location=location, manifest=manifest, passages=passages, mode=mode,
                    k=options.k or manifest.retrieval.k, candidates=options.candidates or manifest.retrieval.candidates,
-                   dense_index=index, bm25=bm25, client=client)
+                   dense_index=index, bm25=bm25, client=client, decompose=options.decompose,
+                   per_source=DEFAULT_PER_SOURCE if options.per_source is None else options.per_source)
 
     # -- searching ----------------------------------------------------------------
 
@@ -158,36 +173,54 @@ class Retriever:
         """The ``k`` best passages for ``query`` (default: the retriever's ``k``), best first."""
         return self.search_many([query], k)[0]
 
-    def search_many(self, queries: Sequence[str], k: int | None = None, mode: str | None = None
-                    ) -> list[list[Passage]]:
+    def search_many(self, queries: Sequence[str], k: int | None = None, mode: str | None = None, *,
+                    decompose: bool | None = None, per_source: int | None = None) -> list[list[Passage]]:
         """:meth:`search` for many queries at once (one embedding request per ``batch_size`` queries).
 
-        ``mode`` may pick another mode this retriever has loaded (a hybrid one has all three)."""
+        ``mode`` may pick another mode this retriever has loaded (a hybrid one has all three);
+        ``decompose`` and ``per_source`` override the retriever's (see the module docstring)."""
         k = k or self.k
         mode = mode or self.mode
+        decompose = self.decompose if decompose is None else decompose
+        per_source = self.per_source if per_source is None else per_source
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if (mode != "bm25" and self.dense_index is None) or (mode != "dense" and self.bm25 is None):
             raise ValueError(f"this retriever was opened in mode {self.mode!r}; it cannot search in mode {mode!r}")
-        depth = max(k, self.candidates) if mode == "hybrid" else k
-        asked = [i for i, q in enumerate(queries) if isinstance(q, str) and q.strip()]  # a blank query finds nothing
-        texts = [queries[i] for i in asked]
-        dense_hits = dict(zip(asked, self._dense(texts, depth))) if mode != "bm25" and texts else {}
-        sparse_hits = dict(zip(asked, self.bm25.search(texts, depth))) if mode != "dense" and texts else {}
-        results = []
-        for i in range(len(queries)):
-            if i not in dense_hits and i not in sparse_hits:
-                results.append([])
-                continue
-            if mode == "dense":
-                hits = dense_hits[i]
-            elif mode == "bm25":
-                hits = sparse_hits[i]
-            else:
-                hits = reciprocal_rank_fusion([[r for r, _ in dense_hits[i]], [r for r, _ in sparse_hits[i]]],
-                                              self.manifest.retrieval.rrf_k)
-            results.append(self._passages(hits[:k]))
-        return results
+        # Fused rankings (hybrid, or a query with parts) look deeper; a per-source cap needs spare hits.
+        depth = max(k * 4 if per_source else k, self.candidates if decompose or mode == "hybrid" else 0)
+        # Every text searched: each query, then its parts; rankings[i] lists query i's rankings.
+        texts: list[str] = []
+        owners: list[int] = []
+        for i, q in enumerate(queries):
+            if isinstance(q, str) and q.strip():  # a blank query finds nothing
+                for text in [q] + (subqueries(q) if decompose else []):
+                    texts.append(text)
+                    owners.append(i)
+        dense_hits = self._dense(texts, depth) if mode != "bm25" and texts else []
+        sparse_hits = self.bm25.search(texts, depth) if mode != "dense" and texts else []
+        # rankings[i][t]: the rankings (dense, BM25) of query i's t-th text (0: the query, then its parts).
+        rankings: list[list[list[list[int]]]] = [[] for _ in queries]
+        scored: dict[int, list[tuple[int, float]]] = {}
+        for n, owner in enumerate(owners):
+            lists = [found[n] for found in (dense_hits, sparse_hits) if found]
+            scored.setdefault(owner, lists[0])  # the query's own ranking, scores kept, when it is the only one
+            rankings[owner].append([[r for r, _ in hits] for hits in lists])
+        return [self._passages(self._fuse(i, ranked, scored.get(i, []), k, per_source))
+                for i, ranked in enumerate(rankings)]
+
+    def _fuse(self, i: int, ranked: list[list[list[int]]], own: list[tuple[int, float]], k: int,
+              per_source: int | None) -> list[tuple[int, float]]:
+        """One query's hits: its rankings fused (each part's best kept in the top k), then capped per source."""
+        flat = [lst for text in ranked for lst in text]
+        if not flat:
+            return []
+        rrf_k = self.manifest.retrieval.rrf_k
+        hits = reciprocal_rank_fusion(flat, rrf_k) if len(flat) > 1 else own
+        if len(ranked) > 1:  # a question with parts: the best passage of each part stays in
+            best = [reciprocal_rank_fusion(part, rrf_k)[:1] for part in ranked[1:]]
+            hits = cover_parts(hits, [b[0][0] for b in best if b], k)
+        return cap_per_source(hits, self.sources, per_source, k)
 
     def _dense(self, queries: Sequence[str], depth: int) -> list[list[tuple[int, float]]]:
         vectors = self.client.embed_queries(list(queries))
