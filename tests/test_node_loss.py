@@ -8,6 +8,7 @@ process only starts and stops its nodes, it never connects to it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,14 +25,29 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def two_nodes():
-    """A head with one CPU (the drivers' node) and a worker with two; yields (cluster, worker node)."""
+def start_cluster(head_cpus: int):
+    """A head (the drivers' node) and a worker node with two CPUs; returns (cluster, worker node)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
+    return cluster, worker
+
+
+@pytest.fixture
+def two_nodes():
+    cluster, worker = start_cluster(head_cpus=1)
+    try:
+        yield cluster, worker
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def cpu_less_head():
+    """Every actor that needs a CPU runs on the worker node, so losing it takes work in flight with it."""
+    cluster, worker = start_cluster(head_cpus=0)
     try:
         yield cluster, worker
     finally:
@@ -110,3 +126,35 @@ def test_index_build_that_loses_a_node_embeds_every_passage_exactly_once(two_nod
     manifest = read_manifest(str(index))
     vectors = faiss.read_index(str(index / "index.faiss"))
     assert manifest.passages == len(ids) == vectors.ntotal  # every passage once, one vector each
+
+
+def test_optimize_run_that_loses_a_node_redoes_only_the_trials_it_held(cpu_less_head, tmp_path):
+    from tests.gold import triage_gold
+
+    cluster, worker = cpu_less_head
+    run_dir = tmp_path / "run"
+    with FakeLLM(gold=triage_gold(["data/triage_train.jsonl", "data/triage_dev.jsonl"]), latency=0.15) as fake:
+        argv = [sys.executable, "-m", "optimize", "--task", "triage", "--lm-base-url", fake.base_url,
+                "--lm-model", "fake-model", "--out", str(tmp_path / "artifacts"), "--run-dir", str(run_dir),
+                "--workers", "2", "--threads-per-worker", "4", "--train-limit", "100", "--dev-limit", "30",
+                "--val-size", "40", "--num-trials", "12", "--minibatch-size", "20", "--no-cache"]
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
+        env.pop("LM_BASE_URL", None)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        trials = run_dir / "trials"
+        try:
+            started = wait_for(lambda: len(list(trials.glob("*.json"))) >= 3, 240, proc)
+            assert started, "the run ended or stalled before the node could be killed"
+            cluster.remove_node(worker, allow_graceful=False)
+            # What was finished when the node died, byte for byte: it must not be evaluated again.
+            finished = {p.name: p.read_bytes() for p in trials.glob("*.json")}
+            cluster.add_node(num_cpus=2)
+            stdout, _ = proc.communicate(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, stdout[-3000:]
+    assert all((trials / name).read_bytes() == data for name, data in finished.items())
+    numbers = [json.loads(p.read_text())["number"] for p in trials.glob("*.json")]
+    assert len(numbers) == len(set(numbers)) == 12  # every trial once; those lost with the node were redone
+    assert 3 <= len(finished) < 12
