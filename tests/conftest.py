@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from dspy_ray.endpoints.local.child_server import free_port as pick_port
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -20,6 +21,16 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 # nothing a test writes belongs in the user's cache folder.  The cache tests turn it on themselves.
 os.environ["LM_CACHE"] = "off"
 os.environ["JUDGE_CACHE"] = "off"
+
+
+@pytest.fixture(autouse=True)
+def fresh_endpoint_limits():
+    """Each test finds its endpoints' capacity afresh: a fake endpoint may get a port an earlier test's had,
+    and a limit learned there (in this process or at the session's coordinator) must not carry over."""
+    yield
+    from dspy_ray.client.limiter import forget_endpoints
+
+    forget_endpoints()
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,11 @@ import json
 import logging
 import multiprocessing
 import os
-
 import threading
 
 import pydantic
 import pytest
 
-from dspy_ray.client.cache import store as store_module
 from dspy_ray.client.cache import (
     ENTRY_VERSION,
     LocalStore,
@@ -26,6 +24,7 @@ from dspy_ray.client.cache import (
     lookup_key,
     open_cache,
 )
+from dspy_ray.client.cache import store as store_module
 
 REQUEST = {
     "model": "qwen-7b",
@@ -152,7 +151,7 @@ def test_errors_are_not_stored():
 
 
 def corrupt_local(store: LocalStore, key: str, data: bytes) -> None:
-    store._opened().set(key, data)
+    store._opened().cache.set(key, data)
 
 
 def corrupt_file(store: RemoteStore, key: str, data: bytes) -> None:
@@ -291,6 +290,56 @@ def test_threads_share_one_store(tmp_path):
         t.join()
     assert not errors and len({id(s) for s in found}) == 1
     assert found[0].stats().puts == 160 and found[0].stats().hits == 160
+
+
+def open_files(path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:  # closed meanwhile
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_threads_that_come_and_go_do_not_pile_up_open_files(tmp_path):
+    """dspy.Parallel and callers with a thread each: the store's connections stay a few, whatever the threads."""
+    store = LocalStore(tmp_path / "lm")
+    store.put(key_of(0), answer("warm"))
+
+    def reader(t: int) -> None:
+        store.put(key_of(t), answer(str(t)))
+        assert store.get(key_of(t)) == answer(str(t)) and store.get(key_of(0)) == answer("warm")
+
+    for _ in range(3):  # three generations of 40 threads each
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(1, 41)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert open_files(tmp_path / "lm" / "cache.db") <= store_module_io_threads() + 1
+    store.close()
+    assert open_files(tmp_path / "lm" / "cache.db") == 0
+
+
+def store_module_io_threads() -> int:
+    from dspy_ray.client.cache import local
+
+    return local.IO_THREADS
+
+
+def test_settings_built_in_code_follow_lm_cache(monkeypatch, tmp_path):
+    """EndpointSettings(cache='') (built in code, not from the environment) uses the process's LM_CACHE."""
+    from dspy_ray.client.lm import build_lm
+    from dspy_ray.endpoints.settings import EndpointSettings
+
+    monkeypatch.setenv("LM_CACHE", "off")
+    assert build_lm(EndpointSettings(base_url="http://127.0.0.1:9/v1", model="m")).cache_store is None
+    monkeypatch.setenv("LM_CACHE", str(tmp_path / "here"))
+    store = build_lm(EndpointSettings(base_url="http://127.0.0.1:9/v1", model="m")).cache_store
+    assert isinstance(store, LocalStore) and store.location == str(tmp_path / "here")
 
 
 def test_file_uri_remote_round_trip_through_open_cache(tmp_path):

@@ -11,7 +11,14 @@ import time
 
 import pytest
 
-from dspy_ray.client.limiter import AimdPolicy, EndpointLimiter, Signals, coordinator_state, endpoint_limiter
+from dspy_ray.client.limiter import (
+    AimdPolicy,
+    EndpointLimiter,
+    Signals,
+    coordinator_state,
+    endpoint_key,
+    endpoint_limiter,
+)
 from dspy_ray.client.lm import build_lm
 from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.testing.fake_llm import FakeLLM
@@ -57,6 +64,14 @@ def background_of(limiter) -> float:
     return limiter.policy.background_rate()
 
 
+def learned_limit(limiter) -> float:
+    """The limit found for the endpoint: the job's (with Ray: an idle process gives its share back), else this process's."""
+    if limiter.coordinator is not None:
+        base_url, model = limiter.key.split("|")
+        return coordinator_state(base_url, model)["limit"]
+    return limiter.limit
+
+
 def after(samples: list[dict], seconds: float, until: float) -> list[dict]:
     active = [s for s in samples if s["requests"] > 0]
     t0 = active[0]["seconds"]
@@ -76,7 +91,7 @@ def test_finds_the_capacity_of_an_endpoint_that_rejects_what_it_cannot_hold(capa
     rejected = steady[-1]["rate_limited"] - steady[0]["rate_limited"]
     assert mean_in_flight >= 0.8 * capacity, (mean_in_flight, lm.limiter.state())
     assert rejected <= 0.03 * requests, (rejected, requests, lm.limiter.state())
-    assert 0.75 * capacity <= lm.limiter.limit <= 1.25 * capacity + 2, lm.limiter.state()
+    assert 0.75 * capacity <= learned_limit(lm.limiter) <= 1.25 * capacity + 2, lm.limiter.state()
     assert stats["over_capacity"] > 0  # it did have to find the edge
 
 
@@ -92,7 +107,7 @@ def test_finds_the_capacity_of_an_endpoint_that_queues(capacity):
     queued = sum(s["queued"] for s in steady) / len(steady)
     assert busy >= 0.9 * capacity, (busy, lm.limiter.state())  # the endpoint is kept full ...
     assert queued <= 0.8 * capacity, (queued, lm.limiter.state())  # ... without piling up a queue
-    assert lm.limiter.limit <= 1.8 * capacity, lm.limiter.state()
+    assert learned_limit(lm.limiter) <= 1.8 * capacity, lm.limiter.state()
 
 
 @pytest.mark.slow
@@ -105,7 +120,7 @@ def test_background_429s_do_not_collapse_the_limit():
     assert stats["rate_limited"] > 0.1 * stats["requests"]
     assert counts["failed"] == 0
     assert background_of(lm.limiter) > 0.1, lm.limiter.state()
-    assert lm.limiter.limit >= 24, lm.limiter.state()  # not collapsed to a few slots
+    assert learned_limit(lm.limiter) >= 24, lm.limiter.state()  # not collapsed to a few slots
 
 
 @pytest.mark.slow
@@ -146,11 +161,11 @@ def test_no_deadlock_when_the_endpoint_is_down():
         lm = build_lm(settings_for(fake, max_attempts=3))
         counts = drive(lm, threads=40, seconds=3.0)
         assert counts["ok"] == 0 and counts["failed"] > 0
-        assert lm.limiter.limit <= 4, lm.limiter.state()
+        assert learned_limit(lm.limiter) <= 4, lm.limiter.state()
         fake.configure(p_429=0.0)
         counts = drive(lm, threads=40, seconds=4.0)
     assert counts["ok"] > 0 and counts["failed"] == 0
-    assert lm.limiter.limit >= 24, lm.limiter.state()
+    assert learned_limit(lm.limiter) >= 24, lm.limiter.state()
     assert lm.limiter.in_flight == 0
 
 
@@ -161,6 +176,20 @@ def test_one_limiter_per_endpoint_in_a_process_and_the_lower_ceiling_wins():
         other = endpoint_limiter(EndpointSettings(base_url=fake.base_url, model="judge"), coordinate=False)
     assert a is b and a.ceiling == 16 and a.share <= 16
     assert other is not a
+
+
+def test_forgotten_endpoints_start_afresh_here_and_at_the_service():
+    from dspy_ray.client.limiter import LimitService, forget_endpoints
+
+    settings = EndpointSettings(base_url="http://127.0.0.1:9/v1", model="forget-me", max_in_flight=64)
+    learned = endpoint_limiter(settings, coordinate=False)
+    learned.set_share(40)
+    assert endpoint_key(settings.base_url, settings.model) in forget_endpoints()
+    fresh = endpoint_limiter(settings, coordinate=False)
+    assert fresh is not learned and fresh.share == 16  # the initial share, not the one learned
+    service = LimitService()
+    service.join(fresh.key, "a", 64)
+    assert service.forget([fresh.key, "never|seen"]) == 1 and service.state(fresh.key) is None
 
 
 def test_async_callers_share_the_slots():
@@ -255,6 +284,27 @@ def test_the_coordinator_says_which_reports_it_decided_with():
     second = coordinator.report("b", signals, 1)
     assert second["decided"] == 1
     assert coordinator.report("a", signals, 2)["decided"] == 1  # a's first report was in that step
+
+
+def test_an_idle_process_gives_its_share_back_at_once():
+    """Driver and workers take turns (optimize): the one that goes idle says so, and the other gets the slots
+    now, not when the idle one is timed out (it runs no code that could report later)."""
+    from dspy_ray.client.limiter import LimitCoordinator
+
+    coordinator = LimitCoordinator("test|idle", ceiling=64, initial=32)
+    coordinator.join("driver")
+    coordinator.join("worker")
+    busy = {"ok": 8, "latency_sum": 0.8, "peak_in_flight": 16, "demand": 40}
+    for n in (1, 2):
+        coordinator.report("worker", busy, n)
+        worker_share = coordinator.report("driver", {"peak_in_flight": 0, "demand": 0, "idle": True}, n)["share"]
+    assert worker_share <= 1  # the idle driver is granted no spare
+    assert coordinator.members["worker"].granted >= 30
+    coordinator.report("worker", {**busy, "idle": True}, 3)  # the worker's last call ended: idle, at once
+    for n in (3, 4):
+        share = coordinator.report("driver", {**busy, "peak_in_flight": 1}, n)["share"]
+        coordinator.report("worker", {**busy, "idle": True}, n + 1)  # its interval's peaks, but idle now
+    assert share >= 30  # what the worker held is the driver's now
 
 
 def clean(policy: AimdPolicy, now: float, latency: float, level: int | None = None, windows: int = 1) -> float:

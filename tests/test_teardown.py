@@ -97,7 +97,7 @@ def test_no_background_thread_makes_a_ray_call():
     limiter = EndpointLimiter("test|teardown", ceiling=8)
     limiter.coordinated = True
     reported = []
-    limiter.pump = lambda: reported.append(threading.current_thread().name)
+    limiter.pump = lambda urgent=False: reported.append(threading.current_thread().name)
     with limiter.slot():
         pass
     assert reported == [threading.current_thread().name]  # the caller's own thread

@@ -75,7 +75,7 @@ class EndpointSettings(BaseModel):
     passage_prefix: str = Field("", description="Text put before each passage (e5: 'passage: ')",
                                 json_schema_extra={"env": "PASSAGE_PREFIX"})
     # LM roles only: where answers are cached (dspy_ray.client.cache); it travels to actors inside this object.
-    cache: str = Field("", description="LM answer cache: '' = the local default folder (~/.cache/dspy-ray/lm), "
+    cache: str = Field("", description="LM answer cache: '' = $LM_CACHE, else the local default folder (~/.cache/dspy-ray/lm), "
                        "'off' = none, a folder, or a URI (s3://, gs://, file://) shared by a cluster",
                        json_schema_extra={"env": "CACHE"})
     origin: str = Field("", description="Where the endpoint came from: configured, discovery or embedded")

@@ -61,14 +61,14 @@ def size_limit_bytes() -> int:
 
 
 def open_cache(setting: str | None = None) -> CacheStore | None:
-    """The store ``setting`` (default: ``$LM_CACHE``) names, None when caching is off.
+    """The store ``setting`` (None or empty: ``$LM_CACHE``) names, None when caching is off.
 
     One store per setting per process: every thread of an actor shares it (after a fork the child
     opens its own).  Nothing is touched on disk or over the network here; a store that cannot be
     reached turns its first call into a miss and a warning.  ``LM_CACHE_SIZE_MB`` that is not a
     positive number raises ValueError: that is a mistake to fix, not to run on with.
     """
-    if setting is None:
+    if not (setting or "").strip():  # unset here: the process's LM_CACHE (settings built in code say "")
         setting = os.environ.get("LM_CACHE", "")
     setting = setting.strip()
     if setting.lower() in OFF:

@@ -16,6 +16,8 @@ URI, :class:`~dspy_ray.client.cache.remote.RemoteStore`, for a shared filesystem
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from dspy_ray.client.cache.store import GuardedStore
 
@@ -24,6 +26,41 @@ DEFAULT_SIZE_LIMIT = 2**30  # 1 GiB: ~700k answers of 1.5 KB
 # 4x the hit latency in benchmarks/lm_cache.py).
 EVICTION_POLICY = "least-recently-stored"
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for SQLite's lock before it is dropped (diskcache's default: 60 s)
+# diskcache opens one SQLite connection per thread that touches it, and SQLite keeps a closed connection's
+# file open while another holds a lock on the file (WAL mode: always), so a process whose threads come and
+# go (dspy.Parallel, a thread per caller) would pile up open files.  Reads and synchronous writes therefore
+# run on this many threads of the store's own; the cache writer thread (.writer) is one more.
+IO_THREADS = 4
+
+
+class _Handle:
+    """An open diskcache folder and the few threads that may touch it."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="lm-cache-io")
+
+    def run(self, fn, *args):
+        return self.io.submit(fn, *args).result()
+
+    def close(self) -> None:
+        # A connection is its thread's own: each thread closes its own, all held at a barrier so every one runs.
+        barrier = threading.Barrier(IO_THREADS)
+
+        def close_mine() -> None:
+            barrier.wait(timeout=30)
+            self.cache.close()
+
+        for future in [self.io.submit(close_mine) for _ in range(IO_THREADS)]:
+            future.result()
+        self.io.shutdown(wait=True)
+        self.cache.close()
+
+
+def _set_many(cache, entries: list[tuple[str, bytes]]) -> None:
+    with cache.transact():  # one SQLite transaction for the batch, not one per entry
+        for key, data in entries:
+            cache.set(key, data)
 
 
 class LocalStore(GuardedStore):
@@ -38,26 +75,26 @@ class LocalStore(GuardedStore):
     def _open(self):
         import diskcache
 
-        return diskcache.Cache(self.location, size_limit=self.size_limit, timeout=BUSY_TIMEOUT_S,
-                               eviction_policy=self.eviction_policy, statistics=False)
+        return _Handle(diskcache.Cache(self.location, size_limit=self.size_limit, timeout=BUSY_TIMEOUT_S,
+                                       eviction_policy=self.eviction_policy, statistics=False))
 
-    def _read(self, cache, key: str) -> bytes | None:
-        return cache.get(key, default=None)
+    def _read(self, handle: _Handle, key: str) -> bytes | None:
+        return handle.run(handle.cache.get, key, None)
 
-    def _write(self, cache, key: str, data: bytes) -> None:
-        cache.set(key, data)
+    def _write(self, handle: _Handle, key: str, data: bytes) -> None:
+        handle.run(handle.cache.set, key, data)
 
-    def _write_many(self, cache, entries: list[tuple[str, bytes]]) -> None:
-        with cache.transact():  # one SQLite transaction for the batch, not one per entry
-            for key, data in entries:
-                cache.set(key, data)
+    def _write_many(self, handle: _Handle, entries: list[tuple[str, bytes]]) -> None:
+        handle.run(_set_many, handle.cache, entries)
 
-    def _close(self, cache) -> None:
-        cache.close()
+    def _close(self, handle: _Handle) -> None:
+        handle.close()
 
     def volume(self) -> int:
         """Bytes the folder holds (SQLite file and large values), as diskcache counts them for eviction."""
-        return self._opened().volume()
+        handle = self._opened()
+        return handle.run(handle.cache.volume)
 
     def __len__(self) -> int:
-        return len(self._opened())
+        handle = self._opened()
+        return handle.run(handle.cache.__len__)

@@ -63,7 +63,12 @@ from dspy_ray.client.limiter.policy import (
     is_overload,
     overload_threshold,
 )
-from dspy_ray.client.limiter.registry import SYNC_INTERVAL_S, endpoint_limiter, limiters
+from dspy_ray.client.limiter.registry import (
+    SYNC_INTERVAL_S,
+    endpoint_limiter,
+    forget_endpoints,
+    limiters,
+)
 from dspy_ray.client.limiter.slots import EndpointLimiter, endpoint_key
 
 __all__ = [
@@ -80,6 +85,7 @@ __all__ = [
     "endpoint_key",
     "endpoint_limiter",
     "ensure_coordinator",
+    "forget_endpoints",
     "is_overload",
     "limiters",
     "overload_threshold",

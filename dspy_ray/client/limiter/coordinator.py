@@ -9,6 +9,7 @@ batched report, the state for reports and plots), and what a process does when i
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import math
 import time
@@ -76,9 +77,11 @@ class LimitCoordinator:
             state = self.members[member]
         state.heard = now
         state.last_report = number
+        idle = bool(signals.pop("idle", False))
         incoming = Signals(**signals)
-        state.demand = incoming.demand
-        state.held = incoming.peak_in_flight
+        # Idle now: it holds nothing and wants nothing (its interval's peaks still go to the policy).
+        state.demand = 0 if idle else incoming.demand
+        state.held = 0 if idle else incoming.peak_in_flight
         state.window_peak = max(state.window_peak, incoming.peak_in_flight)
         state.window_demand = max(state.window_demand, incoming.demand)
         self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,
@@ -107,8 +110,12 @@ class LimitCoordinator:
         limit = self.policy.limit
         demands = {name: max(1, m.demand) for name, m in self.members.items()}
         total = sum(demands.values())
+        busy = sum(m.demand for m in self.members.values())
         if total <= limit:
-            wanted = {name: d + (limit - total) / len(demands) for name, d in demands.items()}
+            # The spare goes to the processes that want slots, by demand, not to idle ones: an idle process
+            # reports again only once it calls again, and what it was granted meanwhile nobody else could use.
+            wanted = {name: d + (limit - total) * self.members[name].demand / busy if busy else d
+                      for name, d in demands.items()}
         else:
             wanted = {name: limit * d / total for name, d in demands.items()}
         # A process sends whole requests: whole shares that add up to the limit's whole part (the
@@ -160,6 +167,10 @@ class LimitService:
         return [self._endpoint(key, ceiling, adaptive).report(member, signals, number)
                 for key, member, signals, ceiling, adaptive, number in reports]
 
+    def forget(self, keys: list[str]) -> int:
+        """Drop what was learned for ``keys`` (their next report starts afresh); how many were known."""
+        return sum(self.endpoints.pop(key, None) is not None for key in keys)
+
     def state(self, key: str, history: bool = False) -> dict[str, Any] | None:
         coordinator = self.endpoints.get(key)
         return coordinator.state(history) if coordinator is not None else None
@@ -180,6 +191,16 @@ def coordinator_state(base_url: str, model: str, history: bool = False) -> dict[
     """The job-wide state of an endpoint's limit (for reports and plots); None without a service."""
     handle = _service_handle()
     return _ray_get(handle.state.remote(endpoint_key(base_url, model), history), timeout=30.0)
+
+
+def forget_at_service(keys: list[str]) -> None:
+    """Tell the job's service, if this process has one, to drop what it learned for ``keys``."""
+    if _service is None or not keys or not ray_initialized():
+        return
+    try:
+        _ray_get(_service.forget.remote(keys), timeout=30.0)
+    except Exception as exc:  # noqa: BLE001 - gone with its job: nothing left to forget
+        logger.debug("endpoint limits: forget at the service failed (%s)", type(exc).__name__)
 
 
 def ray_initialized() -> bool:
@@ -230,8 +251,14 @@ REPORT_TIMEOUT_S = 5.0  # a report unanswered this long: the service is taken fo
 _pending = None  # (sent at, the ObjectRef, its concurrent future) of the one report in flight
 
 
-def report_all(coordinated: list[EndpointLimiter], now: float) -> None:
+IDLE_WAIT_S = 0.5  # an idle report waits this long at most for the report still in flight before it
+
+
+def report_all(coordinated: list[EndpointLimiter], now: float, urgent: bool = False) -> None:
     """Send ``coordinated`` limiters' intervals in one call to the service; never waits for the answer.
+
+    ``urgent`` (a limiter went idle): the report still in flight, if any, is waited for (briefly) rather
+    than this one dropped, since nothing else will report for an idle process.
 
     Called from the threads that make the calls (:mod:`.registry`), never from a background thread:
     a Ray call from a thread that outlives the worker's task crashes the worker at teardown.  The
@@ -247,6 +274,8 @@ def report_all(coordinated: list[EndpointLimiter], now: float) -> None:
         return
     if _pending is not None:
         sent, _, future = _pending
+        if urgent and not future.done():
+            concurrent.futures.wait([future], timeout=IDLE_WAIT_S)
         if not future.done():
             if now - sent < REPORT_TIMEOUT_S:
                 return

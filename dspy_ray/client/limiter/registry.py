@@ -23,6 +23,7 @@ from typing import Any
 
 from dspy_ray.client.limiter.coordinator import (
     attach,
+    forget_at_service,
     ray_initialized,
     report_all,
 )
@@ -77,24 +78,44 @@ def limiters() -> list[EndpointLimiter]:
         return list(_registry.values())
 
 
-def sync(now: float | None = None) -> None:
+def forget_endpoints() -> list[str]:
+    """Forget every endpoint's learned limit in this process and at the job's coordinator; the keys forgotten.
+
+    For a process that goes on with other endpoints at the same address (a notebook restarting its
+    server; tests, whose fake endpoints reuse ports): the next call finds the capacity afresh.  Calls
+    holding a slot of a forgotten limiter finish on it.
+    """
+    with _registry_lock:
+        forgotten = list(_registry.values())
+        _registry.clear()
+    for limiter in forgotten:
+        limiter.coordinated = False  # no more reports for it (a call still on it may run its pump)
+    forget_at_service([limiter.key for limiter in forgotten if limiter.coordinator is not None])
+    return [limiter.key for limiter in forgotten]
+
+
+def sync(now: float | None = None, urgent: bool = False) -> None:
     """Report this process's coordinated limiters to the job's coordinator, when one is due.
 
     Cheap when none is due (one clock read); never blocks on the answer (:func:`.coordinator.report_all`).
     Run by callers of the endpoints (:class:`~.slots.EndpointLimiter` calls it as its ``pump``) and by a
     stage actor's event loop: threads that are working for a task, so never after the worker's last one.
+    ``urgent``: a limiter just went idle, report now (this is the process's last chance to give its share back).
     """
     global _next_sync
     now = time.monotonic() if now is None else now
-    if now < _next_sync or _stop.is_set() or not _sync_lock.acquire(blocking=False):
+    if (now < _next_sync and not urgent) or _stop.is_set():
+        return
+    locked = _sync_lock.acquire(timeout=1.0) if urgent else _sync_lock.acquire(blocking=False)
+    if not locked:  # another thread is reporting (an urgent one waits for it: its state may predate ours)
         return
     try:
-        if now < _next_sync:
+        if now < _next_sync and not urgent:
             return
         _next_sync = now + SYNC_INTERVAL_S
         coordinated = [limiter for limiter in limiters() if limiter.coordinated]
         if coordinated:
-            report_all(coordinated, now)
+            report_all(coordinated, now, urgent)
             if any(not limiter.coordinated for limiter in coordinated):  # Ray was shut down: decide alone
                 _start_ticker()
     except Exception:  # noqa: BLE001 - a report never fails a call

@@ -99,7 +99,7 @@ class EndpointLimiter:
         self.backoff: tuple[int, float] | None = None
         # Run by the calling threads after each call and while they wait (set by the registry for a
         # coordinated limiter: the report to the job's coordinator, when one is due).
-        self.pump: Callable[[], None] | None = None
+        self.pump: Callable[..., None] | None = None  # called with urgent=True when this limiter went idle
         self._resting: list[float] = []  # when each call now waiting to retry (holding no slot) will try again
 
     # -- calls waiting to retry -------------------------------------------------------
@@ -156,7 +156,14 @@ class EndpointLimiter:
     def _pump(self) -> None:
         pump = self.pump
         if pump is not None:
-            pump()
+            # Gone idle: report now, whenever the last report was, so the share goes back to the job
+            # (an idle process runs no code that could report later; its share would wait for a timeout).
+            pump(urgent=self.idle() and self.share > 1)
+
+    def idle(self) -> bool:
+        """Nothing in flight, waiting for a slot or to retry, or queued for this endpoint in this process."""
+        return (not self.in_flight and not self._waiters and not any(self.queued_elsewhere.values())
+                and not self.resting())  # a call waiting out a Retry-After comes back
 
     def _try(self) -> bool:
         if self.in_flight < int(self.limit) and not self._waiters:
@@ -284,8 +291,12 @@ class EndpointLimiter:
             self.set_share(limit, self.policy.background_rate())
 
     def coordinated_report(self) -> Report:
-        """What the endpoint's coordinator needs from this process since the last report, numbered."""
+        """What the endpoint's coordinator needs from this process since the last report, numbered.
+
+        ``idle`` in the signals: nothing in flight or wanted right now, whatever the interval's peaks were.
+        """
         signals = asdict(self.take_interval())
+        signals["idle"] = self.idle()
         return self.key, self.member, signals, self.ceiling, self.adaptive, self.reports
 
     def lost_coordinator(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -85,21 +85,30 @@ class FakeLLM:
         """The port from the child's banner line on stdout."""
         assert self.proc is not None and self.proc.stdout is not None
         fd, data = self.proc.stdout.fileno(), b""
-        while b"\n" not in data:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._fail("did not report its port")
-            if select.select([fd], [], [], min(remaining, 0.2))[0]:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    self._fail("exited before reporting its port")
-                data += chunk
-            elif self.proc.poll() is not None:
-                self._fail("exited before reporting its port")
+        selector = selectors.DefaultSelector()  # not select(): a busy process may hold file numbers over 1024
+        selector.register(fd, selectors.EVENT_READ)
+        try:
+            while b"\n" not in data:
+                data = self._read_some(selector, fd, data, deadline)
+        finally:
+            selector.close()
         match = BANNER.search(data.decode(errors="replace"))
         if not match:
             self._fail(f"printed an unexpected banner {data!r}")
         return int(match.group(2))
+
+    def _read_some(self, selector: selectors.BaseSelector, fd: int, data: bytes, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self._fail("did not report its port")
+        if selector.select(min(remaining, 0.2)):
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                self._fail("exited before reporting its port")
+            return data + chunk
+        if self.proc.poll() is not None:
+            self._fail("exited before reporting its port")
+        return data
 
     def _wait_healthy(self, deadline: float) -> None:
         while True:
