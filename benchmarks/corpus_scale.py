@@ -7,6 +7,7 @@ For each size, a corpus of that many jsonl rows in ``--files`` files (made once,
 ``$TMPDIR/dspy-ray-corpus-scale``) is run, side by side, by:
 
 * **ours**: ``python -m pipelines.triage`` (its own local Ray, the fake endpoint);
+* **ours-no-precheck**: the same with ``--no-precheck`` (no validation pass before the first call);
 * **ray-data**: Ray Data's own ``read_json -> map_batches -> write_parquet`` over the same folder,
   its map sending one chat request per row to the same fake endpoint (a floor: no DSPy, no retries).
 
@@ -139,11 +140,12 @@ def main() -> None:
             ours = [sys.executable, "-m", "pipelines.triage", "--input", str(folder), "--output", f"{tmp}/ours-{n}",
                     "--lm-base-url", fake.base_url, "--lm-model", "fake-model"]
             floor = [sys.executable, "-c", RAY_DATA_FLOOR, str(folder), f"{tmp}/floor-{n}", fake.base_url]
-            for name, cmd in (("ours", ours), ("ray-data", floor)):
+            unchecked = [*ours[:6], f"{tmp}/ours-unchecked-{n}", *ours[7:], "--no-precheck"]
+            for name, cmd in (("ours", ours), ("ours-no-precheck", unchecked), ("ray-data", floor)):
                 r = watch(cmd, fake, args.watch, full=n == args.full, env=env)
                 results[f"{name}@{n}"] = r
                 rows.append((name, n, r))
-                print(f"  {name:9s} peak driver RSS {r['peak_rss_mb']:8.0f} MB   first LM call {r['first_call_s']} s   "
+                print(f"  {name:16s} peak driver RSS {r['peak_rss_mb']:8.0f} MB   first LM call {r['first_call_s']} s   "
                       f"{r['answered_per_s']} answered/s", flush=True)
     report(rows, sizes, args)
     out = ROOT / "benchmarks" / "results"
@@ -159,8 +161,9 @@ def report(rows: list, sizes: list[int], args) -> None:
     floor_large = by[("ray-data", large)]
     print(f"\ndriver RSS growth {small:,} -> {large:,} rows: ours {ours_large['peak_rss_mb'] - ours_small['peak_rss_mb']:+.0f} MB "
           f"(goal <= +300 MB), ray-data {floor_large['peak_rss_mb'] - by[('ray-data', small)]['peak_rss_mb']:+.0f} MB")
-    print(f"first LM call at {large:,} rows: ours {ours_large['first_call_s']} s vs ray-data {floor_large['first_call_s']} s "
-          f"(goal: within +15 s)")
+    print(f"first LM call at {large:,} rows: ours {ours_large['first_call_s']} s (validation pre-pass first), "
+          f"ours --no-precheck {by[('ours-no-precheck', large)]['first_call_s']} s, "
+          f"ray-data {floor_large['first_call_s']} s (goal: within +15 s)")
     limit = args.capacity / args.latency
     if args.full:
         print(f"rows/s at {args.full:,} (full run): ours {by[('ours', args.full)]['answered_per_s'] / 2:.0f} rows/s "
@@ -174,7 +177,7 @@ def plot(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("ours", "ray-data"):
+    for name in ("ours", "ours-no-precheck", "ray-data"):
         pts = sorted((n, r["peak_rss_mb"]) for nm, n, r in rows if nm == name)
         ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=name)
     ax.set_xscale("log")
