@@ -68,10 +68,9 @@ def make_corpus(rows: int, files: int) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(rows)
-    per_file = -(-rows // files)
-    for f in range(files):
+    for f in range(files):  # rows spread evenly: no file left empty (the reader refuses one)
         with (folder / f"calls-{f:03d}.jsonl").open("w") as out:
-            for i in range(f * per_file, min(rows, (f + 1) * per_file)):
+            for i in range(f * rows // files, (f + 1) * rows // files):
                 text = " ".join(rng.choice(WORDS) for _ in range(40))
                 out.write(json.dumps({"id": f"c{i:09d}", "transcript": f"Caller {i}: {text}"}) + "\n")
     done.touch()
@@ -119,6 +118,12 @@ def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) 
             "answered_per_s": round(ok / max(seconds - (first or 0), 1e-9), 1), "seconds": round(seconds, 1)}
 
 
+def ours_command(folder: Path, output: str, base_url: str, *flags: str) -> list[str]:
+    """The batch CLI over ``folder`` into ``output`` against the fake endpoint."""
+    return [sys.executable, "-m", "pipelines.triage", "--input", str(folder), "--output", output,
+            "--lm-base-url", base_url, "--lm-model", "fake-model", *flags]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="50000,500000,2000000")
@@ -137,11 +142,12 @@ def main() -> None:
             folder = make_corpus(n, args.files)
             print(f"{n:,} rows in {args.files} files ({sum(f.stat().st_size for f in folder.glob('*.jsonl')) / 1e6:,.0f} MB)",
                   flush=True)
-            ours = [sys.executable, "-m", "pipelines.triage", "--input", str(folder), "--output", f"{tmp}/ours-{n}",
-                    "--lm-base-url", fake.base_url, "--lm-model", "fake-model"]
             floor = [sys.executable, "-c", RAY_DATA_FLOOR, str(folder), f"{tmp}/floor-{n}", fake.base_url]
-            unchecked = [*ours[:6], f"{tmp}/ours-unchecked-{n}", *ours[7:], "--no-precheck"]
-            for name, cmd in (("ours", ours), ("ours-no-precheck", unchecked), ("ray-data", floor)):
+            variants = (("ours", ours_command(folder, f"{tmp}/ours-{n}", fake.base_url)),
+                        ("ours-no-precheck",
+                         ours_command(folder, f"{tmp}/ours-unchecked-{n}", fake.base_url, "--no-precheck")),
+                        ("ray-data", floor))
+            for name, cmd in variants:
                 r = watch(cmd, fake, args.watch, full=n == args.full, env=env)
                 results[f"{name}@{n}"] = r
                 rows.append((name, n, r))

@@ -25,6 +25,7 @@ from dspy_ray.client.cache import (
     open_cache,
 )
 from dspy_ray.client.cache import store as store_module
+from dspy_ray.client.cache.local import IO_THREADS
 
 REQUEST = {
     "model": "qwen-7b",
@@ -319,15 +320,9 @@ def test_threads_that_come_and_go_do_not_pile_up_open_files(tmp_path):
             t.start()
         for t in threads:
             t.join()
-    assert open_files(tmp_path / "lm" / "cache.db") <= store_module_io_threads() + 1
+    assert open_files(tmp_path / "lm" / "cache.db") <= IO_THREADS + 1
     store.close()
     assert open_files(tmp_path / "lm" / "cache.db") == 0
-
-
-def store_module_io_threads() -> int:
-    from dspy_ray.client.cache import local
-
-    return local.IO_THREADS
 
 
 def test_settings_built_in_code_follow_lm_cache(monkeypatch, tmp_path):

@@ -56,20 +56,24 @@ def drive(lm, threads: int, seconds: float) -> dict[str, int]:
     return counts
 
 
+def job_state(limiter) -> dict | None:
+    """The job's state of ``limiter``'s endpoint at the coordinator (None: this process decides alone)."""
+    if limiter.coordinator is None:
+        return None
+    base_url, model = limiter.key.split("|")
+    return coordinator_state(base_url, model)
+
+
 def background_of(limiter) -> float:
     """The background 429 share the limit has learned: the job's (with Ray) or this process's."""
-    if limiter.coordinator is not None:
-        base_url, model = limiter.key.split("|")
-        return coordinator_state(base_url, model)["background"]
-    return limiter.policy.background_rate()
+    job = job_state(limiter)
+    return job["background"] if job is not None else limiter.policy.background_rate()
 
 
 def learned_limit(limiter) -> float:
     """The limit found for the endpoint: the job's (with Ray: an idle process gives its share back), else this process's."""
-    if limiter.coordinator is not None:
-        base_url, model = limiter.key.split("|")
-        return coordinator_state(base_url, model)["limit"]
-    return limiter.limit
+    job = job_state(limiter)
+    return job["limit"] if job is not None else limiter.limit
 
 
 def after(samples: list[dict], seconds: float, until: float) -> list[dict]:
@@ -297,8 +301,8 @@ def test_an_idle_process_gives_its_share_back_at_once():
     busy = {"ok": 8, "latency_sum": 0.8, "peak_in_flight": 16, "demand": 40}
     for n in (1, 2):
         coordinator.report("worker", busy, n)
-        worker_share = coordinator.report("driver", {"peak_in_flight": 0, "demand": 0, "idle": True}, n)["share"]
-    assert worker_share <= 1  # the idle driver is granted no spare
+        driver_share = coordinator.report("driver", {"peak_in_flight": 0, "demand": 0, "idle": True}, n)["share"]
+    assert driver_share <= 1  # the idle driver is granted no spare
     assert coordinator.members["worker"].granted >= 30
     coordinator.report("worker", {**busy, "idle": True}, 3)  # the worker's last call ended: idle, at once
     for n in (3, 4):

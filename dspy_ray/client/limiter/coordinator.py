@@ -77,8 +77,8 @@ class LimitCoordinator:
             state = self.members[member]
         state.heard = now
         state.last_report = number
-        idle = bool(signals.pop("idle", False))
-        incoming = Signals(**signals)
+        idle = bool(signals.get("idle", False))
+        incoming = Signals(**{name: value for name, value in signals.items() if name != "idle"})
         # Idle now: it holds nothing and wants nothing (its interval's peaks still go to the policy).
         state.demand = 0 if idle else incoming.demand
         state.held = 0 if idle else incoming.peak_in_flight
