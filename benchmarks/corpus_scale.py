@@ -1,10 +1,11 @@
 """Corpus scale: what the driver holds and how soon the first LM call goes out, as the corpus grows.
 
     python benchmarks/corpus_scale.py [--sizes 50000,500000,2000000] [--files 64] [--watch 20]
-                                      [--full 50000] [--capacity 512] [--latency 0.05]
+                                      [--full 50000] [--capacity 512] [--latency 0.05] [--results DIR]
 
 For each size, a corpus of that many jsonl rows in ``--files`` files (made once, kept under
-``$TMPDIR/dspy-ray-corpus-scale``) is run, side by side, by:
+``$TMPDIR/dspy-ray-corpus-scale``) is run, side by side, by the following (``--files 1``: one large file,
+which ours reads as byte ranges in several tasks and Ray Data's ``read_json`` in one):
 
 * **ours**: ``python -m pipelines.triage`` (its own local Ray, the fake endpoint);
 * **ours-no-precheck**: the same with ``--no-precheck`` (no validation pass before the first call);
@@ -15,7 +16,8 @@ Each driver process is watched from outside: its peak RSS (``VmHWM`` in ``/proc`
 its start to the endpoint's first request, and the requests answered in the ``--watch`` seconds after
 that.  A run is then stopped, except at the ``--full`` size, which runs to the end for rows/s against
 the endpoint's limit (capacity / latency).  Prints a table and the ratios; writes
-``benchmarks/results/corpus_scale.json`` and a plot of driver RSS against rows (``corpus_scale.png``).
+``corpus_scale.json`` and a plot of driver RSS against rows (``corpus_scale.png``) into ``--results``
+(``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -118,6 +120,14 @@ def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) 
             "answered_per_s": round(ok / max(seconds - (first or 0), 1e-9), 1), "seconds": round(seconds, 1)}
 
 
+def read_tasks(folder: Path) -> int:
+    """The read tasks of the pre-pass's plan (a large file cut into ranges: dspy_ray.corpus.split)."""
+    from dspy_ray.corpus import InputSpec, discover
+    from dspy_ray.corpus.source import plan_groups
+
+    return len(plan_groups(discover(InputSpec(str(folder), text_column="transcript")), 64))
+
+
 def ours_command(folder: Path, output: str, base_url: str, *flags: str) -> list[str]:
     """The batch CLI over ``folder`` into ``output`` against the fake endpoint."""
     return [sys.executable, "-m", "pipelines.triage", "--input", str(folder), "--output", output,
@@ -132,6 +142,7 @@ def main() -> None:
     p.add_argument("--full", type=int, default=0, help="this size runs to the end (rows/s); 0 = none")
     p.add_argument("--capacity", type=int, default=512)
     p.add_argument("--latency", type=float, default=0.05)
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the json and the plot")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LM_BASE_URL")}
@@ -140,8 +151,8 @@ def main() -> None:
     with FakeLLM(latency=args.latency, capacity=args.capacity) as fake, tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             folder = make_corpus(n, args.files)
-            print(f"{n:,} rows in {args.files} files ({sum(f.stat().st_size for f in folder.glob('*.jsonl')) / 1e6:,.0f} MB)",
-                  flush=True)
+            print(f"{n:,} rows in {args.files} files ({sum(f.stat().st_size for f in folder.glob('*.jsonl')) / 1e6:,.0f} MB; "
+                  f"the pre-pass reads it in {read_tasks(folder)} tasks)", flush=True)
             floor = [sys.executable, "-c", RAY_DATA_FLOOR, str(folder), f"{tmp}/floor-{n}", fake.base_url]
             variants = (("ours", ours_command(folder, f"{tmp}/ours-{n}", fake.base_url)),
                         ("ours-no-precheck",
@@ -154,8 +165,8 @@ def main() -> None:
                 print(f"  {name:16s} peak driver RSS {r['peak_rss_mb']:8.0f} MB   first LM call {r['first_call_s']} s   "
                       f"{r['answered_per_s']} answered/s", flush=True)
     report(rows, sizes, args)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "corpus_scale.json").write_text(json.dumps(results, indent=1))
     plot(rows, out / "corpus_scale.png")
 
@@ -193,7 +204,7 @@ def plot(rows: list, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"plot: {path.relative_to(ROOT)}")
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

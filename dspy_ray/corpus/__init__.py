@@ -6,6 +6,7 @@ One module per step:
 * :mod:`~dspy_ray.corpus.spec` — :class:`InputSpec` (what to read), :class:`InputError`, the formats;
 * :mod:`~dspy_ray.corpus.listing` — :func:`discover`: the files, on the driver (names and sizes only);
 * :mod:`~dspy_ray.corpus.rows` — one file to normalized rows (ids, ``errors``), a block at a time;
+* :mod:`~dspy_ray.corpus.split` — a large jsonl or parquet file in ranges, one per read task (the same rows);
 * :mod:`~dspy_ray.corpus.source` — :func:`corpus_dataset`: a Ray Data datasource whose read tasks run
   :mod:`~dspy_ray.corpus.rows` on the workers;
 * :mod:`~dspy_ray.corpus.precheck` — :func:`precheck`: the validation pre-pass on the workers;

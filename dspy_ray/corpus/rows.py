@@ -3,7 +3,10 @@
 Every row gets an ``id`` (the id column; else ``file:line`` for tables, the relative path for a
 document) and an ``errors`` list of its own problems (null, non-string or blank text, a text
 truncated to ``max_chars``, a document that could not be read).  A problem of the whole file
-(broken JSON line, missing text column, no rows) raises :class:`InputError` naming the file and line::
+(broken JSON line, missing text column, no rows) raises :class:`InputError` naming the file and line.
+A read task may read a :class:`~dspy_ray.corpus.split.Part` of a large file: the same rows, ids and
+messages as the whole file gives (line and row numbers count from the file's start); only the first
+part refuses a file without rows or without the text column, reading on past its range until a row has it::
 
     >>> found = discover(InputSpec("calls.jsonl", text_column="transcript"))              # doctest: +SKIP
     >>> next(file_rows(found.files[0], found.fs, InputSpec("calls.jsonl", "transcript"))).column_names  # doctest: +SKIP
@@ -13,7 +16,6 @@ truncated to ``max_chars``, a document that could not be read).  A problem of th
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +29,7 @@ from dspy_ray.corpus.documents.base import DOCUMENT_KINDS
 from dspy_ray.corpus.documents.parse import parse_bytes
 from dspy_ray.corpus.listing import InputFile
 from dspy_ray.corpus.spec import ERRORS, ID, InputError, InputSpec, one_line
+from dspy_ray.corpus.split import Part, lines_before, numbered_lines, row_groups, whole
 from dspy_ray.util.fs import json_object
 
 WHERE = "_where"  # "file:line" of each row, only when asked for (the pre-pass names duplicate ids with it)
@@ -34,16 +37,19 @@ DOCUMENT_KIND_NAMES = frozenset(DOCUMENT_KINDS.values())
 Record = tuple[dict[str, Any], str]  # (values, "file:line")
 
 
-def file_rows(f: InputFile, fs: pafs.FileSystem, spec: InputSpec, rows_per_block: int = 256, *,
+def file_rows(f: InputFile | Part, fs: pafs.FileSystem, spec: InputSpec, rows_per_block: int = 256, *,
               where: bool = False, types: dict[str, str] | None = None) -> Iterator[pa.Table]:
-    """The rows of one file, ``rows_per_block`` at a time, normalized (see the module's docstring);
-    ``types``: every other column's type over the whole corpus (:func:`merge_types`), so all blocks agree."""
+    """The rows of one file (or of one part of it), ``rows_per_block`` at a time, normalized (see the module's
+    docstring); ``types``: every other column's type over the whole corpus (:func:`merge_types`), so all
+    blocks agree."""
+    part = f if isinstance(f, Part) else whole(f)
+    f = part.file
     if f.kind in DOCUMENT_KIND_NAMES:
         yield _normalize([_document(f, fs)], spec, where, document=True)
         return
     if f.size == 0:
         raise InputError(f"{f.shown}: file is empty")
-    records = {"jsonl": _jsonl, "csv": _table_records, "parquet": _table_records}[f.kind](f, fs, spec)
+    records = {"jsonl": _jsonl, "csv": _table_records, "parquet": _table_records}[f.kind](part, fs, spec)
     block: list[Record] = []
     for record in records:
         block.append(record)
@@ -89,20 +95,29 @@ def _document(f: InputFile, fs: pafs.FileSystem) -> Record:
     return {**values, "_text": docs[0].text}, f.rel
 
 
-def _jsonl(f: InputFile, fs: pafs.FileSystem, spec: InputSpec) -> Iterator[Record]:
+def _jsonl(part: Part, fs: pafs.FileSystem, spec: InputSpec) -> Iterator[Record]:
+    """The rows of the lines that start in the part.  The first part reads on past its end (rows not
+    yielded) while no row has the text column, so that "no rows" and "text column not found" are said of
+    the whole file, with the first bad line before them, as a whole read would."""
+    f = part.file
     produced = has_text = False
     columns: set[str] = set()
-    with fs.open_input_stream(f.full) as raw:
-        lines = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            value = json_object(line.rstrip("\r\n"), f"{f.shown} line {lineno}", InputError)
-            produced = True
-            has_text = has_text or spec.text_column in value
-            if not has_text and len(columns) < 200:
-                columns.update(value)
+    for offset, lineno, raw in numbered_lines(fs, f.full, part.start, lines_before(part), part.end):
+        owned = offset < part.end
+        if not owned and (part.index > 0 or has_text):
+            return
+        line = raw.decode("utf-8", errors="replace")
+        if not line.strip():
+            continue
+        value = json_object(line, f"{f.shown} line {lineno}", InputError)
+        produced = True
+        has_text = has_text or spec.text_column in value
+        if not has_text and len(columns) < 200:
+            columns.update(value)
+        if owned:
             yield value, f"{f.rel}:{lineno}"
+    if part.index > 0:
+        return
     if not produced:
         raise InputError(f"{f.shown}: no rows (only blank lines)")
     if not has_text:
@@ -110,28 +125,30 @@ def _jsonl(f: InputFile, fs: pafs.FileSystem, spec: InputSpec) -> Iterator[Recor
                          f"choose one with --text-column")
 
 
-def _table_records(f: InputFile, fs: pafs.FileSystem, spec: InputSpec) -> Iterator[Record]:
-    """csv (every value a string: ids like "007" keep their zeros; rows numbered as lines, from 2) or parquet."""
+def _table_records(part: Part, fs: pafs.FileSystem, spec: InputSpec) -> Iterator[Record]:
+    """csv (every value a string: ids like "007" keep their zeros; rows numbered as lines, from 2) or parquet
+    (the part's row groups, numbered from the file's first row)."""
+    f = part.file
     first = 2 if f.kind == "csv" else 1
+    n = 0
     try:
-        batches = _csv_batches(f, fs) if f.kind == "csv" else _parquet_batches(f, fs)
-        schema = next(batches)
+        batches = _csv_batches(f, fs) if f.kind == "csv" else _parquet_batches(part, fs)
+        schema, total = next(batches)
         if spec.text_column not in schema.names:
             raise InputError(f"{f.shown}: text column {spec.text_column!r} not found; columns are {schema.names}; "
                              f"choose one with --text-column")
-        n = 0
-        for batch in batches:
-            for values in batch.to_pylist():
-                yield values, f"{f.rel}:{n + first}"
-                n += 1
+        for before, batch in batches:
+            for i, values in enumerate(batch.to_pylist()):
+                yield values, f"{f.rel}:{before + i + first}"
+            n += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{f.shown}: cannot read {f.kind}: {one_line(exc)}") from None
-    if n == 0:
+    if part.index == 0 and (n if total is None else total) == 0:
         raise InputError(f"{f.shown}: no rows")
 
 
 def _csv_batches(f: InputFile, fs: pafs.FileSystem) -> Iterator:
-    """The schema, then record batches, streamed."""
+    """(the schema, None), then (rows before, record batch), streamed."""
     with fs.open_input_stream(f.full) as stream:
         head = stream.read(1 << 16).decode("utf-8", errors="replace").splitlines()
     header = head[0].strip() if head else ""
@@ -139,15 +156,22 @@ def _csv_batches(f: InputFile, fs: pafs.FileSystem) -> Iterator:
     options = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
     with fs.open_input_stream(f.full) as stream:
         reader = pacsv.open_csv(stream, convert_options=options)
-        yield reader.schema
-        yield from reader
+        yield reader.schema, None
+        before = 0
+        for batch in reader:
+            yield before, batch
+            before += batch.num_rows
 
 
-def _parquet_batches(f: InputFile, fs: pafs.FileSystem) -> Iterator:
-    with fs.open_input_file(f.full) as stream:
+def _parquet_batches(part: Part, fs: pafs.FileSystem) -> Iterator:
+    """(the schema, the file's rows), then (rows of the file before, record batch) of the part's row groups."""
+    with fs.open_input_file(part.file.full) as stream:
         parquet = pq.ParquetFile(stream)
-        yield parquet.schema_arrow
-        yield from parquet.iter_batches(batch_size=4096)
+        yield parquet.schema_arrow, parquet.metadata.num_rows
+        for group, before in row_groups(parquet.metadata, part):
+            for batch in parquet.iter_batches(batch_size=4096, row_groups=[group]):
+                yield before, batch
+                before += batch.num_rows
 
 
 def _text_problems(value: Any, spec: InputSpec) -> tuple[str, list[str]]:

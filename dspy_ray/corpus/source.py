@@ -1,9 +1,12 @@
-"""A corpus as a Ray Data dataset read on the workers: one read task per table file, or per group of documents.
+"""A corpus as a Ray Data dataset read on the workers: one read task per table file or per range of a large
+one (:mod:`~dspy_ray.corpus.split`), or per group of documents.
 
-The driver lists the files (names and sizes) and plans the read tasks; each task opens its files
+The driver lists the files (names and sizes) and plans the read tasks; each task opens its file
 on a worker (local disk, or the object store straight from the worker) and yields blocks of
 ``rows_per_block`` normalized rows as it reads them, so the first rows reach the first stage while
-the rest of the corpus is still being read and the driver never holds a row::
+the rest of the corpus is still being read and the driver never holds a row.  A jsonl or parquet file
+larger than the range size is read by several tasks at once, with the rows, ids and messages a whole
+read gives; a csv file is always read whole (a quoted field may hold a line break)::
 
     >>> found = discover(InputSpec("s3://bucket/calls/", text_column="transcript"))   # doctest: +SKIP
     >>> ds = corpus_dataset(found, InputSpec(...), rows_per_block=64)                  # doctest: +SKIP
@@ -20,38 +23,50 @@ import pyarrow.fs as pafs
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from dspy_ray.corpus.listing import InputFile, InputFiles
+from dspy_ray.corpus.listing import InputFiles
 from dspy_ray.corpus.rows import documents_rows, file_rows
 from dspy_ray.corpus.spec import DOCUMENTS, InputError, InputSpec
+from dspy_ray.corpus.split import (
+    BYTES_PER_TASK,
+    Part,
+    number_lines,
+    range_size,
+    split_file,
+    whole,
+)
 
-GroupReader = Callable[[list[InputFile], str, pafs.FileSystem, InputSpec, int], Iterator[pa.Table]]
+GroupReader = Callable[[list[Part], str, pafs.FileSystem, InputSpec, int], Iterator[pa.Table]]
 DOCS_PER_TASK = 64  # documents one read task reads at most (they are small; the task overhead is not)
-BYTES_PER_TASK = 64 << 20  # and at most this many bytes of them
 
 
-def read_rows(files: list[InputFile], fmt: str, fs: pafs.FileSystem, spec: InputSpec,
+def read_rows(parts: list[Part], fmt: str, fs: pafs.FileSystem, spec: InputSpec,
               rows_per_block: int, types: dict[str, str] | None = None) -> Iterator[pa.Table]:
-    """The normalized rows of a group of files (what a read task yields); ``types``: see
+    """The normalized rows of a group of files or parts (what a read task yields); ``types``: see
     :func:`~dspy_ray.corpus.rows.file_rows`."""
     if fmt == DOCUMENTS:
-        yield from documents_rows(files, fs, spec, rows_per_block)
+        yield from documents_rows([p.file for p in parts], fs, spec, rows_per_block)
         return
-    for f in files:
-        yield from file_rows(f, fs, spec, rows_per_block, types=types)
+    for part in parts:
+        yield from file_rows(part, fs, spec, rows_per_block, types=types)
 
 
-def plan_groups(found: InputFiles, parallelism: int) -> list[list[InputFile]]:
-    """Table files one per task; documents in groups, enough of them to use ``parallelism`` workers."""
+def plan_groups(found: InputFiles, parallelism: int, *, split_bytes: int | None = None,
+                min_split_bytes: int | None = None) -> list[list[Part]]:
+    """Table files one per task, a large jsonl or parquet file in ranges (at most ``split_bytes``, at least
+    ``min_split_bytes``: see :func:`~dspy_ray.corpus.split.range_size`); documents in groups, enough of them
+    to use ``parallelism`` workers.  Pure planning: :func:`~dspy_ray.corpus.split.number_lines` then
+    numbers the jsonl ranges."""
     if found.format != DOCUMENTS:
-        return [[f] for f in found.files]
+        size = range_size(found.bytes, parallelism, split_bytes, min_split_bytes)
+        return [[part] for f in found.files for part in split_file(f, size)]
     per_task = max(1, min(DOCS_PER_TASK, -(-len(found.files) // max(parallelism, 1))))
-    groups: list[list[InputFile]] = [[]]
+    groups: list[list[Part]] = [[]]
     size = 0
     for f in found.files:
         if groups[-1] and (len(groups[-1]) >= per_task or size + f.size > BYTES_PER_TASK):
             groups.append([])
             size = 0
-        groups[-1].append(f)
+        groups[-1].append(whole(f))
         size += f.size
     return groups
 
@@ -59,20 +74,30 @@ def plan_groups(found: InputFiles, parallelism: int) -> list[list[InputFile]]:
 class CorpusSource(Datasource):
     """Ray Data datasource over the files :func:`~dspy_ray.corpus.listing.discover` found."""
 
-    def __init__(self, found: InputFiles, spec: InputSpec, rows_per_block: int, reader: GroupReader = read_rows):
+    def __init__(self, found: InputFiles, spec: InputSpec, rows_per_block: int, reader: GroupReader = read_rows,
+                 split_bytes: int | None = None, min_split_bytes: int | None = None):
         self.found, self.spec, self.rows_per_block, self.reader = found, spec, rows_per_block, reader
+        self.split = {"split_bytes": split_bytes, "min_split_bytes": min_split_bytes}
+        self.planned: dict[tuple, list[list[Part]]] = {}  # Ray Data asks more than once: count ranges once
 
     def estimate_inmemory_data_size(self) -> int:
         return self.found.bytes
 
+    def plan(self, parallelism: int) -> list[list[Part]]:
+        groups = plan_groups(self.found, parallelism, **self.split)
+        key = tuple((p.file.full, p.start, p.end, i) for i, group in enumerate(groups) for p in group)
+        if key not in self.planned:
+            self.planned[key] = number_lines(groups, self.found.fs)
+        return self.planned[key]
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         tasks = []
-        for group in plan_groups(self.found, parallelism):
+        for group in self.plan(parallelism):
             read = functools.partial(self.reader, group, self.found.format, self.found.fs, self.spec,
                                      self.rows_per_block)
-            meta = BlockMetadata(num_rows=None, size_bytes=sum(f.size for f in group), exec_stats=None,
-                                 input_files=tuple(f.full for f in group))
+            meta = BlockMetadata(num_rows=None, size_bytes=sum(p.end - p.start for p in group), exec_stats=None,
+                                 input_files=tuple(dict.fromkeys(p.file.full for p in group)))
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -81,15 +106,17 @@ class CorpusSource(Datasource):
 
 
 def corpus_dataset(found: InputFiles, spec: InputSpec, *, rows_per_block: int = 256,
-                   reader: GroupReader = read_rows, types: dict[str, str] | None = None):
+                   reader: GroupReader = read_rows, types: dict[str, str] | None = None,
+                   split_bytes: int | None = None, min_split_bytes: int | None = None):
     """The corpus as a dataset read on the workers (``reader``: what each read task yields; ``types``: the
-    columns' types the pre-pass found, so every block has one schema).  Without ``types`` each block infers
-    its own: a jsonl column whose values change type between blocks then fails the write."""
+    columns' types the pre-pass found, so every block has one schema; ``split_bytes``, ``min_split_bytes``:
+    see :func:`plan_groups`).  Without ``types`` each block infers its own: a jsonl column whose values
+    change type between blocks then fails the write."""
     import ray
 
     if types:
         reader = functools.partial(reader, types=types)
-    return ray.data.read_datasource(CorpusSource(found, spec, rows_per_block, reader))
+    return ray.data.read_datasource(CorpusSource(found, spec, rows_per_block, reader, split_bytes, min_split_bytes))
 
 
 def input_error_in(exc: BaseException) -> InputError | None:
