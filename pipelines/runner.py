@@ -35,12 +35,10 @@ from dspy_ray.util.cli import EXIT_USAGE
 from dspy_ray.util.fs import filesystem_for, is_uri
 from dspy_ray.util.ray_runtime import init_ray
 from pipelines.inputs import to_dataset
+from pipelines.resume import Written, exclude_written, parquet_files, written_files
 from stages.base import ERRORS_COLUMN, USAGE_COLUMN, DSPyStage
 
 logger = logging.getLogger(__name__)
-
-QUARANTINE_DIR = "_incomplete"
-
 
 class OutputError(ValueError):
     """The output location cannot be used as asked."""
@@ -129,78 +127,7 @@ class RunResult:
         return out
 
 
-# -- resume -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Written:
-    """The readable parquet files already in the output, and their rows (from the footers: no row is read)."""
-
-    files: tuple[str, ...] = ()
-    rows: int = 0
-
-
-def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-
-
-def written_files(output: str) -> Written:
-    """The complete parquet files in ``output``; a half-written one (a killed writer: no footer) is set aside
-    in ``_incomplete/`` and its rows are redone."""
-    fs, root = filesystem_for(output)
-    files, rows = [], 0
-    for path in _parquet_files(fs, root):
-        try:
-            with fs.open_input_file(path) as f:
-                rows += pq.read_metadata(f).num_rows
-            files.append(path)
-        except Exception as exc:
-            quarantine = f"{root.rstrip('/')}/{QUARANTINE_DIR}"
-            fs.create_dir(quarantine, recursive=True)
-            name = path.rsplit("/", 1)[-1]
-            fs.move(path, f"{quarantine}/{name}")
-            logger.warning("set aside unreadable output file %s (%s); its rows will be redone", name, exc)
-    return Written(tuple(files), rows)
-
-
-def written_ids(output: str) -> set[str]:
-    """Ids already in ``output`` (for tests and tools: a run excludes them on the workers, see
-    :func:`exclude_written`)."""
-    fs, _ = filesystem_for(output)
-    return {i for path in written_files(output).files
-            for i in pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()}
-
-
-class _DropWritten:
-    """A Ray Data UDF (one per actor): drops the rows whose id is already written.  The written ids arrive as
-    object-store refs of their blocks, fetched once per actor; the driver never holds them."""
-
-    def __init__(self, refs: list):
-        import ray
-
-        tables = ray.get(refs)
-        self.done = pa.concat_arrays([t.column("id").combine_chunks() for t in tables if t.num_rows]
-                                     or [pa.array([], pa.string())])
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.done)))
-
-
-def exclude_written(ds, output: str, written: Written):
-    """``ds`` without the rows whose id is already written, filtered on the workers: the written ids are read
-    there (parquet, the id column only) and each filter actor holds them as one Arrow array (~20 bytes an id)."""
-    import ray
-
-    if not written.files:
-        return ds
-    fs, _ = filesystem_for(output)
-    done = ray.data.read_parquet(list(written.files), columns=["id"], filesystem=fs).materialize()
-    refs = done.to_arrow_refs()
-    return ds.map_batches(_DropWritten, fn_constructor_args=(refs,), batch_format="pyarrow", batch_size=None,
-                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+# -- output -----------------------------------------------------------------
 
 
 def prepare_output(output: str, resume: bool) -> Written:
@@ -212,7 +139,7 @@ def prepare_output(output: str, resume: bool) -> Written:
         raise OutputError(f"output {output}: cannot open ({' '.join(str(exc).split())[:300]})") from None
     if kind == pafs.FileType.File:
         raise OutputError(f"output {output} exists and is not a directory")
-    if _parquet_files(fs, root) and not resume:
+    if parquet_files(fs, root) and not resume:
         raise OutputError(
             f"output {output} already holds results; pass --resume to continue that run, or choose a new --output"
         )
@@ -395,7 +322,7 @@ def summarize(out: str, resumed: int, seconds: float, columns: tuple[str, ...], 
     """Read the output's files back (``before``: those there before this run): rows, errors, label counts,
     and the LM usage of the rows this run wrote; one small dict per file, computed where Ray runs."""
     fs, root = filesystem_for(out)
-    paths = _parquet_files(fs, root)
+    paths = parquet_files(fs, root)
     summaries = _per_file(paths, fs, columns)
     result = RunResult(out, 0, 0, resumed, seconds)
     usage: dict[str, Usage] = {}

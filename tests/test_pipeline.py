@@ -14,7 +14,8 @@ import pytest
 
 from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.inputs import InputSpec
-from pipelines.runner import run_pipeline, written_ids
+from pipelines.resume import written_ids
+from pipelines.runner import run_pipeline
 from tasks import get_task
 from tests.batch_helpers import read_output, write_calls
 from dspy_ray.testing.fake_llm import FakeLLM
