@@ -5,7 +5,9 @@
 
 The run drives the triage stage's UDF directly (no Ray) against the fake endpoint at zero
 latency, 64-row batches, at most 32 rows in flight, after a warm-up; it prints the CPU per row
-of this process.  Under ``py-spy record --gil`` (samples only the thread holding the GIL: where
+of this process, with the LM cache off and with it on (a fresh store: every row a miss, its
+answer stored), side by side in one run (``--cache off|miss`` for one of them; the profile
+is of ``off``, the engine without the cache).  Under ``py-spy record --gil`` (samples only the thread holding the GIL: where
 the CPU goes) the samples of the measured run are summed by function, self and inclusive, and
 the top of each list printed: the README's before/after tables come from here.
 """
@@ -29,7 +31,22 @@ sys.path.insert(0, str(ROOT))
 import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
 
 
-def drive(rows: int) -> None:
+def drive(rows: int, cache: str = "off") -> float:
+    """One measured run; ``cache``: ``off``, or ``miss`` (a fresh store in a temporary folder); the CPU per row (ms)."""
+    if cache == "off":
+        os.environ["LM_CACHE"] = "off"
+        return _drive(rows, cache)
+    with tempfile.TemporaryDirectory(prefix="stage-cache-") as folder:
+        os.environ["LM_CACHE"] = folder
+        try:
+            return _drive(rows, cache)
+        finally:
+            from dspy_ray.client.cache import close_caches
+
+            close_caches()
+
+
+def _drive(rows: int, cache: str) -> float:
     import pyarrow as pa
 
     from dspy_ray.endpoints.settings import EndpointSettings
@@ -50,14 +67,16 @@ def drive(rows: int) -> None:
                     count += out.num_rows
             return count
 
-        async def main() -> None:
+        async def main() -> float:
             await measured_run(pa.Table.from_pylist([{"id": f"w{i}", "transcript": f"warm {i}"} for i in range(256)]))
             cpu, wall = time.process_time(), time.perf_counter()
             assert await measured_run(table) == rows
-            print(f"CPU per row {(time.process_time() - cpu) / rows * 1e3:.3f} ms; {rows / (time.perf_counter() - wall):.0f} "
+            per_row = (time.process_time() - cpu) / rows * 1e3
+            print(f"cache {cache:4}: CPU per row {per_row:.3f} ms; {rows / (time.perf_counter() - wall):.0f} "
                   f"rows/s on one process", flush=True)
+            return per_row
 
-        asyncio.run(main())
+        return asyncio.run(main())
 
 
 def summarize(raw: Path, top: int) -> None:
@@ -97,16 +116,28 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=6000)
     parser.add_argument("--drive", action="store_true", help="only the measured run (what py-spy samples)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--cache", choices=["both", "off", "miss"], default="both",
+                        help="with --drive: the LM cache off, on with every row a miss, or both side by side")
     args = parser.parse_args()
     if args.drive:
-        return drive(args.rows)
+        if args.cache != "both":
+            drive(args.rows, args.cache)
+            return None
+        runs = {mode: [] for mode in ("off", "miss")}
+        for _ in range(2):  # interleaved: the machine's load falls on both alike
+            for mode in runs:
+                runs[mode].append(drive(args.rows, mode))
+        best = {mode: min(values) for mode, values in runs.items()}
+        print(f"best of 2: cache off {best['off']:.3f} ms/row, cache on (all misses) {best['miss']:.3f} ms/row: "
+              f"the cache adds {best['miss'] - best['off']:.3f} ms ({best['miss'] / best['off']:.2f}x)")
+        return None
     spy = shutil.which("py-spy")
     if spy is None:
         raise SystemExit("py-spy is not installed (pip install py-spy); --drive runs without it")
     with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
         raw = Path(tmp) / "stacks.txt"
         subprocess.run([spy, "record", "--gil", "-r", "400", "-f", "raw", "-o", str(raw), "--", sys.executable,
-                        __file__, "--drive", "--rows", str(args.rows)], check=True)
+                        __file__, "--drive", "--cache", "off", "--rows", str(args.rows)], check=True)
         summarize(raw, args.top)
 
 

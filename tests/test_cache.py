@@ -25,7 +25,7 @@ from dspy_ray.client.cache import (
     open_cache,
 )
 from dspy_ray.client.cache import store as store_module
-from dspy_ray.client.cache.local import IO_THREADS
+from dspy_ray.client.cache.local import DIRECT_THREADS, IO_THREADS
 
 REQUEST = {
     "model": "qwen-7b",
@@ -306,23 +306,34 @@ def open_files(path) -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
 def test_threads_that_come_and_go_do_not_pile_up_open_files(tmp_path):
-    """dspy.Parallel and callers with a thread each: the store's connections stay a few, whatever the threads."""
+    """dspy.Parallel and callers with a thread each: the store's connections stay bounded, whatever the threads.
+
+    Each generation runs more threads at once than may touch the store directly; the rest go through
+    the store's own threads, so the open files stay under the bound and do not grow from one generation
+    to the next (a direct thread's connection is closed when the thread ends); closing the store closes the rest."""
     store = LocalStore(tmp_path / "lm")
     store.put(key_of(0), answer("warm"))
+    db = tmp_path / "lm" / "cache.db"
+    bound = DIRECT_THREADS + IO_THREADS + 2  # + the writer thread, + this thread
+    start = threading.Barrier(DIRECT_THREADS + 24)
 
     def reader(t: int) -> None:
+        start.wait(timeout=30)  # all alive at once
         store.put(key_of(t), answer(str(t)))
         assert store.get(key_of(t)) == answer(str(t)) and store.get(key_of(0)) == answer("warm")
 
-    for _ in range(3):  # three generations of 40 threads each
-        threads = [threading.Thread(target=reader, args=(t,)) for t in range(1, 41)]
+    counts = []
+    for _ in range(6):  # six generations, each with more threads at once than the direct ones
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(1, DIRECT_THREADS + 25)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    assert open_files(tmp_path / "lm" / "cache.db") <= IO_THREADS + 1
+        counts.append(open_files(db))
+    assert max(counts) <= bound, counts  # a pile-up would pass it within a few generations
+
     store.close()
-    assert open_files(tmp_path / "lm" / "cache.db") == 0
+    assert open_files(db) == 0
 
 
 def test_settings_built_in_code_follow_lm_cache(monkeypatch, tmp_path):

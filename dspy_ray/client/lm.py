@@ -46,7 +46,7 @@ from typing import Any
 import dspy
 from dspy.utils.callback import with_callbacks
 
-from dspy_ray.client.cache import CacheStore, lookup_key, open_cache
+from dspy_ray.client.cache import CacheStore, cacheable, endpoint_identity, open_cache, sent_key
 from dspy_ray.client.chat_http import ChatHTTP, response_format_json
 from dspy_ray.client.limiter import EndpointLimiter, endpoint_key, endpoint_limiter
 from dspy_ray.client.retry import RetryPolicy, acall_with_retries, call_with_retries, policy_for
@@ -139,7 +139,7 @@ class ResilientLM(dspy.LM):
             return result
         body, messages, sent = lean
         store = self.cache_store
-        key = self._cache_key(messages, sent, kwargs) if store is not None else None
+        key = self._cache_key(body, sent, kwargs) if store is not None else None
         if key is not None:
             answer = store.get(key)
             if answer is not None:
@@ -156,15 +156,16 @@ class ResilientLM(dspy.LM):
             store.put_later(key, answer, model=self._settings.model)
         return outputs
 
-    def _cache_key(self, messages: list[dict], sent: dict[str, Any], kwargs: dict[str, Any]) -> str | None:
-        """The cache key of a lean call: endpoint, model, messages, every sent field and ``rollout_id``.
-
-        None when the answer must not be cached (a sampled call, a field with no stable JSON form).
-        """
+    def _cache_key(self, body: bytes, sent: dict[str, Any], kwargs: dict[str, Any]) -> str | None:
+        """The cache key of a lean call: the body as sent (model, messages, every sent field), the endpoint
+        and ``rollout_id``; None when the answer must not be cached (a sampled call)."""
         rollout_id = kwargs.get("rollout_id", self.kwargs.get("rollout_id"))
-        request = {**sent, "base_url": self._settings.base_url, "model": self._settings.model,
-                   "messages": messages, "rollout_id": rollout_id}
-        return lookup_key(request)
+        if not cacheable({**sent, "rollout_id": rollout_id}):
+            return None
+        endpoint = self.__dict__.get("_endpoint_identity")
+        if endpoint is None:
+            endpoint = self._endpoint_identity = endpoint_identity(self._settings.base_url)
+        return sent_key(body, endpoint, rollout_id)
 
     async def acall(self, *args, **kwargs):
         """DSPy's async client with retries and the endpoint's limit; it does not use the LM cache."""

@@ -17,7 +17,8 @@ raises: an unreachable store, a corrupt entry, a full disk are misses and ignore
 
 The package, bottom up (each module imports only those above it):
 
-* :mod:`.key` - :func:`cache_key`, :func:`cacheable`, :func:`lookup_key`: pure, no I/O;
+* :mod:`.key` - :func:`cache_key`, :func:`cacheable`, :func:`lookup_key`, and :func:`sent_key` (the key of
+  a body as a client sends it: what :class:`~dspy_ray.client.lm.ResilientLM` uses): pure, no I/O;
 * :mod:`.writer` - the process's cache writer thread: a miss's answer is stored after the caller has it
   (:meth:`GuardedStore.put_later`, batched, :func:`flush_writes` at exit);
 * :mod:`.store` - the entry format, :class:`CacheStats`, the :class:`CacheStore` interface and the
@@ -35,7 +36,7 @@ store; see ``docs/cache.md``).
 """
 
 from dspy_ray.client.cache.config import close_caches, default_directory, open_cache, size_limit_bytes
-from dspy_ray.client.cache.key import cache_key, cacheable, endpoint_identity, lookup_key
+from dspy_ray.client.cache.key import cache_key, cacheable, endpoint_identity, lookup_key, sent_key
 from dspy_ray.client.cache.local import DEFAULT_SIZE_LIMIT, LocalStore
 from dspy_ray.client.cache.remote import RemoteStore
 from dspy_ray.client.cache.store import (
@@ -74,5 +75,6 @@ __all__ = [
     "flush_writes",
     "lookup_key",
     "open_cache",
+    "sent_key",
     "size_limit_bytes",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from dspy_ray.client.cache.store import GuardedStore
@@ -27,24 +28,53 @@ DEFAULT_SIZE_LIMIT = 2**30  # 1 GiB: ~700k answers of 1.5 KB
 EVICTION_POLICY = "least-recently-stored"
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for SQLite's lock before it is dropped (diskcache's default: 60 s)
 # diskcache opens one SQLite connection per thread that touches it, and SQLite keeps a closed connection's
-# file open while another holds a lock on the file (WAL mode: always), so a process whose threads come and
-# go (dspy.Parallel, a thread per caller) would pile up open files.  Reads and synchronous writes therefore
-# run on this many threads of the store's own; the cache writer thread (.writer) is one more.
+# file open while another holds a lock on the file (WAL mode: always), so a process with many threads at
+# once (dspy.Parallel, a thread per caller) would pile up open files.  The first DIRECT_THREADS live threads
+# to touch the store use it on their own thread (a hit costs ~20 us, against ~100 us for a hop to another
+# thread); any other thread's reads and synchronous writes run on IO_THREADS threads of the store's own.
+# The cache writer thread (.writer) is one more.  A dead thread's place goes to the next newcomer.
+DIRECT_THREADS = 32
 IO_THREADS = 4
 
 
 class _Handle:
-    """An open diskcache folder and the few threads that may touch it."""
+    """An open diskcache folder and the threads that may touch it: at most DIRECT_THREADS live ones
+    directly, the rest through IO_THREADS threads of its own."""
 
     def __init__(self, cache):
         self.cache = cache
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="lm-cache-io")
+        self._mine = threading.local()  # .state: this thread's _Direct, or False when it must hop
+        self._direct: set[threading.Thread] = set()
+        self._lock = threading.Lock()
 
     def run(self, fn, *args):
-        return self.io.submit(fn, *args).result()
+        state = getattr(self._mine, "state", None)
+        if state is None:
+            state = self._mine.state = self._admit(threading.current_thread())
+        if state is False:
+            try:
+                future = self.io.submit(fn, *args)
+            except RuntimeError:  # the interpreter is exiting (the writer's last flush): open files no longer matter
+                return fn(*args)
+            return future.result()
+        result = fn(*args)
+        if not state.connection:
+            state.connection.extend(filter(None, [getattr(self.cache._local, "con", None)]))
+        return result
+
+    def _admit(self, thread: threading.Thread) -> _Direct | bool:
+        with self._lock:
+            if len(self._direct) >= DIRECT_THREADS:
+                self._direct = {t for t in self._direct if t.is_alive()}
+            if len(self._direct) >= DIRECT_THREADS:
+                return False
+            self._direct.add(thread)
+        return _Direct()
 
     def close(self) -> None:
-        # A connection is its thread's own: each thread closes its own, all held at a barrier so every one runs.
+        # A connection is its thread's own: each IO thread closes its own, all held at a barrier so every
+        # one runs; this thread closes its own.  A direct thread still alive closes its own when it ends.
         barrier = threading.Barrier(IO_THREADS)
 
         def close_mine() -> None:
@@ -55,6 +85,24 @@ class _Handle:
             future.result()
         self.io.shutdown(wait=True)
         self.cache.close()
+
+
+class _Direct:
+    """A direct thread's mark.  It goes when the thread ends, and its finalizer closes the thread's
+    SQLite connection there and then: a dropped connection would wait for the cycle collector, its
+    file open all that time, and threads that come and go would pile such files up."""
+
+    def __init__(self) -> None:
+        self.connection: list = []  # this thread's connection, once it has one
+        weakref.finalize(self, _close_quietly, self.connection)
+
+
+def _close_quietly(connection: list) -> None:
+    for con in connection:
+        try:
+            con.close()
+        except Exception:  # noqa: BLE001 - not on its own thread after all: the cycle collector frees it
+            pass
 
 
 def _set_many(cache, entries: list[tuple[str, bytes]]) -> None:
