@@ -31,7 +31,7 @@ from dspy_ray.corpus.rows import (
     file_rows,
     merge_types,
 )
-from dspy_ray.corpus.source import plan_groups
+from dspy_ray.corpus.source import plan_groups, read_parallelism
 from dspy_ray.corpus.spec import DOCUMENTS, ERRORS, ID, InputError, InputSpec
 from dspy_ray.corpus.split import Part, number_lines
 
@@ -134,7 +134,8 @@ def precheck(found: InputFiles, spec: InputSpec, *, split_bytes: int | None = No
 
     buckets = max(1, min(256, -(-found.bytes // BYTES_PER_BUCKET)))
     check = ray.remote(_check_group).options(num_returns=buckets + 1)
-    groups = number_lines(plan_groups(found, 64, split_bytes=split_bytes, min_split_bytes=min_split_bytes),
+    groups = number_lines(plan_groups(found, read_parallelism(64), split_bytes=split_bytes,
+                                      min_split_bytes=min_split_bytes),
                           found.fs)
     outs = [check.remote(group, found.format, found.fs, spec, buckets) for group in groups]
     summaries = [row for out in outs for row in ray.get(out[0]).to_pylist()]

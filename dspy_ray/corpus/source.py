@@ -71,6 +71,15 @@ def plan_groups(found: InputFiles, parallelism: int, *, split_bytes: int | None 
     return groups
 
 
+def read_parallelism(asked: int) -> int:
+    """Read tasks worth planning: at most twice the cluster's CPUs (Ray Data asks for ~200 whatever the
+    cluster; cutting files finer than the CPUs can read them only adds tasks), at most ``asked``."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
+    return max(1, min(asked, 2 * cpus)) if cpus else asked
+
+
 class CorpusSource(Datasource):
     """Ray Data datasource over the files :func:`~dspy_ray.corpus.listing.discover` found."""
 
@@ -84,7 +93,7 @@ class CorpusSource(Datasource):
         return self.found.bytes
 
     def plan(self, parallelism: int) -> list[list[Part]]:
-        groups = plan_groups(self.found, parallelism, **self.split)
+        groups = plan_groups(self.found, read_parallelism(parallelism), **self.split)
         key = tuple((p.file.full, p.start, p.end, i) for i, group in enumerate(groups) for p in group)
         if key not in self.planned:
             self.planned[key] = number_lines(groups, self.found.fs)
