@@ -27,8 +27,20 @@ from dspy_ray.client.cache.flags import add_cache_arg, cache_choice
 from dspy_ray.client.usage import Budget
 from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
 from dspy_ray.execution.artifacts import ALIASES, best_artifact, latest_artifact
-from dspy_ray.util.cli import (EXIT_BUDGET, EXIT_OK, HelpFormatter, add_endpoint_args, add_task_arg, endpoint_flags,
-                               parse_with_task, positive_float, positive_int, report_error, say)
+from dspy_ray.util.cli import (
+    EXIT_BUDGET,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    HelpFormatter,
+    add_endpoint_args,
+    add_task_arg,
+    endpoint_flags,
+    parse_with_task,
+    positive_float,
+    positive_int,
+    report_error,
+    say,
+)
 from pipelines.inputs import InputSpec
 from pipelines.runner import RunResult, run_pipeline
 from stages.base import DSPyStage
@@ -181,6 +193,10 @@ def main(task_ref: str | Task | None = None, argv: list[str] | None = None, prog
         return report_error(exc)
     try:
         result = run_task(task, args)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGINT from a scheduler: one line, not a traceback
+        say(f"interrupted: the rows finished so far are in {args.output}; run the same command with --resume "
+            f"to continue")
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - report_error re-raises what declares no exit code: a bug, in full
         return report_error(exc)
     print_result(result)

@@ -96,6 +96,27 @@ def test_resume_after_kill_redoes_nothing_written(ray_local, tmp_path):
     assert len(stats["inputs"]) == 2 * (n - len(done))
 
 
+@pytest.mark.slow
+def test_ctrl_c_says_one_line_and_how_to_resume(ray_local, tmp_path):
+    """SIGINT to the process group (Ctrl-C, or a scheduler stopping the job): exit 130, one line, no traceback."""
+    src = write_calls(tmp_path / "calls.jsonl", 400)
+    out = tmp_path / "out"
+    with FakeLLM(latency=0.2, capacity=8) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.triage", "--input", str(src), "--output", str(out),
+                                 "--lm-base-url", fake.base_url, "--lm-model", "fake-model", "--num-actors", "1",
+                                 "--concurrency", "8", "--batch-size", "16"],
+                                cwd=ROOT, env=cli_env(ray_local), start_new_session=True, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while fake.stats()["requests"] == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert "Traceback" not in stdout + stderr, stderr[-2000:]
+    assert f"interrupted: the rows finished so far are in {out}; run the same command with --resume" in stderr
+
+
 def test_object_store_uris_for_input_and_output(ray_local, tmp_path):
     """Input and output given as URIs go through pyarrow filesystems (file:// here; s3:// the same way)."""
     from pipelines.inputs import InputError, load_corpus
