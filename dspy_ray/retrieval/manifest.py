@@ -6,6 +6,7 @@ An index is a folder (or an object-store prefix)::
       manifest.json     written last: its presence means the index is complete
       passages.parquet  one row per indexed passage; row i is FAISS id i and BM25 document i
       index.faiss       dense index: inner product over L2-normalised vectors
+      index.ivfdata     a sharded build's inverted lists (ids and vectors), mapped by index.faiss
       bm25/             the bm25s index over the same passages
       files.parquet     one row per corpus file: path, sha256, bytes, kind, passages, error
       errors.parquet    what was left out and why: unreadable files, bad records, failed embeddings
@@ -32,6 +33,7 @@ from dspy_ray.util.cli import EXIT_USAGE
 MANIFEST = "manifest.json"
 PASSAGES = "passages.parquet"
 FAISS_INDEX = "index.faiss"
+FAISS_LISTS = "index.ivfdata"  # only when the index was built in parts (DenseIndexInfo.lists_file)
 BM25_DIR = "bm25"
 FILES = "files.parquet"
 ERRORS = "errors.parquet"
@@ -74,6 +76,9 @@ class DenseIndexInfo(_Model):
     ef_search: int | None = Field(None, description="HNSW search breadth (default for retrievers)")
     trained_on: int = Field(0, description="vectors the coarse quantizer / PQ was trained on")
     exact_below: int = Field(..., description="corpora with fewer passages get the exact index")
+    parts: int = Field(0, description="partial indexes built by Ray tasks and merged (0: built in one process)")
+    lists_file: str | None = Field(None, description="the merged inverted lists' file, next to the index file "
+                                                     "(memory-mapped); None: the lists are in the index file")
 
 
 class RetrievalDefaults(_Model):

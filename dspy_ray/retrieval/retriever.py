@@ -158,7 +158,8 @@ class Retriever:
                                       f"says {manifest.passages}; rebuild it with `python -m pipelines.index`")
         index = None
         if mode in ("dense", "hybrid"):
-            index = read_index(join(local, FAISS_INDEX), manifest.index.type, mmap=options.mmap)
+            index = read_index(join(local, FAISS_INDEX), manifest.index.type, mmap=options.mmap,
+                               on_disk=bool(manifest.index.lists_file))
             apply_search_params(index, options.nprobe or manifest.index.nprobe,
                                       options.ef_search or manifest.index.ef_search)
         bm25 = BM25Index.load(join(local, BM25_DIR), mmap=options.mmap) if mode in ("bm25", "hybrid") else None
@@ -279,7 +280,7 @@ def local_copy(location: str, manifest: IndexManifest) -> str:
     tmp = f"{cache}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     local = pafs.LocalFileSystem()
-    for name in (PASSAGES, FAISS_INDEX):
+    for name in (PASSAGES, FAISS_INDEX, *([manifest.index.lists_file] if manifest.index.lists_file else [])):
         pafs.copy_files(join(root, name), os.path.join(tmp, name), source_filesystem=fs, destination_filesystem=local)
     os.makedirs(os.path.join(tmp, BM25_DIR), exist_ok=True)
     pafs.copy_files(join(root, BM25_DIR), os.path.join(tmp, BM25_DIR), source_filesystem=fs,

@@ -13,13 +13,15 @@ What lives here, one module per step of a build, in the order :class:`IndexBuild
    counted, and listed in ``errors.parquet``.
 3. :mod:`~pipelines.index.embed` — **embed** the passages whose text has no vector in the
    embedding store yet, on a Ray Data actor pool (:mod:`stages.embed`), many requests in flight;
-   vectors stream back and are written to the store in shards as they arrive, so a killed build
-   loses at most one shard.  A passage whose embedding fails after retries is recorded with its
-   error, left out of the index, and retried by the next ``--resume``.
+   each actor writes its batch's vectors to the store as a whole shard before reporting the batch
+   done, so no vector comes back to the build and a killed build loses only the batches in flight.
+   A passage whose embedding fails after retries is recorded with its error, left out of the
+   index, and retried by the next ``--resume``.
 4. :mod:`~pipelines.index.publish` — **publish**: ``passages.parquet``, the FAISS index (exact
-   below ``--exact-below`` passages, else ``--ann``, trained on a sample), the BM25 index,
-   ``files.parquet``, ``errors.parquet`` and, last, ``manifest.json`` (layout:
-   :mod:`dspy_ray.retrieval.manifest`).
+   below ``--exact-below`` passages, else ``--ann``, trained on a sample; an IVF index above
+   ``--shard-index-above`` vectors is built in parts by Ray tasks and merged into on-disk lists:
+   :mod:`~pipelines.index.sharded`), the BM25 index, ``files.parquet``, ``errors.parquet`` and,
+   last, ``manifest.json`` (layout: :mod:`dspy_ray.retrieval.manifest`).
 
 :mod:`~pipelines.index.build` runs them (:class:`IndexBuild`), :mod:`~pipelines.index.base` holds
 what they share (:class:`IndexOptions`, :class:`IndexSummary`), :mod:`~pipelines.index.cli` is the

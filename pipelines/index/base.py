@@ -44,6 +44,7 @@ class IndexOptions:
     mode: str = "hybrid"
     k: int = 5
     shard_rows: int = SHARD_ROWS
+    shard_above: int | None = None  # IVF built in parts by Ray tasks above this many vectors; None: dense.shard_above
     stage: EmbedStage = field(default_factory=EmbedStage)
 
 

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--exact-below", type=positive_int, default=_OPTIONS["exact_below"],
                     help="fewer passages get an exact (flat) FAISS index; more get --ann")
     ix.add_argument("--ann", choices=list(dense.ANN_TYPES), default=_OPTIONS["ann"], help="approximate index type")
+    ix.add_argument("--shard-index-above", type=positive_int, default=None, metavar="N",
+                    help="an IVF index of more than N vectors is built in parts by Ray tasks and merged into on-disk "
+                         f"lists (index.ivfdata); default: what {dense.SHARD_BUDGET_BYTES >> 30} GiB of index holds "
+                         "at the embedder's dimension (2.8M vectors at 384-d IVF-Flat)")
     # (HelpFormatter shows no "(default: ...)" for a help that says "default" itself.)
     ix.add_argument("--mode", choices=list(MODES), default=_OPTIONS["mode"],
                     help="retrievers' mode when a search names none (manifest)")
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int, default=_STAGE["batch_size"].default,
                      help="passages per actor batch")
     run.add_argument("--shard-rows", type=positive_int, default=_OPTIONS["shard_rows"],
-                     help="vectors per embedding-store shard: the most a killed build loses")
+                     help="most vectors per embedding-store shard (each actor writes one shard per batch, so "
+                          "--batch-size is the usual size); a killed build loses only the batches in flight")
     return parser
 
 
@@ -99,7 +104,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[IndexOptions, EndpointS
         corpus=args.corpus, index=args.index, resume=args.resume, chunking=chunking,
         columns=RecordColumns(text=args.text_column, title=args.title_column, id=args.id_column),
         exclude=tuple(args.exclude), exact_below=args.exact_below, ann=args.ann, mode=args.mode, k=args.k,
-        shard_rows=args.shard_rows,
+        shard_rows=args.shard_rows, shard_above=args.shard_index_above,
         stage=EmbedStage(num_actors=args.num_actors, max_in_flight_per_actor=args.concurrency,
                          batch_size=args.batch_size))
     # The key comes from EMBED_API_KEY / .env only: a flag would show in `ps` and shell history.

@@ -2,8 +2,10 @@
 
 What it writes (layout: :mod:`dspy_ray.retrieval.manifest`): ``passages.parquet`` (the passages that
 embedded), the FAISS index (exact below ``--exact-below`` passages, else ``--ann``, trained on a
-sample), the BM25 index, ``files.parquet``, ``errors.parquet`` and, last, ``manifest.json``, whose
-presence marks the index complete::
+sample; an IVF index above ``--shard-index-above`` vectors built in parts by Ray tasks and merged
+into on-disk lists, ``index.ivfdata``: :mod:`pipelines.index.sharded`), the BM25 index,
+``files.parquet``, ``errors.parquet`` and, last, ``manifest.json``, whose presence marks the index
+complete::
 
     >>> Publisher(options, IndexDir.at(options.index), None, summary, say).publish(
     ...     read, embedded, settings, dim=384, start=start)                         # doctest: +SKIP
@@ -32,7 +34,7 @@ from dspy_ray.retrieval.manifest import (
     BM25_DIR,
     BUILD_STATE,
     ERRORS,
-    FAISS_INDEX,
+    FAISS_LISTS,
     FILES,
     MANIFEST,
     PASSAGES,
@@ -48,12 +50,19 @@ from dspy_ray.retrieval.manifest import (
 from dspy_ray.retrieval.passages import embedding_text
 from dspy_ray.retrieval.sparse import SETTINGS as BM25_SETTINGS
 from dspy_ray.retrieval.sparse import BM25Index
-from dspy_ray.retrieval.store import EmbeddingStore
+from dspy_ray.retrieval.store import EmbeddingStore, workers_reach
 from dspy_ray.util.fs import is_uri
 from pipelines.documents import CorpusError, Problem
 from pipelines.index.base import IndexDir, IndexOptions, IndexSummary, now
 from pipelines.index.embed import Embedded
 from pipelines.index.read import CorpusPassages, PassageColumns
+from pipelines.index.sharded import (
+    ShardedBuild,
+    ShardedIndex,
+    WholeIndex,
+    drop_parts,
+    whole_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +80,15 @@ class Publisher:
                 start: float) -> None:
         """Build both indexes over the passages that embedded, count, write everything, then drop dead vectors."""
         table, wanted = self._indexed_passages(read.passages, embedded.failures)
-        dense_index, spec, trained_on = self._dense_index(wanted, table.num_rows, dim)
-        bm25 = _bm25_index(table)
-        self._count(table, wanted, len(read.passages), embedded, spec.type, dim, settings.model)
-        errors = _error_rows(read.problems, read.passages, embedded.failures)
-        manifest = self._manifest(table, read.files, settings, dim, spec, trained_on, start)
-        self._write(table, dense_index, bm25, read.files, errors, manifest)
+        try:
+            dense_index, spec = self._dense_index(wanted, table.num_rows, dim)
+            bm25 = _bm25_index(table)
+            self._count(table, wanted, len(read.passages), embedded, spec.type, dim, settings.model)
+            errors = _error_rows(read.problems, read.passages, embedded.failures)
+            manifest = self._manifest(table, read.files, settings, dim, spec, dense_index, start)
+            self._write(table, dense_index, bm25, read.files, errors, manifest)
+        finally:
+            drop_parts(self.index)  # a sharded build's partial indexes, merged or not
         self._compact(wanted, dim)
 
     def _indexed_passages(self, passages: PassageColumns, failures: dict[str, str]
@@ -92,17 +104,18 @@ class Publisher:
                               f"(first error: {next(iter(failures.values()))}); nothing to index")
         return table, wanted
 
-    def _dense_index(self, wanted: dict[str, list[int]], n: int, dim: int) -> tuple[object, dense.DenseIndexSpec, int]:
-        """(the FAISS index, its spec, the vectors it was trained on), vectors read shard by shard from the store."""
-        spec = dense.choose_index(n, dim, exact_below=self.options.exact_below, ann=self.options.ann)
-        store = EmbeddingStore(self.index.location)
-        train = store.sample(wanted, spec.train_size(n), dim) if spec.needs_training else None
-        if spec.needs_training:
-            self.say(f"training {spec.factory} on {len(train):,} of {n:,} vectors")
-        index = dense.build_index(spec, dim, store.vectors(wanted, dim), train)
-        if index.ntotal != n:
-            raise RuntimeError(f"index build: {index.ntotal} vectors for {n} passages (embedding store incomplete)")
-        return index, spec, 0 if train is None else len(train)
+    def _dense_index(self, wanted: dict[str, list[int]], n: int, dim: int
+                     ) -> tuple[WholeIndex | ShardedIndex, dense.DenseIndexSpec]:
+        """(the FAISS index, its spec): built here from the store shard by shard, or in parts by Ray tasks."""
+        options = self.options
+        spec = dense.choose_index(n, dim, exact_below=options.exact_below, ann=options.ann)
+        if dense.builds_sharded(spec, n, dim, options.shard_above) and workers_reach(self.index.location):
+            built = ShardedBuild(self.index, spec, dim, self.say, options.shard_above).build(wanted, n)
+        else:
+            built = whole_index(EmbeddingStore(self.index.location), spec, wanted, n, dim, self.say)
+        if built.ntotal != n:
+            raise RuntimeError(f"index build: {built.ntotal} vectors for {n} passages (embedding store incomplete)")
+        return built, spec
 
     def _count(self, table: pa.Table, wanted: dict[str, list[int]], read: int, embedded: Embedded,
                index_type: str, dim: int, model: str) -> None:
@@ -116,7 +129,7 @@ class Publisher:
         s.index_type, s.dim, s.model = index_type, dim, model
 
     def _manifest(self, table: pa.Table, files: list[dict], settings: EndpointSettings, dim: int,
-                  spec: dense.DenseIndexSpec, trained_on: int, start: float) -> IndexManifest:
+                  spec: dense.DenseIndexSpec, built: WholeIndex | ShardedIndex, start: float) -> IndexManifest:
         s, options = self.summary, self.options
         fingerprint = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()
         records = sum(1 for source in set(table.column("source").to_pylist()) if "#" in source)
@@ -126,7 +139,8 @@ class Publisher:
                                   passage_prefix=settings.passage_prefix),
             passages=s.passages,
             index=DenseIndexInfo(type=spec.type, factory=spec.factory, nlist=spec.nlist, nprobe=spec.nprobe,
-                                 ef_search=spec.ef_search, trained_on=trained_on, exact_below=options.exact_below),
+                                 ef_search=spec.ef_search, trained_on=built.trained_on,
+                                 exact_below=options.exact_below, parts=built.parts, lists_file=built.lists_file),
             bm25=dict(BM25_SETTINGS),
             retrieval=RetrievalDefaults(mode=options.mode, k=options.k),
             corpus=CorpusInfo(root=_redacted_location(options.corpus), fingerprint=fingerprint, files=s.files,
@@ -137,30 +151,32 @@ class Publisher:
                             versions=_versions()),
         )
 
-    def _write(self, table: pa.Table, dense_index, bm25: BM25Index, files: list[dict], errors: list[dict],
-               manifest: IndexManifest) -> None:
+    def _write(self, table: pa.Table, dense_index: WholeIndex | ShardedIndex, bm25: BM25Index, files: list[dict],
+               errors: list[dict], manifest: IndexManifest) -> None:
         """Stage every file locally, then put them in place; the manifest goes last and marks the index complete."""
         staging = (tempfile.mkdtemp(prefix="index-") if is_uri(self.index.location)
                    else self.index.path(f".staging-{uuid.uuid4().hex[:8]}"))
         os.makedirs(staging, exist_ok=True)
         try:
             pq.write_table(table, os.path.join(staging, PASSAGES), compression="zstd")
-            dense.write_index(dense_index, os.path.join(staging, FAISS_INDEX))
+            dense_names = dense_index.write(staging)
             bm25.save(os.path.join(staging, BM25_DIR))
             pq.write_table(pa.Table.from_pylist(files, schema=FILES_SCHEMA), os.path.join(staging, FILES))
             pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), os.path.join(staging, ERRORS))
-            self._put_in_place(staging, manifest)
+            self._put_in_place(staging, manifest, dense_names)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _put_in_place(self, staging: str, manifest: IndexManifest) -> None:
+    def _put_in_place(self, staging: str, manifest: IndexManifest, dense_names: tuple[str, ...]) -> None:
         fs = self.index.fs
         if self.index.read(MANIFEST) is not None:
             fs.delete_file(self.index.path(MANIFEST))  # from here until the new one is written, no half-index is served
-        for name in (PASSAGES, FAISS_INDEX, FILES, ERRORS, BM25_DIR):
+        for name in (PASSAGES, *dense_names, FILES, ERRORS, BM25_DIR):
             _install(os.path.join(staging, name), fs, self.index.path(name))
         write_manifest(self.index.location, manifest)
         fs.delete_file(self.index.path(BUILD_STATE))
+        if FAISS_LISTS not in dense_names and fs.get_file_info(self.index.path(FAISS_LISTS)).type == pafs.FileType.File:
+            fs.delete_file(self.index.path(FAISS_LISTS))  # an earlier sharded build's lists
 
     def _compact(self, wanted: dict[str, list[int]], dim: int) -> None:
         dropped = EmbeddingStore(self.index.location).compact(set(wanted), dim)
