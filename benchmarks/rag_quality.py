@@ -1,4 +1,4 @@
-"""Does RAG on the embedded default answer?  Today's program, the extractive one and a no-LM baseline, side by side.
+"""Does RAG on the embedded default answer?  Today's program, the extractive ones and a no-LM baseline, side by side.
 
     python benchmarks/rag_quality.py                        # all 50 dev questions; today's program on the first 8
     python benchmarks/rag_quality.py --index out/rag-index  # reuse an index of data/rag/corpus (else built in a tmp dir)
@@ -13,17 +13,35 @@ one at a time, so s/question is the wall time of one answer.  Configurations:
 
 * ``today``: ``CitedRAG`` as written (rewrite the question, then the model writes
   the answer and its citations);
-* ``extract``: ``CitedRAG(answer_style="extract")``: the question is the search
-  query, the best-matching sentences of the top passages are ranked without a
-  model, the model picks one or ``none``; the answer is that sentence;
-* ``extract-knn2``: the same with a demo pool made from ``data/rag_train.jsonl``
-  only (2 nearest demos per question);
+* ``extract``: ``CitedRAG(answer_style="extract")`` as the shipped artifact sets it:
+  the question is the search query, the sentences of the top passages are ranked
+  without a model (:mod:`programs.sentence_rank`), the top one is the answer, and
+  the program declines when the ranker's confidence is under its threshold (both
+  fitted on the training questions by ``benchmarks/rag_rank_fit.py``);
+* ``extract-nodecline``: the same, never declining (``decline_below=0``);
+* ``extract-model``: the same ranking, but the model picks one of the best 4 or
+  ``none`` (``chooser="model"``);
+* ``extract-knn2``: that with a demo pool made from ``data/rag_train.jsonl`` only
+  (2 nearest demos per question);
 * ``baseline``: no LM: the first sentence of the top passage, citing it.
 
 An answerable question is right when the answer contains the gold answer
 (lower-cased, punctuation dropped) or has token F1 >= 0.5 with it, AND a cited
 passage comes from a document that states it.  An unanswerable one is right when
 the program declines (``answerable`` false, nothing cited).
+
+Each answerable question answered wrong is put down to where it was lost (the
+first that applies), from the passages the question retrieves:
+``retrieval`` (no retrieved passage of a gold document holds the answer or its
+gold evidence),
+``sentence`` (one does, but no single sentence of it passes the grading),
+``beyond top 3`` (only passages the ranker does not read hold it), ``ranking``
+(a right sentence is a candidate, but not the top one - for the model configs:
+not among the 4 shown), ``choice`` (the model picked another of the 4 shown, or
+none), ``declined`` (the program declined although its top sentence was right),
+``other`` (the rest: a declined question whose top sentence was wrong counts
+where that sentence was lost; ``today`` and ``baseline`` put what is not
+``retrieval`` or ``sentence`` here).
 """
 
 from __future__ import annotations
@@ -43,7 +61,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
 
-CONFIGS = ("today", "extract", "extract-knn2", "baseline")
+CONFIGS = ("today", "extract", "extract-nodecline", "extract-model", "extract-knn2", "baseline")
+MISSES = ("retrieval", "sentence", "beyond top 3", "ranking", "choice", "declined", "other")
 
 
 def normalize(text: str) -> str:
@@ -81,57 +100,115 @@ def choice_demos(retriever, train: list[dict]) -> list:
     and the number of the first one that answers (from a gold document), or none."""
     import dspy
 
-    from programs.extract import ranked_sentences
     from programs.rag import CANDIDATE_SENTENCES
+    from programs.sentence_rank import rank_candidates
+    from programs.similarity import similarity_of
 
     demos = []
     for row in train:
-        candidates = ranked_sentences(row["question"], retriever.search(row["question"]), n=CANDIDATE_SENTENCES)
+        candidates = rank_candidates(row["question"], retriever.search(row["question"]),
+                                     similarity=similarity_of(retriever))[:CANDIDATE_SENTENCES]
         if not candidates:
             continue
         choice = "none"
         if row["answerable"]:
-            choice = next((str(n) for n, (s, p) in enumerate(candidates, 1)
-                           if p.source in row["sources"] and is_right(s, row["answer"])), "none")
-        listed = "\n".join(f"{n}. {s}" for n, (s, _) in enumerate(candidates, 1))
+            choice = next((str(n) for n, c in enumerate(candidates, 1) if right_sentence(row, c.sentence, c.passage)),
+                          "none")
+        listed = "\n".join(f"{n}. {c.sentence}" for n, c in enumerate(candidates, 1))
         demos.append(dspy.Example(question=row["question"], sentences=listed, choice=choice))
     return demos
+
+
+def right_sentence(row: dict, sentence: str, passage) -> bool:
+    """Whether ``sentence`` of ``passage`` would be a right answer to ``row`` (a gold document, the gold answer)."""
+    return getattr(passage, "source", None) in (row.get("sources") or []) and is_right(sentence, row["answer"])
 
 
 def build_program(config: str, retriever, train: list[dict]):
     from programs.rag import CitedRAG
 
-    program = CitedRAG(retriever=retriever, answer_style="generate" if config == "today" else "extract")
+    if config == "today":
+        return CitedRAG(retriever=retriever)
+    program = CitedRAG(retriever=retriever, answer_style="extract",
+                       chooser="model" if config in ("extract-model", "extract-knn2") else "ranker")
+    if config == "extract-nodecline":
+        program.decline_below = 0.0
     if config == "extract-knn2":
         program.choose.demos = choice_demos(retriever, train)
     return program
 
 
+def miss_reason(config: str, row: dict, retriever, declined: bool, decline_below: float) -> str:
+    """Where an answerable question answered wrong was lost (see the module docstring)."""
+    from programs.extract import sentences
+    from programs.rag import CANDIDATE_SENTENCES
+    from programs.sentence_rank import FROM_TOP, answer_confidence, confidence_features, rank_candidates
+    from programs.similarity import similarity_of
+
+    passages = retriever.search(row["question"])
+    gold = [p for p in passages if p.source in row["sources"]]
+    stated = [normalize(row["answer"])] + [normalize(e) for e in row.get("evidence") or []]
+    if not any(any(e and e in normalize(p.text) for e in stated) or any(is_right(s, row["answer"])
+                                                                       for s in sentences(p.text)) for p in gold):
+        return "retrieval"
+    if not any(right_sentence(row, s, p) for p in gold for s in sentences(p.text)):
+        return "sentence"
+    if config in ("today", "baseline"):
+        return "other"
+    if not any(right_sentence(row, s, p) for p in passages[:FROM_TOP] for s in sentences(p.text)):
+        return "beyond top 3"
+    ranked = rank_candidates(row["question"], passages, similarity=similarity_of(retriever))
+    model = config in ("extract-model", "extract-knn2")
+    shown = ranked[:CANDIDATE_SENTENCES] if model else ranked[:1]
+    if not any(right_sentence(row, c.sentence, c.passage) for c in shown):
+        return "ranking"
+    if declined and answer_confidence(confidence_features(ranked)) < decline_below:
+        return "declined" if right_sentence(row, ranked[0].sentence, ranked[0].passage) else "ranking"
+    return "choice" if model else "other"
+
+
 def run_config(config: str, rows: list[dict], retriever, runner_for, train: list[dict]) -> tuple[list[dict], float]:
-    grades, start = [], time.perf_counter()
+    """Each row's grade (with ``miss``: where a wrong answerable one was lost), and the seconds per question."""
+    answers = []
     program = None if config == "baseline" else build_program(config, retriever, train)
+    decline_below = getattr(program, "decline_below", 0.0)
     start = time.perf_counter()
     for row in rows:
         if program is None:
-            answer, answerable, sources = first_sentence_answer(retriever, row["question"])
-        else:
-            outcome = runner_for(program).run({"question": row["question"]})
-            pred = outcome.prediction
-            answer = str(getattr(pred, "answer", "") or "") if pred is not None else ""
-            answerable = getattr(pred, "answerable", False) if pred is not None else False
-            sources = [c.source for c in (getattr(pred, "cited", None) or [])] if pred is not None else []
-        grades.append(grade(row, answer, answerable, sources))
-    return grades, (time.perf_counter() - start) / max(1, len(rows))
+            answers.append(first_sentence_answer(retriever, row["question"]))
+            continue
+        pred = runner_for(program).run({"question": row["question"]}).prediction
+        answers.append((str(getattr(pred, "answer", "") or "") if pred is not None else "",
+                        getattr(pred, "answerable", False) if pred is not None else False,
+                        [c.source for c in (getattr(pred, "cited", None) or [])] if pred is not None else []))
+    per_question = (time.perf_counter() - start) / max(1, len(rows))
+    grades = []
+    for row, (answer, answerable, sources) in zip(rows, answers):
+        g = grade(row, answer, answerable, sources)
+        if row["answerable"] and not g["right"]:
+            g["miss"] = miss_reason(config, row, retriever, g["declined"], decline_below)
+        grades.append(g)
+    return grades, per_question
 
 
 def summarize(rows: list[dict], grades: list[dict]) -> str:
+    """One row of the table: answerable right (share), gold document cited, unanswerable declined, answerable
+    declined."""
     ans = [g for r, g in zip(rows, grades) if r["answerable"]]
     una = [g for r, g in zip(rows, grades) if not r["answerable"]]
     right = sum(g["right"] for g in ans)
     cited = sum(g["cited_gold"] for g in ans)
     declined = sum(g["declined"] for g in una)
+    wrongly = sum(g["declined"] for g in ans)
     share = f"{right / len(ans):.2f}" if ans else "-"
-    return (f"{right:>3}/{len(ans):<3} {share:>5}  {cited:>3}/{len(ans):<3}  {declined:>3}/{len(una):<3}")
+    return (f"{right:>3}/{len(ans):<3} {share:>5}  {cited:>3}/{len(ans):<3}  {declined:>3}/{len(una):<3}  "
+            f"{wrongly:>3}/{len(ans):<3}")
+
+
+def misses(grades: list[dict]) -> str:
+    """Where the wrong answerable questions were lost: "retrieval 5, sentence 6, ..." (see the docstring)."""
+    counts = {m: sum(g.get("miss") == m for g in grades) for m in MISSES}
+    return ", ".join(f"{m} {n}" for m, n in counts.items() if n) or "none"
 
 
 @contextlib.contextmanager
@@ -160,7 +237,10 @@ def save_artifact(program, out_dir: str, settings, score: float, limit: int) -> 
 
     # dev_score: the share of dev questions handled right (answered from a gold document, or declined).
     meta = ArtifactMetadata(program="rag", model=MODEL_ALIAS, lm=redacted_settings(settings), optimizer="none",
-                            optimizer_settings={"answer_style": "extract", "demos": 0, "dev_questions": limit},
+                            optimizer_settings={"answer_style": program.answer_style, "chooser": program.chooser,
+                                                "decline_below": program.decline_below, "demos": 0,
+                                                "dev_questions": limit,
+                                                "weights": "programs/sentence_rank.py, fitted on rag_train.jsonl"},
                             command="python benchmarks/rag_quality.py --configs extract --save-artifact "
                                     + out_dir, dev_score=round(score, 3))
     return save(program, out_dir, meta)
@@ -210,13 +290,18 @@ def main() -> None:
                 print(f"  artifact: {save_artifact(program, args.save_artifact, endpoints.lm, score, len(rows))}")
         retriever.close()
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end (the machine is shared)")
-    print(f"{'program':<14} {'answerable right+gold cited':>27}  {'cited gold':>9}  {'declined':>8}  {'s/q':>5}")
+    print(f"{'program':<28} {'answerable right':>16}  {'gold doc':>8}  {'unans. declined':>15}  "
+          f"{'ans. declined':>13}  {'s/q':>5}")
     for config, (rows, grades, per_q) in results.items():
-        print(f"{config:<14} {summarize(rows, grades):>46}  {per_q:5.1f}")
+        print(f"{config:<28} {summarize(rows, grades):>58}  {per_q:5.1f}")
         if config == "today" and len(rows) < len(dev):
             for other, (_, g2, _) in results.items():
                 if other != "today":
-                    print(f"  {other + ' (same ' + str(len(rows)) + ')':<12} {summarize(rows, g2[: len(rows)]):>46}")
+                    label = f"  {other} (same {len(rows)})"
+                    print(f"{label:<28} {summarize(rows, g2[: len(rows)]):>58}")
+    print("\nwhere the wrong answerable questions were lost (first that applies):")
+    for config, (rows, grades, _) in results.items():
+        print(f"  {config:<18} {misses(grades)}")
 
 
 if __name__ == "__main__":

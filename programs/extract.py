@@ -1,24 +1,26 @@
-"""Extractive answers: the sentence of a passage that best answers a question, found without a model.
+"""Extractive answers' text tools: passages cut into sentences, sentences into weighted terms; no model.
 
-A small model (the embedded 135M one) can choose which retrieved passage answers
-a question far more reliably than it can write the answer: asked to write, it
-answers "True" or "1".  So the RAG program can take the answer from the passage
-itself - the sentence whose words match the question's best, weighted by how
-rare each word is among the retrieved passages - and the model only chooses.
+A small model (the embedded 135M one) cannot write an answer: asked to, it
+answers "True" or "1".  So the RAG program takes the answer from a passage
+itself - one of its sentences, ranked by :mod:`programs.sentence_rank` on the
+terms and weights made here.
 
-    >>> passage = "Station 7 sits at Kettle Bay and has a ladder truck. It opened in 1998."
-    >>> best_sentence("In what year did Station 7 open?", passage, [passage])
-    'It opened in 1998.'
+    >>> sentences("Station 7 sits at Kettle Bay. It opened in 1998.")
+    ['Station 7 sits at Kettle Bay.', 'It opened in 1998.']
+    >>> terms("Stations opened in 1998")
+    ['station', 'open', '1998']
 
-Words are lower-cased, stop words dropped and a plain English suffix (``-s``,
-``-es``, ``-ed``, ``-ing``, ``-ly``) cut, so "licensed" meets "license".  Pure
-Python: no model, no server, deterministic.
+Words are lower-cased, stop words dropped and stemmed as the BM25 index stems
+them (Snowball English), so "licensed" meets "license".  Pure Python but for
+the stemmer (PyStemmer, which BM25 uses too): no model, no server, deterministic.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import threading
 from collections.abc import Sequence
 
 _WORD = re.compile(r"[a-z0-9]+(?:[.,:/-][a-z0-9]+)*")
@@ -34,21 +36,33 @@ STOP_WORDS = frozenset(
     "him his how i if in into is it its itself just me more most my no nor not now of off on once only or other "
     "our out over own same she should so some such than that the their them then there these they this those "
     "through to too under until up very was we were what when where which while who whom why will with would "
-    "you your yours county wrenhaven".split())
+    "you your yours many much".split())
 MAX_SENTENCE_CHARS = 400
 
 
+_STEMMERS = threading.local()  # a PyStemmer object is not safe to share between threads
+
+
+@functools.lru_cache(maxsize=65536)
 def stem(word: str) -> str:
-    """A crude English stem: enough for "licensed"/"license" and "stations"/"station" to meet."""
-    for suffix in ("ing", "ed", "es", "ly", "s"):
-        if len(word) > len(suffix) + 2 and word.endswith(suffix):
-            return word[: -len(suffix)]
-    return word
+    """The Snowball (Porter 2) English stem of a lower-cased word, as BM25 stems it: "licensed"/"license",
+    "subscribed"/"subscribers" and "stations"/"station" meet."""
+    stemmer = getattr(_STEMMERS, "stemmer", None)
+    if stemmer is None:
+        import Stemmer
+
+        stemmer = _STEMMERS.stemmer = Stemmer.Stemmer("english")
+    return stemmer.stemWord(word)
 
 
 def terms(text: str) -> list[str]:
-    """The content words of ``text``, stemmed, in order (numbers kept whole: "7,412", "4:30")."""
-    return [stem(w) for w in _WORD.findall(str(text).lower()) if w not in STOP_WORDS]
+    """The content words of ``text``, stemmed, in order (numbers kept whole: "7,412", "4:30"; a hyphenated
+    word in its parts: "school-zone" is "school", "zone")."""
+    out = []
+    for word in _WORD.findall(str(text).lower()):
+        parts = word.split("-") if "-" in word and not any(ch.isdigit() for ch in word) else [word]
+        out.extend(stem(w) for w in parts if w and w not in STOP_WORDS)
+    return out
 
 
 def sentences(text: str) -> list[str]:
@@ -76,88 +90,6 @@ def idf_weights(texts: Sequence[str]) -> dict[str, float]:
     return {t: math.log(1 + (n + 1) / (d + 0.5)) for t, d in df.items()}
 
 
-def overlap(question: str, text: str, idf: dict[str, float]) -> float:
-    """The share (0..1) of the question's term weight that ``text`` contains."""
-    wanted = set(terms(question))
-    if not wanted:
-        return 0.0
-    default = max(idf.values(), default=1.0)
-    total = sum(idf.get(t, default) for t in wanted)
-    found = set(terms(text))
-    return sum(idf.get(t, default) for t in wanted & found) / total
-
-
-_NUMBER = re.compile(r"\d|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|"
-                     r"forty|fifty|hundred|thousand|half|dozen)\b", re.I)
-_NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+")
-_DAY = re.compile(r"\b(?:mon|tues|wednes|thurs|fri|satur|sun)days?\b", re.I)
-_EXPECTS = (  # what the question asks for, and what a sentence answering it holds
-    (re.compile(r"^\s*(?:how (?:many|much|long|old|high|tall|far|deep|thick|often|fast|big|large|wide|heavy)|"
-                r"(?:what|which) (?:year|time|age|percentage|share|number|ages|date|hours|times|months?)|in what year|when|by what time|"
-                r"at what|what is the (?:phone |telephone )?number|which number)", re.I), _NUMBER),
-    (re.compile(r"^\s*(?:which|what) day", re.I), _DAY),
-    (re.compile(r"^\s*(?:who|whom|whose)\b", re.I), _NAME),
-)
-
-
-def expected_kind(question: str) -> re.Pattern | None:
-    """The pattern an answer to ``question`` should contain (a number, a day, a name), or None."""
-    for asks, holds in _EXPECTS:
-        if asks.search(question):
-            return holds
-    return None
-
-
-def sentence_score(question: str, sentence: str, idf: dict[str, float], kind: re.Pattern | None = None) -> float:
-    """How well ``sentence`` answers ``question``: its share of the question's term weight, plus a bonus
-    when it holds what the question asks for (a number for "how many"), less a penalty for adding nothing
-    to the question (a heading that restates it) and a little for its length."""
-    words = terms(sentence)
-    if not words:
-        return -1.0
-    asked = set(terms(question))
-    new = [w for w in words if w not in asked]
-    score = overlap(question, sentence, idf) + (0.05 if new else -0.5) - 0.002 * len(words)
-    if len(words) < 8 and not sentence.rstrip().endswith((".", "!", "?", "|")) and "|" not in sentence:
-        score -= HEADING_PENALTY  # a heading or a caption names the topic; the answer is in a sentence
-    if kind is not None and kind.search(" ".join(w for w in sentence.split() if stem(w.lower()) not in asked)):
-        score += KIND_BONUS
-    return score
-
-
-KIND_BONUS = 0.25
-HEADING_PENALTY = 0.15
-
-
-def best_sentence(question: str, passage: str, context: Sequence[str] = ()) -> str:
-    """The sentence of ``passage`` that best answers ``question`` (:func:`sentence_score`, IDF over ``context``)."""
-    idf = idf_weights(list(context) or [passage])
-    kind = expected_kind(question)
-    scored = [(sentence_score(question, s, idf, kind), -len(s), s) for s in sentences(passage)]
-    best = max(scored, default=None)
-    return best[2] if best else str(passage).strip()[:MAX_SENTENCE_CHARS]
-
-
-def ranked_sentences(question: str, passages: Sequence, n: int = 4, from_top: int = 3,
-                     rank_penalty: float = 0.1) -> list[tuple[str, object]]:
-    """The ``n`` sentences of the first ``from_top`` passages that best answer ``question``, best first, each
-    with its passage (anything with a ``text``).  A passage ranked lower by the retriever pays
-    ``rank_penalty`` per place: the retriever's order is evidence too."""
-    texts = [str(getattr(p, "text", "")) for p in passages]
-    idf = idf_weights(texts)
-    kind = expected_kind(question)
-    scored = []
-    for rank, (passage, text) in enumerate(zip(passages[:from_top], texts)):
-        for sentence in sentences(text):
-            score = sentence_score(question, sentence, idf, kind) - rank_penalty * rank
-            scored.append((score, -len(sentence), -rank, sentence, passage))
-    scored.sort(key=lambda s: s[:3], reverse=True)
-    seen: set[str] = set()
-    out = []
-    for *_, sentence, passage in scored:
-        if sentence not in seen:
-            seen.add(sentence)
-            out.append((sentence, passage))
-        if len(out) == n:
-            break
-    return out
+def answer_text(sentence: str) -> str:
+    """A sentence as an answer: markdown emphasis and a leading list number dropped."""
+    return re.sub(r"^\s*\d+[.)]\s+", "", sentence.replace("**", "").replace("__", "")).strip()

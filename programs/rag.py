@@ -18,11 +18,23 @@ Two ways to answer (``answer_style``, a program setting saved with its state):
 
 * ``generate`` (default): the model writes the answer and cites passages;
 * ``extract``: for a small model, which cannot write answers (SmolLM2-135M
-  answers "True" or "1"): the question itself is the search query, the
-  sentences of the top passages that best match the question are ranked
-  without a model (:mod:`programs.extract`), and the model only chooses one
-  of them or ``none`` (an enum); the answer is that sentence, the citation its
-  passage.  The artifact shipped for the embedded model sets it.
+  answers "True" or "1"): the question itself is the search query, and the
+  sentences of the top passages are ranked without a model
+  (:mod:`programs.sentence_rank`: question terms, the kind of answer asked
+  for, the sentence before, the passage's rank, embedding similarity when the
+  retriever has an embedder).  The answer is one sentence, the citation its
+  passage; when the ranker's confidence in its top sentence is under
+  ``decline_below`` the program declines (``answerable`` false, nothing
+  cited).  ``chooser`` says who picks the sentence: ``ranker`` (default) takes
+  the top one, with no model call; ``model`` lets the model choose among the
+  best few or ``none`` (an enum) - measured on the embedded 135M model it
+  does no better than the ranker's order, at three times the time, so the
+  shipped artifact uses ``ranker`` (``benchmarks/rag_quality.py``, docs/rag.md).
+
+The settings (``answer_style``, ``chooser``, ``decline_below``) are saved in
+the program's JSON; an artifact written before ``chooser`` and
+``decline_below`` existed loads with the defaults (``ranker``,
+:data:`programs.sentence_rank.DECLINE_BELOW`).
 """
 
 from __future__ import annotations
@@ -33,12 +45,15 @@ import dspy
 from pydantic import BaseModel, Field
 
 from programs.demo_pool import NearestDemos
-from programs.extract import ranked_sentences
+from programs.extract import answer_text
 from programs.fields import field_of
+from programs.sentence_rank import DECLINE_BELOW, answer_confidence, confidence_features, rank_candidates
+from programs.similarity import similarity_of
 
 SNIPPET_CHARS = 240
 MAX_ANSWER_WORDS = 60
 ANSWER_STYLES = ("generate", "extract")
+CHOOSERS = ("ranker", "model")
 CANDIDATE_SENTENCES = 4
 NOT_ANSWERED = "The documents do not say."
 
@@ -80,11 +95,14 @@ class CitedPassage(BaseModel):
 
 
 class CitedRAG(dspy.Module):
-    def __init__(self, retriever: Any, k: int | None = None, answer_style: str = "generate"):
+    def __init__(self, retriever: Any, k: int | None = None, answer_style: str = "generate", chooser: str = "ranker",
+                 decline_below: float = DECLINE_BELOW):
         super().__init__()
         self.retriever = retriever
         self.k = k
         self.answer_style = _style(answer_style)
+        self.chooser = _chooser(chooser)
+        self.decline_below = _threshold(decline_below)
         self.rewrite = dspy.ChainOfThought(RewriteQuery)
         self.respond = dspy.ChainOfThought(AnswerFromPassages)
         self.choose = dspy.Predict(ChooseSentence)
@@ -105,30 +123,42 @@ class CitedRAG(dspy.Module):
         return _prediction(out.answer, out.answerable, citations, passages, query)
 
     def _extract(self, question: str) -> dspy.Prediction:
-        """The model chooses one of the best-matching sentences (or none); the sentence is the answer."""
+        """The best-ranked sentence (or the model's pick of the best few) is the answer; declined when the
+        ranker is not confident enough."""
         passages = self.retriever.search(question, k=self.k)
-        candidates = ranked_sentences(question, passages, n=CANDIDATE_SENTENCES)
-        if not candidates:
+        candidates = rank_candidates(question, passages, similarity=similarity_of(self.retriever))
+        confidence = answer_confidence(confidence_features(candidates))
+        if not candidates or confidence < self.decline_below:
             return _prediction(NOT_ANSWERED, False, [], passages, question)
-        labels = tuple(str(n) for n in range(1, len(candidates) + 1)) + ("none",)
-        signature = self.choose.signature.with_updated_fields("choice", type_=Literal[labels])  # an enum
-        listed = "\n".join(f"{n}. {sentence}" for n, (sentence, _) in enumerate(candidates, 1))
-        demos = self.nearest.select(self.choose.demos, "question", question)
-        choice = str(self.choose(question=question, sentences=listed, signature=signature, demos=demos).choice)
-        if choice not in labels[:-1]:
-            return _prediction(NOT_ANSWERED, False, [], passages, question)
-        sentence, passage = candidates[int(choice) - 1]
-        return _prediction(sentence, True, [passage.id], passages, question)
+        chosen = candidates[0]
+        if self.chooser == "model":
+            few = candidates[:CANDIDATE_SENTENCES]
+            labels = tuple(str(n) for n in range(1, len(few) + 1)) + ("none",)
+            signature = self.choose.signature.with_updated_fields("choice", type_=Literal[labels])  # an enum
+            listed = "\n".join(f"{n}. {c.sentence}" for n, c in enumerate(few, 1))
+            demos = self.nearest.select(self.choose.demos, "question", question)
+            choice = str(self.choose(question=question, sentences=listed, signature=signature, demos=demos).choice)
+            if choice not in labels[:-1]:
+                return _prediction(NOT_ANSWERED, False, [], passages, question)
+            chosen = few[int(choice) - 1]
+        return _prediction(answer_text(chosen.sentence), True, [chosen.passage.id], passages, question)
 
-    # The answer style is part of the program's saved state (DSPy's JSON), so an artifact can set it.
+    # The settings are part of the program's saved state (DSPy's JSON), so an artifact can set them; one written
+    # before a setting existed loads with the constructor's value.
     def dump_state(self, json_mode=True):
-        return {**super().dump_state(json_mode=json_mode), "settings": {"answer_style": self.answer_style}}
+        settings = {"answer_style": self.answer_style, "chooser": self.chooser, "decline_below": self.decline_below}
+        return {**super().dump_state(json_mode=json_mode), "settings": settings}
 
     def load_state(self, state, *, allow_unsafe_lm_state=False):
         state = dict(state)
         settings = state.pop("settings", None) or {}
+        unknown = sorted(set(settings) - {"answer_style", "chooser", "decline_below"})
+        if unknown:
+            raise ValueError(f"unknown CitedRAG settings {unknown}; known: answer_style, chooser, decline_below")
         super().load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
         self.answer_style = _style(settings.get("answer_style", self.answer_style))
+        self.chooser = _chooser(settings.get("chooser", self.chooser))
+        self.decline_below = _threshold(settings.get("decline_below", self.decline_below))
         return self
 
 
@@ -136,6 +166,18 @@ def _style(answer_style: str) -> str:
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
     return answer_style
+
+
+def _chooser(chooser: str) -> str:
+    if chooser not in CHOOSERS:
+        raise ValueError(f"chooser must be one of {CHOOSERS}, got {chooser!r}")
+    return chooser
+
+
+def _threshold(decline_below: Any) -> float:
+    if isinstance(decline_below, bool) or not isinstance(decline_below, (int, float)) or not 0 <= decline_below <= 1:
+        raise ValueError(f"decline_below must be a number from 0 to 1, got {decline_below!r}")
+    return float(decline_below)
 
 
 def _prediction(answer: str, answerable: Any, citations: list[str], passages: list, query: str) -> dspy.Prediction:

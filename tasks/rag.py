@@ -71,7 +71,8 @@ TASK = Task(
                     "partly supported or incomplete; bad: unsupported, contradicted by its citations, or empty.",
         bootstrap_threshold=0.75,
     ),
-    # On the embedded 135M model the shipped artifact switches the program to extractive answers (the model only
-    # chooses a sentence); made by: python benchmarks/rag_quality.py --configs extract --save-artifact data/artifacts
+    # On the embedded 135M model the shipped artifact switches the program to extractive answers (the top sentence of
+    # a ranker fitted on the training questions, declined when unsure: programs/sentence_rank.py); made by:
+    # python benchmarks/rag_quality.py --configs extract --save-artifact data/artifacts
     cli=CliDefaults(text_column="question", summary_columns=("answerable",), embedded_artifacts="data/artifacts"),
 )

@@ -195,16 +195,17 @@ EXTRACT_PASSAGES = [
 ]
 
 
-def _extract_runner(fake, retriever):
-    program = CitedRAG(retriever, answer_style="extract")
+def _extract_runner(fake, retriever, **settings):
+    program = CitedRAG(retriever, answer_style="extract", **settings)
     return ProgramRunner(program, build_lm(EndpointSettings(base_url=fake.base_url, model="m")),
                          output_fields=RAG.output_fields(), reward_fn=citation_reward)
 
 
-def test_extract_style_answers_with_the_chosen_sentence_and_cites_its_passage():
+def test_extract_style_answers_with_the_top_sentence_without_a_model_call():
     retriever = StubRetriever(EXTRACT_PASSAGES)
-    with FakeLLM(field_overrides={"choice": "1"}) as fake:
+    with FakeLLM() as fake:
         outcome = _extract_runner(fake, retriever).run({"question": "In what year was the first hose company founded?"})
+        assert fake.stats()["requests"] == 0  # the ranker chooses: the 135M model always picked the first anyway
     pred = outcome.prediction
     assert not outcome.errors, outcome.errors
     assert pred.answer == "The Ashby Falls Hose Company No. 1 was founded in 1889."  # a sentence of the passage
@@ -213,9 +214,24 @@ def test_extract_style_answers_with_the_chosen_sentence_and_cites_its_passage():
     assert retriever.queries == ["In what year was the first hose company founded?"]  # the question itself
 
 
-def test_extract_style_declines_when_the_model_chooses_none():
+def test_extract_style_declines_what_the_passages_do_not_answer():
+    """Nothing in the passages matches the question: the ranker's confidence is under the threshold."""
+    with FakeLLM() as fake:
+        outcome = _extract_runner(fake, StubRetriever(EXTRACT_PASSAGES)).run(
+            {"question": "What brand of thermal imaging camera do the engines carry?"})
+    pred = outcome.prediction
+    assert pred.answerable is False and pred.citations == [] and pred.cited == []
+    assert citation_reward({}, pred) == 1.0
+
+
+def test_model_chooser_answers_with_its_pick_and_declines_on_none():
+    question = {"question": "In what year was the first hose company founded?"}
+    with FakeLLM(field_overrides={"choice": "1"}) as fake:
+        picked = _extract_runner(fake, StubRetriever(EXTRACT_PASSAGES), chooser="model").run(question).prediction
+        assert fake.stats()["requests"] >= 1
+    assert picked.answer == "The Ashby Falls Hose Company No. 1 was founded in 1889."
     with FakeLLM(field_overrides={"choice": "none"}) as fake:
-        outcome = _extract_runner(fake, StubRetriever(EXTRACT_PASSAGES)).run({"question": "How tall is the dam?"})
+        outcome = _extract_runner(fake, StubRetriever(EXTRACT_PASSAGES), chooser="model").run(question)
     pred = outcome.prediction
     assert pred.answerable is False and pred.citations == [] and pred.cited == []
     assert citation_reward({}, pred) == 1.0
@@ -224,7 +240,7 @@ def test_extract_style_declines_when_the_model_chooses_none():
 def test_the_choice_is_an_enum_of_the_candidates():
     from dspy_ray.client.json_adapter import response_schema
 
-    program = CitedRAG(StubRetriever(EXTRACT_PASSAGES), answer_style="extract")
+    program = CitedRAG(StubRetriever(EXTRACT_PASSAGES), answer_style="extract", chooser="model")
     seen = {}
 
     def choose(**kwargs):
@@ -239,20 +255,37 @@ def test_the_choice_is_an_enum_of_the_candidates():
 
 
 def test_answer_style_is_saved_with_the_program_and_checked(tmp_path):
-    program = CitedRAG(StubRetriever(PASSAGES), answer_style="extract")
+    program = CitedRAG(StubRetriever(PASSAGES), answer_style="extract", chooser="model", decline_below=0.45)
     path = tmp_path / "rag.json"
     program.save(str(path))
     loaded = load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)}).program
-    assert loaded.answer_style == "extract"
+    assert (loaded.answer_style, loaded.chooser, loaded.decline_below) == ("extract", "model", 0.45)
     state = json.loads(path.read_text())
-    state["settings"]["answer_style"] = "poetry"
-    path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="answer_style must be one of"):
-        load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)})
+    for key, bad, message in (("answer_style", "poetry", "answer_style must be one of"),
+                              ("chooser", "dice", "chooser must be one of"),
+                              ("decline_below", 2, "decline_below must be a number from 0 to 1"),
+                              ("temperature", 0.7, "unknown CitedRAG settings")):
+        path.write_text(json.dumps({**state, "settings": {**state["settings"], key: bad}}))
+        with pytest.raises(ValueError, match=message):
+            load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)})
+
+
+def test_an_artifact_from_before_the_chooser_setting_loads_with_the_defaults(tmp_path):
+    """Artifacts written when the only setting was answer_style run the ranker and decline at the default."""
+    from programs.sentence_rank import DECLINE_BELOW
+
+    path = tmp_path / "old.json"
+    CitedRAG(StubRetriever(PASSAGES), answer_style="extract").save(str(path))
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "settings": {"answer_style": "extract"}}))
+    loaded = load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)}).program
+    assert (loaded.answer_style, loaded.chooser, loaded.decline_below) == ("extract", "ranker", DECLINE_BELOW)
 
 
 def test_the_embedded_default_runs_the_shipped_extract_artifact():
+    from programs.sentence_rank import DECLINE_BELOW
+
     path = RAG.embedded_artifact("rag")
     assert path and path.startswith("data/artifacts/rag_smollm2-135m-instruct_")
     loaded = load_program(RAG.program, path, resources={"retriever": StubRetriever(PASSAGES)}).program
-    assert loaded.answer_style == "extract"
+    assert (loaded.answer_style, loaded.chooser, loaded.decline_below) == ("extract", "ranker", DECLINE_BELOW)

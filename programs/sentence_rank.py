@@ -1,0 +1,191 @@
+"""Which retrieved sentence answers a question, and how sure to be of it: a small linear ranker, no model.
+
+The extractive RAG answer (``CitedRAG(answer_style="extract")``) is a sentence
+of a retrieved passage.  Each sentence of the top passages gets a few signals
+(:func:`sentence_features`): how much of the question's term weight it holds,
+split into the question's names (which may sit anywhere in the passage: the
+passage is about them) and its other words (which the answering sentence
+itself should hold); whether it holds the kind of answer asked for
+(:mod:`programs.answer_kinds`: a number next to the counted noun, a time, a
+name); what the sentence before it covers ("It began ... and burned 41
+buildings" follows the sentence naming the fire); the retriever's rank of its
+passage.  The score is their weighted sum (:data:`WEIGHTS`).
+
+    >>> from types import SimpleNamespace as P
+    >>> passage = P(text="The county radio system went into service in 2009. It uses 14 tower sites.",
+    ...             title="Radio", section="")
+    >>> [c.sentence for c in rank_candidates("How many tower sites does the radio system use?", [passage])]
+    ['It uses 14 tower sites.', 'The county radio system went into service in 2009.']
+
+:func:`answer_confidence` turns the ranking into the probability that the top
+sentence answers the question (:data:`CONFIDENCE_WEIGHTS`, a logistic model);
+below a threshold the program declines.  Both sets of weights were fitted on
+``data/rag_train.jsonl`` only, by ``benchmarks/rag_rank_fit.py`` (which prints
+them); the dev questions are the report.  Pure Python, deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from programs.answer_kinds import HOLDS, NUMBER, answer_kind, counted_words, holds_kind
+from programs.extract import idf_weights, sentences, stem, terms
+
+FROM_TOP = 3  # sentences come from the retriever's first three passages
+# Fitted on data/rag_train.jsonl by benchmarks/rag_rank_fit.py (a softmax over each question's sentences).
+WEIGHTS: Mapping[str, float] = {
+    "overlap": 2.11, "names_in_passage": 0.69, "other_words": 2.25, "names_in_sentence": 0.24, "before": 1.07,
+    "rank": -0.84, "kind": 1.48, "kind_near": 0.63, "count_near": 1.12, "new_share": -1.22, "restates": -0.39,
+    "heading": -0.76, "length": 0.04, "first": -0.26, "similarity": 1.73,
+}
+# Fitted likewise: a logistic model of "the top sentence is right" over the training questions (raw features).
+CONFIDENCE_WEIGHTS: Mapping[str, float] = {"bias": -3.29, "similarity": 3.51, "margin": 0.44, "other_words": 1.46}
+MARGIN_ALONE = 3.0  # the margin of a lone candidate
+SIMILARITY_UNKNOWN = 0.65  # the training questions' mean cosine of question and top sentence
+DECLINE_BELOW = 0.3  # answer_confidence under this: the program says the documents do not answer
+
+# (question, sentences) -> a cosine per sentence (None: unknown), or None when nothing could be embedded
+Similarity = Callable[[str, Sequence[str]], "Sequence[float | None] | None"]
+_NAME_WORD = re.compile(r"(?<!^)(?<![.?!] )\b(?:[A-ZÀ-Ý][\w'’-]*|\w*\d\w*)")
+_HEADING_END = (".", "!", "?", "|")
+
+
+@dataclass
+class Candidate:
+    """One sentence of a retrieved passage, with its ranking signals and score."""
+
+    sentence: str
+    passage: object
+    rank: int  # the passage's place in the retriever's results, from 0
+    features: dict[str, float] = field(default_factory=dict)
+    score: float = 0.0
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question's terms as the ranker uses them: names (capitalised words, numbers) and the other words."""
+
+    text: str
+    asked: frozenset[str]
+    names: frozenset[str]
+    kind: str | None
+    counted: frozenset[str]
+
+    @classmethod
+    def of(cls, question: str) -> Question:
+        asked = frozenset(terms(question))
+        names = frozenset(stem(w.lower()) for w in _NAME_WORD.findall(str(question))) & asked
+        counted = frozenset(terms(" ".join(counted_words(question))))
+        return cls(str(question), asked, names, answer_kind(question), counted)
+
+
+def share(wanted: frozenset[str] | set[str], found: set[str], idf: Mapping[str, float]) -> float:
+    """The share (0..1) of the IDF weight of ``wanted`` that ``found`` holds (0 when nothing is wanted)."""
+    if not wanted:
+        return 0.0
+    default = max(idf.values(), default=1.0)
+    total = sum(idf.get(t, default) for t in wanted)
+    return sum(idf.get(t, default) for t in wanted & found) / total
+
+
+def _words(text: str) -> list[tuple[int, str, str]]:
+    """(offset, token, lower-cased word without punctuation) for each whitespace-separated token of ``text``."""
+    return [(m.start(), m.group(0), re.sub(r"^\W+|\W+$", "", m.group(0).lower())) for m in re.finditer(r"\S+", text)]
+
+
+def _kind_signals(q: Question, sentence: str) -> tuple[float, float, float]:
+    """(kind, kind_near, count_near) for ``sentence``: +1/-1 when, outside the question's own words, it
+    holds / does not hold the kind of answer asked for (0: the question names no kind); 1 when such an
+    answer starts within 40 characters of a question word; 1 when a number comes just before a word that a
+    "how many" question counts ("14 tower sites")."""
+    words = _words(sentence)
+    rest = " ".join(token for _, token, w in words if stem(w) not in q.asked)
+    kind = 0.0 if q.kind is None else (1.0 if holds_kind(q.kind, rest) else -1.0)
+    near = 0.0
+    if kind > 0:
+        asked_at = [at for at, _, w in words if stem(w) in q.asked]
+        for match in HOLDS[q.kind].finditer(sentence):
+            new = [w for w in terms(match.group(0)) if w not in q.asked]
+            if new and any(abs(match.start() - at) < 40 for at in asked_at):
+                near = 1.0
+                break
+    count = 0.0
+    for i, (_, _, w) in enumerate(words):
+        if q.counted and re.fullmatch(NUMBER, w, re.IGNORECASE) and any(stem(v) in q.counted for *_, v in words[i + 1:i + 4]):
+            count = 1.0
+            break
+    return kind, near, count
+
+
+def sentence_features(q: Question, sentence: str, before: str, passage_words: set[str], rank: int, position: int,
+                      idf: Mapping[str, float]) -> dict[str, float]:
+    """The ranking signals of one sentence (keys of :data:`WEIGHTS`); ``before`` is the sentence before it in
+    its passage ("" for the first), ``passage_words`` the terms of its passage with its title and section."""
+    words = terms(sentence)
+    found = set(words)
+    new = [w for w in words if w not in q.asked]
+    kind, near, count = _kind_signals(q, sentence)
+    heading = len(words) < 8 and not sentence.rstrip().endswith(_HEADING_END) and "|" not in sentence
+    return {
+        "overlap": share(q.asked, found, idf),
+        "names_in_passage": share(q.names, passage_words, idf) if q.names else 1.0,
+        "other_words": share(q.asked - q.names, found, idf),
+        "names_in_sentence": share(q.names, found, idf),
+        "before": share(q.asked, set(terms(before)), idf),
+        "rank": float(rank),
+        "kind": kind, "kind_near": near, "count_near": count,
+        "new_share": len(new) / max(1, len(words)),
+        "restates": float(not new),
+        "heading": float(heading),
+        "length": math.log1p(len(words)),
+        "first": float(position == 0),
+    }
+
+
+def rank_candidates(question: str, passages: Sequence, from_top: int = FROM_TOP,
+                    weights: Mapping[str, float] = WEIGHTS, similarity: Similarity | None = None) -> list[Candidate]:
+    """Every distinct sentence of the first ``from_top`` passages (anything with ``text``; ``title`` and
+    ``section`` are used when present), best first; IDF over all of ``passages``.  ``similarity(question,
+    sentences)`` (an embedder's cosine, :mod:`programs.similarity`) adds its signal; without it every sentence
+    gets :data:`SIMILARITY_UNKNOWN`, which leaves the order to the other signals."""
+    texts = [str(getattr(p, "text", "")) for p in passages]
+    idf = idf_weights(texts)
+    q = Question.of(question)
+    out: dict[str, Candidate] = {}
+    for rank, (passage, text) in enumerate(zip(passages[:from_top], texts)):
+        heading = f"{getattr(passage, 'title', '') or ''} {getattr(passage, 'section', '') or ''}"
+        passage_words = set(terms(f"{heading} {text}"))
+        pieces = sentences(text)
+        for position, sentence in enumerate(pieces):
+            if sentence in out or not terms(sentence):
+                continue
+            before = pieces[position - 1] if position else ""
+            features = sentence_features(q, sentence, before, passage_words, rank, position, idf)
+            out[sentence] = Candidate(sentence, passage, rank, features)
+    candidates = list(out.values())
+    sims = similarity(question, [c.sentence for c in candidates]) if similarity and candidates else None
+    for n, c in enumerate(candidates):
+        known = sims is not None and sims[n] is not None
+        c.features["similarity"] = float(sims[n]) if known else SIMILARITY_UNKNOWN
+        c.score = sum(weights.get(name, 0.0) * value for name, value in c.features.items())
+    return sorted(candidates, key=lambda c: (-c.score, c.rank, len(c.sentence)))
+
+
+def confidence_features(candidates: Sequence[Candidate]) -> dict[str, float]:
+    """Question-level signals (keys of :data:`CONFIDENCE_WEIGHTS`, but ``bias``): the top sentence's embedding
+    similarity to the question and share of the question's other words, and its score's margin over the next."""
+    if not candidates:
+        return {"similarity": 0.0, "margin": 0.0, "other_words": 0.0}
+    top = candidates[0]
+    second = candidates[1].score if len(candidates) > 1 else top.score - MARGIN_ALONE
+    return {"similarity": top.features["similarity"], "margin": top.score - second,
+            "other_words": top.features["other_words"]}
+
+
+def answer_confidence(features: Mapping[str, float], weights: Mapping[str, float] = CONFIDENCE_WEIGHTS) -> float:
+    """The probability (0..1) that the top sentence answers the question, from :func:`confidence_features`."""
+    z = weights.get("bias", 0.0) + sum(weights.get(name, 0.0) * value for name, value in features.items())
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
