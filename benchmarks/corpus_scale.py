@@ -121,11 +121,13 @@ def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) 
 
 
 def read_tasks(folder: Path) -> int:
-    """The read tasks of the pre-pass's plan (a large file cut into ranges: dspy_ray.corpus.split)."""
+    """The read tasks of the pre-pass's plan on a local cluster of this machine's CPUs (a large file cut
+    into ranges: dspy_ray.corpus.split; ranges are planned for twice the cluster's CPUs)."""
     from dspy_ray.corpus import InputSpec, discover
     from dspy_ray.corpus.source import plan_groups
 
-    return len(plan_groups(discover(InputSpec(str(folder), text_column="transcript")), 64))
+    found = discover(InputSpec(str(folder), text_column="transcript"))
+    return len(plan_groups(found, min(64, 2 * (os.cpu_count() or 1))))
 
 
 def ours_command(folder: Path, output: str, base_url: str, *flags: str) -> list[str]:
