@@ -23,6 +23,7 @@ the endpoint's limit (capacity / latency).  Prints a table and the ratios; write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -89,6 +90,20 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def gone(group: int, wait_s: float = 60.0) -> None:
+    """Wait until every process of the run's session is gone (its local Ray cluster shutting down would
+    otherwise take CPU from the next run's start), then kill what is left."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
 def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) -> dict:
     """Run ``cmd``; its peak RSS, seconds to the first LM request, answers in the watch window."""
     fake.reset_stats()
@@ -109,10 +124,12 @@ def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) 
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+            gone(proc.pid)
             return {"peak_rss_mb": round(peak, 1), "first_call_s": round(first, 2),
                     "answered_per_s": round(answered / watch_s, 1)}
         time.sleep(0.1)
     seconds = time.monotonic() - start
+    gone(proc.pid)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[1:4]} exited {proc.returncode}: {proc.stderr.read()[-1500:]}")
     ok = fake.stats()["ok"]
