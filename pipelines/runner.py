@@ -180,6 +180,9 @@ def plan_input(spec: InputSpec, precheck_first: bool) -> CorpusPlan:
         table = read_table(found, spec)
         return CorpusPlan(found, table.num_rows, table=table)
     init_ray()
+    # The job's limit service first: every stage actor joins it before its first LM call, and on a busy
+    # node a worker process started later queues behind the read tasks' and the actors' own.
+    ensure_coordinator()
     if not precheck_first:
         return CorpusPlan(found, None)
     checked = precheck(found, spec)
