@@ -108,7 +108,9 @@ def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) 
     """Run ``cmd``; its peak RSS, seconds to the first LM request, answers in the watch window."""
     fake.reset_stats()
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # stderr to a file, not a pipe: an undrained pipe blocks the run once Ray's log lines fill it
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
                             text=True, start_new_session=True)
     first, peak, stop_at = None, 0.0, None
     while proc.poll() is None:
@@ -131,7 +133,8 @@ def watch(cmd: list[str], fake: FakeLLM, watch_s: float, full: bool, env: dict) 
     seconds = time.monotonic() - start
     gone(proc.pid)
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[1:4]} exited {proc.returncode}: {proc.stderr.read()[-1500:]}")
+        log.seek(0)
+        raise SystemExit(f"{cmd[1:4]} exited {proc.returncode}: {log.read()[-1500:]}")
     ok = fake.stats()["ok"]
     return {"peak_rss_mb": round(peak, 1), "first_call_s": None if first is None else round(first, 2),
             "answered_per_s": round(ok / max(seconds - (first or 0), 1e-9), 1), "seconds": round(seconds, 1)}
