@@ -14,7 +14,6 @@ output, and rows stream to the stages while the rest of the input is still being
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dspy_ray.corpus.precheck import (
+    bucket_of as shard_of,  # an id's shard: the pre-pass's hash bucket
+)
 from dspy_ray.util.fs import filesystem_for
 
 logger = logging.getLogger(__name__)
@@ -71,11 +73,6 @@ def written_ids(output: str) -> set[str]:
     fs, _ = filesystem_for(output)
     return {i for path in written_files(output).files
             for i in pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()}
-
-
-def shard_of(ids: pa.Array, shards: int) -> pa.Array:
-    """Each id's shard: crc32 of its UTF-8 bytes modulo ``shards`` (the same in every process)."""
-    return pa.array([zlib.crc32(i.encode()) % shards for i in ids.to_pylist()], pa.int64())
 
 
 def _ids_of(refs: list, shard: int, shards: int) -> pa.Array:

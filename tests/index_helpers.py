@@ -15,6 +15,9 @@ from pipelines.index import IndexBuild, IndexOptions, IndexSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "rag" / "corpus"
+# A few files of the shipped corpus, one of each kind, for builds that need not read it all.
+SMALL = ("dispatch/priority_codes.md", "dispatch/radio_channels.txt", "ems/cardiac_arrest_protocol.rst",
+         "dispatch/non_emergency_lines.html", "bulletins.jsonl")
 MODEL = "fake-embed"
 
 

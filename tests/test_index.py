@@ -23,15 +23,13 @@ from tests.index_helpers import (
     CORPUS,
     MODEL,
     ROOT,
+    SMALL,
     build,
     copy_corpus,
     embed_settings,
 )
 
 pytest_plugins = ("tests.index_fixtures",)  # embed_fake, shipped_index
-
-SMALL = ("dispatch/priority_codes.md", "dispatch/radio_channels.txt", "ems/cardiac_arrest_protocol.rst",
-         "dispatch/non_emergency_lines.html", "bulletins.jsonl")
 
 
 def _cli(monkeypatch, capsys, fake, *argv, key: str | None = None) -> tuple[int, str, str]:

@@ -23,12 +23,9 @@ from dspy_ray.retrieval.manifest import (
     PASSAGES,
 )
 from dspy_ray.retrieval.store import EmbeddingStore
-from tests.index_helpers import CORPUS, build, copy_corpus, embed_settings
+from tests.index_helpers import CORPUS, SMALL, build, copy_corpus, embed_settings
 
 pytest_plugins = ("tests.index_fixtures",)  # embed_fake, shipped_index
-
-SMALL = ("dispatch/priority_codes.md", "dispatch/radio_channels.txt", "ems/cardiac_arrest_protocol.rst",
-         "dispatch/non_emergency_lines.html", "bulletins.jsonl")
 
 
 def _unit(n: int, dim: int, seed: int) -> np.ndarray:

@@ -94,7 +94,8 @@ def check_rows(parts: list[Part], fmt: str, fs: pafs.FileSystem, spec: InputSpec
 BYTES_PER_BUCKET = 512 << 20  # input bytes per id bucket: each bucket's ids are counted by one task
 
 
-def _bucket_of(ids: pa.Array, buckets: int) -> pa.Array:
+def bucket_of(ids: pa.Array, buckets: int) -> pa.Array:
+    """Each id's hash bucket: crc32 of its UTF-8 bytes modulo ``buckets`` (the same in every process)."""
     return pa.array([zlib.crc32(i.encode()) % buckets for i in ids.to_pylist()], pa.int64())
 
 
@@ -106,7 +107,7 @@ def _check_group(parts: list[Part], fmt: str, fs: pafs.FileSystem, spec: InputSp
     ids = table.filter(pc.is_valid(table.column(ID))).select(["file", ID, "where"])
     if buckets == 1:
         return summary, ids
-    bucket = _bucket_of(ids.column(ID).combine_chunks(), buckets)
+    bucket = bucket_of(ids.column(ID).combine_chunks(), buckets)
     return (summary, *[ids.filter(pc.equal(bucket, b)) for b in range(buckets)])
 
 
