@@ -148,6 +148,49 @@ def test_the_ceiling_holds_for_all_processes_together(ray_local):
     assert sum(s["in_flight"] for s in steady) / len(steady) >= 14  # and it is used
 
 
+def test_a_process_cut_off_with_no_share_keeps_one_slot():
+    """Its share was 0 (the others held every slot) when the service went: a call still goes through."""
+    limiter = EndpointLimiter("test|cut-off", ceiling=32)
+    limiter.set_share(0)
+    limiter.lost_coordinator()
+    limiter.tick()  # the local policy's first decision, with nothing answered yet
+    done = threading.Event()
+
+    def call() -> None:
+        with limiter.slot():
+            done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    assert done.wait(5.0), limiter.state()
+    assert limiter.limit == 1  # one slot, not more: the others may still hold theirs
+
+
+@pytest.mark.slow
+def test_calls_go_on_while_the_limit_service_is_lost_and_restarted(ray_local):
+    """The service's process dies mid-run (its node lost): callers decide locally, then join it again."""
+    ray = ray_local
+    from dspy_ray.client.limiter import ensure_coordinator
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def run(self, base_url: str, seconds: float) -> dict:
+            lm = build_lm(EndpointSettings(base_url=base_url, model="fake-model-lost", max_in_flight=16))
+            counts = drive(lm, threads=24, seconds=seconds)
+            return {**counts, "coordinated": lm.limiter.coordinator is not None}
+
+    service = ensure_coordinator()
+    with FakeLLM(latency=0.05) as fake:
+        caller = Caller.remote()
+        result = caller.run.remote(fake.base_url, 6.0)
+        time.sleep(2.0)
+        ray.kill(service, no_restart=False)
+        counts = ray.get(result, timeout=120)
+        stats = fake.stats()
+    assert counts["failed"] == 0 and counts["ok"] > 0, counts
+    assert counts["coordinated"], "the caller did not join the restarted service"
+    assert stats["max_in_flight"] <= 16 + 1, stats  # its last share, or one slot, while cut off
+
+
 @pytest.mark.slow
 def test_no_deadlock_when_the_endpoint_is_down():
     # Nothing listens: every attempt fails at once; calls end with errors, the limiter keeps no slot.

@@ -63,6 +63,16 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
     return False
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The run's output once it ends; a run still going after ``timeout`` fails the test with its last lines."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        tail = (proc.communicate()[0] or "")[-6000:]
+        pytest.fail(f"the run did not end within {timeout:g}s after the node was lost; its last output:\n{tail}")
+
+
 def test_batch_run_that_loses_a_node_writes_every_row_exactly_once(two_nodes, tmp_path):
     cluster, worker = two_nodes
     n = 400
@@ -82,7 +92,7 @@ def test_batch_run_that_loses_a_node_writes_every_row_exactly_once(two_nodes, tm
             answered_before = fake.stats()["requests"]
             cluster.remove_node(worker, allow_graceful=False)
             cluster.add_node(num_cpus=2)  # the replacement a spot group launches
-            stdout, _ = proc.communicate(timeout=300)
+            stdout = finish(proc, 300)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -115,7 +125,7 @@ def test_index_build_that_loses_a_node_embeds_every_passage_exactly_once(two_nod
             assert started, "the build ended or stalled before the node could be killed"
             cluster.remove_node(worker, allow_graceful=False)
             cluster.add_node(num_cpus=2)
-            stdout, _ = proc.communicate(timeout=300)
+            stdout = finish(proc, 300)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -149,7 +159,7 @@ def test_optimize_run_that_loses_a_node_redoes_only_the_trials_it_held(cpu_less_
             # What was finished when the node died, byte for byte: it must not be evaluated again.
             finished = {p.name: p.read_bytes() for p in trials.glob("*.json")}
             cluster.add_node(num_cpus=2)
-            stdout, _ = proc.communicate(timeout=400)
+            stdout = finish(proc, 400)
         finally:
             if proc.poll() is None:
                 proc.kill()

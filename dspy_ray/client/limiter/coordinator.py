@@ -183,8 +183,13 @@ _service_retry_at = 0.0  # after the service did not answer: when to try it agai
 
 
 def ensure_coordinator():
-    """Create the job's limit service from this process (the driver), so it lives as long as the job."""
-    return _service_handle()
+    """Create the job's limit service from this process (the driver), so it lives as long as the job.
+
+    It is placed on the driver's node when that node has room (a worker node may be a spot instance
+    that goes), and restarted elsewhere if its node is lost all the same: what it learned is then
+    learned again, from the next reports.
+    """
+    return _service_handle(here=True)
 
 
 def coordinator_state(base_url: str, model: str, history: bool = False) -> dict[str, Any] | None:
@@ -217,13 +222,21 @@ def _ray_get(ref, timeout: float):
     return ray.get(ref, timeout=timeout)
 
 
-def _service_handle():
+def _service_handle(here: bool = False):
     global _service
     if _service is None:
         import ray
 
-        actor = ray.remote(num_cpus=0, max_restarts=0)(LimitService)
-        _service = actor.options(name=SERVICE_NAME, get_if_exists=True).remote()
+        options: dict[str, Any] = {"name": SERVICE_NAME, "get_if_exists": True}
+        if here:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        # Restarted (empty) when its node is lost; a report to it meanwhile fails and is not retried:
+        # its sender decides locally and tries again a second later.
+        actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(LimitService)
+        _service = actor.options(**options).remote()
     return _service
 
 

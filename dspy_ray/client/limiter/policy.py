@@ -129,6 +129,8 @@ class AimdPolicy:
     FLOOR_DRIFT = 1.005  # per window: the latency floor follows a lasting change of the endpoint
     MAX_BACKGROUND = 0.5  # a cut on a larger share of 429s is never undone: that endpoint refuses, it is not noise
     LATENCY_SAMPLES = 10  # answers a window needs before its latency says anything (else it runs longer)
+    TRIAL_S = 1.0  # a cut's effect is judged over at least this long ...
+    TRIAL_LATENCIES = 4  # ... and this many latency floors (a cut on 429s: sooner, once 20 calls are answered)
 
     def __init__(self, ceiling: int, initial: int = 16, min_limit: int = 1, adaptive: bool = True):
         self.ceiling = max(1, int(ceiling))
@@ -215,7 +217,10 @@ class AimdPolicy:
     def _on_trial(self, w: Signals, seconds: float) -> bool:
         """A 429 cut's effect decides first: True while too little of it is seen yet, or when it is undone."""
         self.last_cut = self.last_cut.plus(w, seconds)
-        if self.last_cut.after.answered < 20 and self.last_cut.seconds < 1.0:
+        # Over several latencies: requests sent together come back together, so one window's count of
+        # answers swings by as much as the cut's effect (a window of one latency holds one wave or two).
+        span = max(self.TRIAL_S, self.TRIAL_LATENCIES * (self.latency_floor or 0.0))
+        if self.last_cut.seconds < span and (self.last_cut.after.answered < 20 or self.last_cut.latency):
             return True
         return self._judge_cut()
 
@@ -304,7 +309,8 @@ class AimdPolicy:
         # lately without complaint below the level that failed; after a large one only what it served.
         probing = self.w_max is not None and before >= self.w_max
         small = rate < 0.1 or (probing and self.window.overloads <= 5)  # a probe's few 429s in a short window
-        held = max((n for _, n in self.held if n < before), default=0) if small else 0
+        # A queue (a cut on latency) is not answered by a 429, so "held without complaint" says nothing there.
+        held = max((n for _, n in self.held if n < before), default=0) if small and by_overloads else 0
         target = max(served or 0.0, held) or before * 0.5
         self.limit = max(float(self.min_limit), min(before - 1, keep * before, max(target, before * 0.5)))
         self.leak.clear()
@@ -366,6 +372,8 @@ class AimdPolicy:
         latency = w.typical_latency()
         if latency is None or not self.latency_floor or w.ok < self.LATENCY_SAMPLES:
             return False
+        if latency <= self.latency_floor * self.HOLD_LATENCY:
+            return False  # back near the floor with fewer in flight: the cut drained a queue
         level = max(1.0, min(self.limit, w.peak_in_flight or self.limit))
         gain = cut.level / level  # > 1: fewer requests held after the cut
         kept = (w.ok / max(cut.seconds, self.MIN_WINDOW_S)) / (cut.per_slot * cut.level)  # calls/s after / before

@@ -302,10 +302,13 @@ class EndpointLimiter:
     def lost_coordinator(self) -> None:
         """Decide locally until a coordinator answers again: from the current share, and never above it
         (the other processes still hold theirs, so growing alone could pass the ceiling)."""
+        # At least one slot: a share of 0 (every slot held by others) grows only by the service's
+        # answer, and without one it would never grow (the rows waiting for a slot would wait forever).
+        share = max(1.0, self.share)
         if self.policy is not None:
-            self.policy.limit = self.share
+            self.policy.limit = share
         if self.cap is None:
-            self.cap = self.share
+            self.cap = share
         self.coordinator = None
 
     def state(self) -> dict[str, Any]:
