@@ -333,6 +333,18 @@ def test_the_coordinator_says_which_reports_it_decided_with():
     assert coordinator.report("a", signals, 2)["decided"] == 1  # a's first report was in that step
 
 
+def test_a_process_that_joined_and_never_called_holds_no_slots():
+    """Stage actors join when they start; a later stage's waits for rows and reports nothing meanwhile.
+    Whoever joined first, the one that calls gets the limit at its first report, not after a timeout."""
+    from dspy_ray.client.limiter import LimitCoordinator
+
+    coordinator = LimitCoordinator("test|joined", ceiling=64, initial=16)
+    assert coordinator.join("second-stage")["share"] == 0  # joined first, silent from then on
+    assert coordinator.join("first-stage")["share"] == 0
+    share = coordinator.report("first-stage", {"peak_in_flight": 0, "demand": 12}, 1)["share"]
+    assert share >= 12
+
+
 def test_an_idle_process_gives_its_share_back_at_once():
     """Driver and workers take turns (optimize): the one that goes idle says so, and the other gets the slots
     now, not when the idle one is timed out (it runs no code that could report later)."""

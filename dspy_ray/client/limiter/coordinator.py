@@ -60,12 +60,16 @@ class LimitCoordinator:
         self.history: collections.deque[tuple[float, float, int, int, int, int]] = collections.deque(maxlen=20_000)
 
     def join(self, member: str) -> dict[str, float]:
+        """A new process of the job: no share until it reports a demand.
+
+        A share granted at join would be held by a process that may not call for a long while (a stage
+        actor waiting for its first rows reports nothing), and the processes that do call could not
+        grow into it until it timed out (``MEMBER_TIMEOUT_S``).  Its first call reports at once.
+        """
         now = time.monotonic()
         self._prune(now)
-        spare = self.policy.limit - sum(max(m.granted, m.held) for m in self.members.values())
-        share = max(0.0, min(spare, self.policy.limit / (len(self.members) + 1)))  # 0: wait for the next report
-        self.members[member] = _Member(granted=share, heard=now)
-        return {"share": share, "background": self.policy.background_rate()}
+        self.members[member] = _Member(granted=0.0, heard=now)
+        return {"share": 0.0, "background": self.policy.background_rate()}
 
     def report(self, member: str, signals: dict[str, Any], number: int = 0) -> dict[str, float]:
         """Add one process's signals (its report ``number``); its share, and the latest of its reports the

@@ -194,7 +194,10 @@ class EndpointLimiter:
             self._waiters.append(waiter)
             self._note_demand()
         # Released by the releaser, who counted us in already; meanwhile this thread reports (a share
-        # of 0 grows only by a report, and nothing else in a worker may make one).
+        # of 0 grows only by a report, and nothing else in a worker may make one): at once when it has
+        # none (a process's first call: the coordinator grants nothing before it hears of a demand).
+        if self.share < 1:
+            self._pump()
         while not waiter.lock.acquire(timeout=PUMP_S):
             self._pump()
 
@@ -205,6 +208,8 @@ class EndpointLimiter:
             waiter = _Waiter(asyncio.get_running_loop())
             self._waiters.append(waiter)
             self._note_demand()
+        if self.share < 1:
+            self._pump()  # as in _acquire
         try:
             if self.pump is None:
                 await waiter.future
