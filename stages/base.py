@@ -158,6 +158,14 @@ class DSPyStageUDF:
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         self._check_columns(batch)
         admission = self._admission()
+        admission.begin()
+        try:
+            async for out in self._call(admission, batch):
+                yield out
+        finally:
+            admission.end()  # the last call out stops the ticker: no Ray call once the actor has no task
+
+    async def _call(self, admission: _Admission, batch: pa.Table) -> AsyncIterator[pa.Table]:
         columns = {arg: batch.column(col).to_pylist() for arg, col in self.input_fields.items()}
         n = batch.num_rows
         tasks = [
@@ -334,7 +342,10 @@ class DSPyStage(BaseModel):
 class _Admission:
     """Rows admitted to run in one event loop: at most ``target()`` at once, the rest wait in order.
 
-    A ticker re-reads the target (the endpoint's share moves) and runs the stage's periodic work.
+    A ticker re-reads the target (the endpoint's share moves) and runs the stage's periodic work (the
+    limiter's report, the usage meter: Ray calls), only while a call of the stage is running.  The
+    event loop is Ray Data's and its thread outlives the actor's tasks: a Ray call from it after the
+    last one, while the worker is torn down, crashes the worker (SIGSEGV in Ray's core worker).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, target: Callable[[], int],
@@ -342,7 +353,20 @@ class _Admission:
         self.loop, self.target, self.active = loop, target, 0
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
         self._tick = tick
-        self._ticker = loop.create_task(self._run_ticker())
+        self.calls = 0  # calls of the stage (batches) running in this loop
+        self._ticker: asyncio.Task | None = None
+
+    def begin(self) -> None:
+        """A call of the stage starts: the ticker runs while any does."""
+        self.calls += 1
+        if self._ticker is None:
+            self._ticker = self.loop.create_task(self._run_ticker())
+
+    def end(self) -> None:
+        self.calls -= 1
+        if self.calls == 0 and self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     async def enter(self) -> None:
         if not self.waiting and self.active < self.target():
