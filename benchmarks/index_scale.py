@@ -2,6 +2,7 @@
 
     python benchmarks/index_scale.py [--n 200000] [--dim 384] [--shard-above 50000] [--queries 500]
     python benchmarks/index_scale.py --bm25 25000,50000,100000,200000
+    python benchmarks/index_scale.py --read 500,2000
 
 An embedding store of ``n`` synthetic vectors (shaped like text embeddings, as in
 ``benchmarks/ann_recall.py``) is written in shards of 8,192, as the embedding actors
@@ -19,6 +20,11 @@ allocated itself).  recall@10 is against exact search, at the index's default np
 passages of 120 words each, drawn from a Zipf (s = 1.1) vocabulary of 500,000 words (the
 shape of English text; the default chunk is 160 tokens, ~120 words): build time, the
 process's peak RSS above what it held with the texts made, and the index's size on disk.
+
+``--read N,...``: the read step of a build (:class:`pipelines.index.read.CorpusReader`, Ray up)
+over a synthetic corpus of N markdown files of ~8 KB each, chunked by the read tasks, which write
+the passages to parts in the index folder: the build process's peak RSS above what it held with
+Ray started (it holds a row per file, never a passage), and the passages made.
 """
 
 from __future__ import annotations
@@ -141,6 +147,54 @@ def bm25_table(counts: list[int]) -> None:
         print(f"{n:>9,} {r['seconds']:>8.1f} {r['peak_mb'] - r['before_mb']:>24,} {r['disk_mb']:>10.1f}", flush=True)
 
 
+def make_corpus(folder: str, files: int) -> None:
+    """``files`` markdown files of ~8 KB: a heading and paragraphs of Zipf-drawn words."""
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        words = rng.zipf(1.1, size=1_300) % 500_000
+        paragraphs = [" ".join(f"w{w}" for w in words[j:j + 100]) for j in range(0, len(words), 100)]
+        path = Path(folder) / f"d{i % 100:02d}" / f"doc{i:06d}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# Document {i}\n\n" + "\n\n".join(paragraphs) + "\n")
+
+
+def read_child(corpus: str, index: str) -> None:
+    """The read step of a build over ``corpus``, in this process with Ray up; prints a JSON line."""
+    from dspy_ray.util.ray_runtime import init_ray
+    from pipelines.documents import scan_corpus
+    from pipelines.index.base import IndexDir, IndexOptions, IndexSummary
+    from pipelines.index.parts import PassageParts
+    from pipelines.index.read import CorpusReader
+
+    init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
+    where = IndexDir.at(index)
+    where.fs.create_dir(where.root, recursive=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    anon, start = _AnonPeak(), time.perf_counter()
+    parts = PassageParts.start(where)
+    read = CorpusReader(IndexOptions(corpus, index), where, None, IndexSummary(index), lambda _: None).read(
+        scan_corpus(corpus), parts)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"files": len(read.files), "passages": parts.total, "parts": len(parts.paths),
+                      "seconds": seconds, "before_mb": before, "peak_anon_mb": anon.done(),
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+    parts.drop()
+
+
+def read_table(sizes: list[int]) -> None:
+    print(f"{'files':>7} {'passages':>9} {'parts':>5} {'read s':>7} {'peak RSS above Ray MB':>22} "
+          f"{'peak anon MB':>12}")
+    for files in sizes:
+        with tempfile.TemporaryDirectory(prefix="index-read-") as tmp:
+            corpus, index = os.path.join(tmp, "corpus"), os.path.join(tmp, "index")
+            make_corpus(corpus, files)
+            proc = subprocess.run([sys.executable, __file__, "--read-child", corpus, index], capture_output=True,
+                                  text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{r['files']:>7,} {r['passages']:>9,} {r['parts']:>5} {r['seconds']:>7.1f} "
+              f"{r['peak_mb'] - r['before_mb']:>22,} {r['peak_anon_mb']:>12,}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200_000)
@@ -148,8 +202,10 @@ def main() -> None:
     parser.add_argument("--shard-above", type=int, default=50_000)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--bm25", help="passage counts, comma-separated: measure BM25 instead")
+    parser.add_argument("--read", help="corpus sizes in files, comma-separated: measure the read step instead")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "INDEX", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--bm25-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--read-child", nargs=2, metavar=("CORPUS", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.n, args.dim, args.shard_above)
@@ -159,6 +215,12 @@ def main() -> None:
         return
     if args.bm25:
         bm25_table([int(n) for n in args.bm25.split(",")])
+        return
+    if args.read_child:
+        read_child(*args.read_child)
+        return
+    if args.read:
+        read_table([int(n) for n in args.read.split(",")])
         return
     import faiss
 

@@ -1,5 +1,8 @@
 """An index build, step by step: check, read and chunk, embed, publish (:class:`IndexBuild`).
 
+The passages go from the read tasks to publish through parquet parts in the index folder
+(:mod:`~pipelines.index.parts`), dropped when the build ends, done or failed.
+
     >>> summary = IndexBuild(IndexOptions("data/rag/corpus", "out/rag-index"), settings, print).run()  # doctest: +SKIP
     >>> summary.line()                                                                                # doctest: +SKIP
     'indexed /…/out/rag-index: 50 files read, 0 skipped; 463 passages: 463 embedded now, 0 reused, 0 removed, \
@@ -17,6 +20,7 @@ from pipelines.documents import scan_corpus
 from pipelines.index.base import IndexDir, IndexOptions, IndexSummary
 from pipelines.index.check import check_embedder, check_index_dir
 from pipelines.index.embed import EmbedStep, ray_connected
+from pipelines.index.parts import PassageParts
 from pipelines.index.publish import Publisher
 from pipelines.index.read import CorpusReader
 
@@ -35,11 +39,15 @@ class IndexBuild:
         options, summary, say = self.options, self.summary, self.say
         corpus = scan_corpus(options.corpus, options.exclude)  # a missing corpus fails before the index is touched
         previous = check_index_dir(self.dir, options)
-        read = CorpusReader(options, self.dir, previous, summary, say).read(corpus)
-        with open_endpoints(embed=self.embed_settings, discover=ray_connected(), say=say) as endpoints:
-            settings = endpoints.embed
-            dim = check_embedder(self.dir, settings, previous)
-            embedded = EmbedStep(options, self.dir, summary, say).run(read.passages, settings, dim)
-        Publisher(options, self.dir, previous, summary, say).publish(read, embedded, settings, dim, start)
+        parts = PassageParts.start(self.dir)  # after dropping a killed build's
+        try:
+            read = CorpusReader(options, self.dir, previous, summary, say).read(corpus, parts)
+            with open_endpoints(embed=self.embed_settings, discover=ray_connected(), say=say) as endpoints:
+                settings = endpoints.embed
+                dim = check_embedder(self.dir, settings, previous)
+                embedded = EmbedStep(options, self.dir, summary, say).run(parts, settings, dim)
+            Publisher(options, self.dir, previous, summary, say).publish(read, embedded, settings, dim, start)
+        finally:
+            parts.drop()
         summary.seconds = time.perf_counter() - start
         return summary

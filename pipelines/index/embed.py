@@ -1,16 +1,18 @@
 """Step 3 of a build: embed the passages whose text has no vector in the embedding store yet.
 
-The passages go through a Ray Data actor pool (:mod:`stages.embed`), many requests in flight.
-Each actor writes its batch's vectors to the embedding store as one whole shard before it hands
-the batch on (:class:`~dspy_ray.retrieval.store.ShardSink`), so no vector comes back to this
-process: only (hash, error) rows, for the progress line and the failures; a killed build loses
-only the batches in flight.  An index folder the workers cannot open (an in-process ``memory://``
-store) gets the vectors back here instead, written in shards of ``--shard-rows``.  A passage whose
-embedding fails after retries is recorded with its error (left out of the index, retried by the
-next ``--resume``)::
+What to embed is planned here from the passage parts' ``hash`` columns only (:func:`plan_embedding`:
+each hash the store lacks, at its first row); Ray tasks read those rows' texts from the parts
+(:func:`~pipelines.index.parts.embedding_rows`) and feed a Ray Data actor pool (:mod:`stages.embed`),
+many requests in flight.  Each actor writes its batch's vectors to the embedding store as one whole
+shard before it hands the batch on (:class:`~dspy_ray.retrieval.store.ShardSink`), so neither a text
+nor a vector comes to this process: only (hash, error) rows, for the progress line and the failures;
+a killed build loses only the batches in flight.  An index folder the workers cannot open (an
+in-process ``memory://`` store) has its texts read and its vectors written here instead, in shards
+of ``--shard-rows``.  A passage whose embedding fails after retries is recorded with its error (left
+out of the index, retried by the next ``--resume``)::
 
     >>> step = EmbedStep(options, IndexDir.at(options.index), summary, say)       # doctest: +SKIP
-    >>> result = step.run(read.passages, settings, dim=384)                       # doctest: +SKIP
+    >>> result = step.run(read.parts, settings, dim=384)                          # doctest: +SKIP
     >>> len(result.embedded), result.failures                                     # doctest: +SKIP
     (463, {})
 """
@@ -24,13 +26,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dspy_ray.client.embeddings import EmbeddingConfigError
 from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.retrieval.manifest import BUILD_STATE
-from dspy_ray.retrieval.passages import embedding_text
 from dspy_ray.retrieval.store import (
     EmbeddingStore,
     ShardSink,
@@ -41,36 +43,63 @@ from dspy_ray.retrieval.store import (
 )
 from dspy_ray.util.fs import write_bytes
 from pipelines.index.base import IndexDir, IndexOptions, IndexSummary, now
-from pipelines.index.read import PassageColumns
+from pipelines.index.parts import PassageParts, embedding_rows
 
 
 @dataclass
 class Embedded:
     """What the embedding step did: the hashes embedded now, and hash -> error for those that failed."""
 
-    embedded: set[str] = field(default_factory=set)
+    embedded: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingPlan:
+    """What to embed: each hash the store lacks once, as rows of the parts (row numbers within each part)."""
+
+    hashes: pa.Array
+    rows: list[tuple[str, np.ndarray]]  # (part, its rows to embed, sorted), parts in order
+
+    def items(self, per_block: int) -> list[tuple[str, np.ndarray]]:
+        """(part, rows) of at most ``per_block`` rows each: the embedding dataset's blocks."""
+        return [(path, rows[i:i + per_block]) for path, rows in self.rows for i in range(0, len(rows), per_block)]
+
+
+def plan_embedding(parts: PassageParts, done: set[str]) -> EmbeddingPlan:
+    """The rows to embed: of each hash not in ``done``, its first row; from the parts' hash columns only."""
+    hashes = parts.column("hash")
+    table = pa.table({"hash": hashes, "row": pa.array(np.arange(len(hashes), dtype=np.int64))})
+    if done:
+        table = table.filter(pc.invert(pc.is_in(table.column("hash"), value_set=pa.array(list(done), pa.string()))))
+    first = table.group_by("hash", use_threads=False).aggregate([("row", "min")])
+    order = pc.sort_indices(first.column("row_min"))
+    first = first.take(order)
+    rows = first.column("row_min").to_numpy()
+    starts = np.cumsum([0, *parts.counts])
+    of = np.searchsorted(starts, rows, side="right") - 1  # the part of each row
+    cuts = np.searchsorted(of, np.arange(len(parts.paths) + 1))
+    planned = [(path, rows[cuts[i]:cuts[i + 1]] - starts[i]) for i, path in enumerate(parts.paths)
+               if cuts[i + 1] > cuts[i]]
+    return EmbeddingPlan(first.column("hash").combine_chunks(), planned)
 
 
 class EmbedStep:
     def __init__(self, options: IndexOptions, index: IndexDir, summary: IndexSummary, say: Callable[[str], None]):
         self.options, self.index, self.summary, self.say = options, index, summary, say
 
-    def run(self, passages: PassageColumns, settings: EndpointSettings, dim: int) -> Embedded:
+    def run(self, parts: PassageParts, settings: EndpointSettings, dim: int) -> Embedded:
         """Embed what the store lacks, after recording this build's settings (``build.json``) for ``--resume``."""
         store = EmbeddingStore(self.index.location)
         store.drop_partial()  # what a killed build's writers left half-written
         done = store.hashes()
-        columns = passages.columns
-        todo: dict[str, str] = {}
-        for h, title, section, text in zip(columns["hash"], columns["title"], columns["section"], columns["text"]):
-            if h not in done and h not in todo:
-                todo[h] = embedding_text(title, section, text)
+        plan = plan_embedding(parts, done)
         run = self._write_build_state(settings, dim)
-        if not todo:
+        if not len(plan.hashes):
             return Embedded()
-        self.say(f"embedding {len(todo):,} passages ({len(done):,} already in the store) with {settings.model!r}")
-        return Embedded(set(todo), self._run_stage(store, todo, settings, dim, run))
+        self.say(f"embedding {len(plan.hashes):,} passages ({len(done):,} already in the store) "
+                 f"with {settings.model!r}")
+        return Embedded(plan.hashes, self._run_stage(store, plan, settings, dim, run))
 
     def _write_build_state(self, settings: EndpointSettings, dim: int) -> str:
         """Write ``build.json``; its ``run`` token (actors check they see this very file: a shared folder)."""
@@ -82,27 +111,27 @@ class EmbedStep:
             "started_at": now(), "run": run}, indent=2).encode())
         return run
 
-    def _run_stage(self, store: EmbeddingStore, todo: dict[str, str], settings: EndpointSettings,
+    def _run_stage(self, store: EmbeddingStore, plan: EmbeddingPlan, settings: EndpointSettings,
                    dim: int, run: str) -> dict[str, str]:
         """hash -> error for the passages that failed; the others' vectors are in the store."""
         import ray
 
         from dspy_ray.util.ray_runtime import init_ray
-        from pipelines.inputs import to_dataset
 
         init_ray()
         ray.data.DataContext.get_current().enable_progress_bars = False  # _Progress prints one line instead
         stage = self.options.stage
-        table = pa.table({"hash": list(todo), "embedding_text": list(todo.values())})
+        total = len(plan.hashes)
         # One actor batch per block: Ray Data hands a block's results back when the whole block is done,
         # so smaller blocks mean a steadier stream of results (and of progress) from a slow endpoint.
-        per_block = max(1, min(stage.batch_size, -(-table.num_rows // (2 * stage.num_actors))))
+        per_block = max(1, min(stage.batch_size, -(-total // (2 * stage.num_actors))))
         budget = min(stage.max_in_flight_per_actor, max(1, settings.max_in_flight // stage.num_actors))
-        # The actors write the store unless it lives in this process only; then the vectors come back here.
-        sink = (ShardSink.config(self.index.location, dim, self.options.shard_rows, run)
-                if workers_reach(self.index.location) else None)
-        ds = stage.apply(to_dataset(table, rows_per_block=per_block), settings, max_in_flight=budget, store=sink)
-        progress = _Progress(table.num_rows, self.say)
+        # The workers read the texts and the actors write the store unless the index folder lives in this
+        # process only; then the texts are read here and the vectors come back here.
+        shared = workers_reach(self.index.location)
+        sink = ShardSink.config(self.index.location, dim, self.options.shard_rows, run) if shared else None
+        ds = stage.apply(self._texts(plan, per_block, shared), settings, max_in_flight=budget, store=sink)
+        progress = _Progress(total, self.say)
         try:
             with store.writer(dim, self.options.shard_rows) as writer:
                 failures = self._collect(ds, writer, dim, progress)
@@ -115,6 +144,22 @@ class EmbedStep:
         self.summary.embed_seconds = time.perf_counter() - progress.start
         progress.update(progress.seen, len(failures), final=True)
         return failures
+
+    def _texts(self, plan: EmbeddingPlan, per_block: int, shared: bool):
+        """The stage's input (``hash``, ``embedding_text``) as a dataset of ``per_block`` rows a block: read
+        from the parts by Ray tasks (``shared``), else here."""
+        import ray
+
+        from pipelines.inputs import to_dataset
+
+        location = self.index.location
+        items = plan.items(per_block)
+        if not shared:
+            return to_dataset(pa.concat_tables([embedding_rows(location, path, rows) for path, rows in items]),
+                              rows_per_block=per_block)
+        blocks = [pa.table({"part": [path], "rows": pa.array([rows], pa.list_(pa.int64()))}) for path, rows in items]
+        return ray.data.from_arrow(blocks).map_batches(
+            _read_texts, fn_kwargs={"location": location}, batch_size=None, batch_format="pyarrow")
 
     def _collect(self, ds, writer: StoreWriter, dim: int, progress: _Progress) -> dict[str, str]:
         """Count each batch's rows as it arrives (writing its vectors when they came back); hash -> error for
@@ -132,6 +177,13 @@ class EmbedStep:
                 self.summary.first_result_rows = batch.num_rows
             progress.update(progress.seen + batch.num_rows, len(failures))
         return failures
+
+
+def _read_texts(block: pa.Table, location: str) -> pa.Table:
+    """A Ray task: the texts to embed of one block of the plan ((part, rows) rows)."""
+    return pa.concat_tables([embedding_rows(location, path, np.asarray(rows, dtype=np.int64))
+                             for path, rows in zip(block.column("part").to_pylist(),
+                                                   block.column("rows").to_pylist())])
 
 
 class _Progress:
