@@ -14,11 +14,14 @@ one at a time, so s/question is the wall time of one answer.  Configurations:
 * ``today``: ``CitedRAG`` as written (rewrite the question, then the model writes
   the answer and its citations);
 * ``extract``: ``CitedRAG(answer_style="extract")`` as the shipped artifact sets it:
-  the question is the search query, the sentences of the top passages are ranked
+  the question is the search query, searched with no cap of passages per document
+  (``per_source``, :data:`programs.sentence_rank.PER_SOURCE`), the sentences of the top passages are ranked
   without a model (:mod:`programs.sentence_rank`), the top one is the answer, and
   the program declines when the ranker's confidence is under its threshold (both
   fitted on the training questions by ``benchmarks/rag_rank_fit.py``);
 * ``extract-nodecline``: the same, never declining (``decline_below=0``);
+* ``extract-cap2``: the same with the retriever's own cap, 2 passages per document (as before
+  ``per_source`` was a program setting);
 * ``extract-model``: the same ranking, but the model picks one of the best 4 or
   ``none`` (``chooser="model"``);
 * ``extract-knn2``: that with a demo pool made from ``data/rag_train.jsonl`` only
@@ -61,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
 
-CONFIGS = ("today", "extract", "extract-nodecline", "extract-model", "extract-knn2", "baseline")
+CONFIGS = ("today", "extract", "extract-nodecline", "extract-cap2", "extract-model", "extract-knn2", "baseline")
 MISSES = ("retrieval", "sentence", "beyond top 3", "ranking", "choice", "declined", "other")
 
 
@@ -95,7 +98,7 @@ def first_sentence_answer(retriever, question: str) -> tuple[str, bool, list[str
     return (sentences(passages[0].text) or [passages[0].text])[0], True, [passages[0].source]
 
 
-def choice_demos(retriever, train: list[dict]) -> list:
+def choice_demos(retriever, train: list[dict], per_source: int | None = None) -> list:
     """Demos for the extract program's chooser, from training questions only: the sentences it would be shown
     and the number of the first one that answers (from a gold document), or none."""
     import dspy
@@ -106,7 +109,7 @@ def choice_demos(retriever, train: list[dict]) -> list:
 
     demos = []
     for row in train:
-        candidates = rank_candidates(row["question"], retriever.search(row["question"]),
+        candidates = rank_candidates(row["question"], retriever.search(row["question"], per_source=per_source),
                                      similarity=similarity_of(retriever))[:CANDIDATE_SENTENCES]
         if not candidates:
             continue
@@ -126,26 +129,30 @@ def right_sentence(row: dict, sentence: str, passage) -> bool:
 
 def build_program(config: str, retriever, train: list[dict]):
     from programs.rag import CitedRAG
+    from programs.sentence_rank import PER_SOURCE
 
     if config == "today":
         return CitedRAG(retriever=retriever)
     program = CitedRAG(retriever=retriever, answer_style="extract",
-                       chooser="model" if config in ("extract-model", "extract-knn2") else "ranker")
+                       chooser="model" if config in ("extract-model", "extract-knn2") else "ranker",
+                       per_source=None if config == "extract-cap2" else PER_SOURCE)
     if config == "extract-nodecline":
         program.decline_below = 0.0
     if config == "extract-knn2":
-        program.choose.demos = choice_demos(retriever, train)
+        program.choose.demos = choice_demos(retriever, train, program.per_source)
     return program
 
 
-def miss_reason(config: str, row: dict, retriever, declined: bool, decline_below: float) -> str:
-    """Where an answerable question answered wrong was lost (see the module docstring)."""
+def miss_reason(config: str, row: dict, retriever, declined: bool, decline_below: float,
+                per_source: int | None = None) -> str:
+    """Where an answerable question answered wrong was lost (see the module docstring), from the passages the
+    program retrieves (``per_source``: its cap of passages per document, None: the retriever's)."""
     from programs.extract import sentences
     from programs.rag import CANDIDATE_SENTENCES
     from programs.sentence_rank import FROM_TOP, answer_confidence, confidence_features, rank_candidates
     from programs.similarity import similarity_of
 
-    passages = retriever.search(row["question"])
+    passages = retriever.search(row["question"], per_source=per_source)
     gold = [p for p in passages if p.source in row["sources"]]
     stated = [normalize(row["answer"])] + [normalize(e) for e in row.get("evidence") or []]
     if not any(any(e and e in normalize(p.text) for e in stated) or any(is_right(s, row["answer"])
@@ -172,6 +179,7 @@ def run_config(config: str, rows: list[dict], retriever, runner_for, train: list
     answers = []
     program = None if config == "baseline" else build_program(config, retriever, train)
     decline_below = getattr(program, "decline_below", 0.0)
+    per_source = getattr(program, "per_source", None)
     start = time.perf_counter()
     for row in rows:
         if program is None:
@@ -186,7 +194,7 @@ def run_config(config: str, rows: list[dict], retriever, runner_for, train: list
     for row, (answer, answerable, sources) in zip(rows, answers):
         g = grade(row, answer, answerable, sources)
         if row["answerable"] and not g["right"]:
-            g["miss"] = miss_reason(config, row, retriever, g["declined"], decline_below)
+            g["miss"] = miss_reason(config, row, retriever, g["declined"], decline_below, per_source)
         grades.append(g)
     return grades, per_question
 
@@ -238,7 +246,8 @@ def save_artifact(program, out_dir: str, settings, score: float, limit: int) -> 
     # dev_score: the share of dev questions handled right (answered from a gold document, or declined).
     meta = ArtifactMetadata(program="rag", model=MODEL_ALIAS, lm=redacted_settings(settings), optimizer="none",
                             optimizer_settings={"answer_style": program.answer_style, "chooser": program.chooser,
-                                                "decline_below": program.decline_below, "demos": 0,
+                                                "decline_below": program.decline_below,
+                                                "per_source": program.per_source, "demos": 0,
                                                 "dev_questions": limit,
                                                 "weights": "programs/sentence_rank.py, fitted on rag_train.jsonl"},
                             command="python benchmarks/rag_quality.py --configs extract --save-artifact "

@@ -1,6 +1,7 @@
 """Fit the extractive RAG answer's sentence ranker and its decline threshold on the TRAINING questions only.
 
-    python benchmarks/rag_rank_fit.py                        # prints WEIGHTS, CONFIDENCE_WEIGHTS, DECLINE_BELOW
+    python benchmarks/rag_rank_fit.py                        # prints PER_SOURCE, WEIGHTS, CONFIDENCE_WEIGHTS,
+                                                             # DECLINE_BELOW
     python benchmarks/rag_rank_fit.py --index out/rag-index  # reuse an index of data/rag/corpus
 
 For each question of ``data/rag_train.jsonl`` the retriever (the shipped index,
@@ -9,13 +10,17 @@ gets :func:`programs.sentence_rank.sentence_features`.  A sentence is a right
 answer when it comes from a gold document and contains the gold answer (or
 has token F1 >= 0.5 with it), as ``benchmarks/rag_quality.py`` grades.
 
+* passages per document (``per_source``, the program's retrieval setting):
+  the cap whose refitted ranker has the most right top sentences over five
+  cross-validation folds, of 2 (the retriever's default, which wins a tie), 3
+  and 0 (no cap);
 * ranker: a softmax over each answerable question's sentences (L2-regularised
   gradient descent), so the right sentence scores highest;
 * confidence: a logistic model of "the top sentence is right" over all
   training questions (the unanswerable ones are never right);
 * threshold: the probability under which to decline that maximises, over
-  five cross-validation folds, right answers plus declined unanswerable
-  questions.
+  five cross-validation folds (repeated with three shuffles, averaged), right
+  answers plus declined unanswerable questions.
 
 The numbers printed are pasted into :mod:`programs.sentence_rank`.  Dev
 questions are never read: they are the report (``rag_quality.py``).
@@ -37,17 +42,39 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
 
 from programs.sentence_rank import (  # noqa: E402
-    CONFIDENCE_WEIGHTS,
+    PER_SOURCE,
     WEIGHTS,
     answer_confidence,
     confidence_features,
     rank_candidates,
 )
-from programs.similarity import similarity_of  # noqa: E402
+from programs.similarity import MAX_SENTENCES, similarity_of  # noqa: E402
 from rag_quality import is_right, shipped_index  # noqa: E402
 
 RANK_NAMES = tuple(WEIGHTS)
-CONFIDENCE_NAMES = tuple(n for n in CONFIDENCE_WEIGHTS if n != "bias")
+CONFIDENCE_NAMES = tuple(confidence_features([]))
+PER_SOURCE_CHOICES = (2, 3, 0)  # the retriever's default first: it wins a tie
+
+
+def remembered(similarity):
+    """``similarity`` with each (question, sentence) cosine kept: the caps compared share most sentences, and the
+    embedder is the slow part (a call of more than one request's worth is passed through as the program makes it)."""
+    if similarity is None:
+        return None
+    memo: dict[tuple[str, str], float | None] = {}
+
+    def cosines(question, sentences):
+        if len(sentences) > MAX_SENTENCES:
+            return similarity(question, sentences)
+        new = [s for s in dict.fromkeys(sentences) if (question, s) not in memo]
+        if new:
+            found = similarity(question, new)
+            if found is None:
+                return None
+            memo.update(((question, s), c) for s, c in zip(new, found))
+        return [memo[(question, s)] for s in sentences]
+
+    return cosines
 
 
 def question_data(rows: list[dict], passages: list[list], similarity=None) -> list[dict]:
@@ -80,6 +107,18 @@ def fit_ranker(data: list[dict], l2: float = 0.01, steps: int = 1500, rate: floa
 
 def top_right(data: list[dict], w: np.ndarray) -> int:
     return sum(bool(d["right"][np.argmax(d["X"] @ w)]) for d in data if len(d["X"]))
+
+
+def cross_validated_top_right(data: list[dict], l2: float, folds: int = 5) -> int:
+    """Right top sentences over held-out folds, the ranker refitted on the other folds each time."""
+    order = list(range(len(data)))
+    random.Random(1).shuffle(order)
+    total = 0
+    for f in range(folds):
+        held = set(order[f::folds])
+        w = fit_ranker([d for i, d in enumerate(data) if i not in held], l2=l2)
+        total += top_right([d for i, d in enumerate(data) if i in held], w)
+    return total
 
 
 def confidence_data(data: list[dict], w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,19 +157,37 @@ def outcome(p: np.ndarray, right: np.ndarray, answerable: np.ndarray, below: flo
             int((~answer & answerable).sum())}
 
 
-def choose_threshold(X: np.ndarray, right: np.ndarray, answerable: np.ndarray, folds: int = 5) -> tuple[float, dict]:
-    """The threshold maximising right answers + declined unanswerable over cross-validated probabilities."""
-    order = list(range(len(X)))
-    random.Random(1).shuffle(order)
-    p = np.zeros(len(X))
-    for f in range(folds):
-        held = order[f::folds]
-        kept = [i for i in order if i not in held]
-        weights = fit_logistic(X[kept], right[kept])
-        p[held] = [answer_confidence(dict(zip(CONFIDENCE_NAMES, x)), weights) for x in X[held]]
-    table = {t: outcome(p, right, answerable, t) for t in np.round(np.arange(0.0, 0.75, 0.05), 2)}
+def choose_threshold(X: np.ndarray, right: np.ndarray, answerable: np.ndarray, folds: int = 5,
+                     shuffles: int = 3) -> tuple[float, dict]:
+    """The threshold maximising right answers + declined unanswerable over cross-validated probabilities (the
+    counts averaged over ``shuffles`` different fold assignments: 11 unanswerable questions make one noisy)."""
+    probabilities = []
+    for seed in range(1, shuffles + 1):
+        order = list(range(len(X)))
+        random.Random(seed).shuffle(order)
+        p = np.zeros(len(X))
+        for f in range(folds):
+            held = order[f::folds]
+            kept = [i for i in order if i not in held]
+            weights = fit_logistic(X[kept], right[kept])
+            p[held] = [answer_confidence(dict(zip(CONFIDENCE_NAMES, x)), weights) for x in X[held]]
+        probabilities.append(p)
+    table = {}
+    for t in np.round(np.arange(0.0, 0.75, 0.05), 2):
+        counts = [outcome(p, right, answerable, t) for p in probabilities]
+        table[t] = {key: round(sum(c[key] for c in counts) / shuffles, 1) for key in counts[0]}
     best = max(table, key=lambda t: (table[t]["right"] + table[t]["declined_unanswerable"], -t))
     return float(best), table
+
+
+def choose_per_source(by_cap: dict[int, list[dict]], l2: float) -> int:
+    """The cap whose ranker gets the most top sentences right, cross-validated (ties: the first listed)."""
+    scores = {cap: cross_validated_top_right(data, l2) for cap, data in by_cap.items()}
+    for cap, n in scores.items():
+        print(f"  per_source {cap}: top sentence right {n} (5-fold cross-validation)")
+    best = max(scores, key=lambda cap: (scores[cap], -list(scores).index(cap)))
+    print(f"PER_SOURCE = {best}  (the shipped one: {PER_SOURCE})")
+    return best
 
 
 def report(data: list[dict], l2: float) -> None:
@@ -141,7 +198,7 @@ def report(data: list[dict], l2: float) -> None:
           f"the candidates")
     print(f"top sentence right: {top_right(data, current)} with the shipped WEIGHTS, {top_right(data, w)} refitted")
     print("WEIGHTS =", {n: round(float(v), 2) for n, v in zip(RANK_NAMES, w)})
-    X, right, answerable = confidence_data(data, current)
+    X, right, answerable = confidence_data(data, w)  # the refitted ranker's top sentences
     print(f"SIMILARITY_UNKNOWN = {X[:, CONFIDENCE_NAMES.index('similarity')].mean():.2f}  (the mean over these "
           f"questions of the top sentence's similarity)")
     print("CONFIDENCE_WEIGHTS =", {n: round(v, 2) for n, v in fit_logistic(X, right).items()})
@@ -165,8 +222,10 @@ def main() -> None:
     with open_endpoints(lm=None, embed=resolve_settings("EMBED"), discover=False) as endpoints, \
             shipped_index(args.index, endpoints.embed) as index:
         retriever = open_retriever(index, endpoints.embed)
-        passages = retriever.search_many([r["question"] for r in rows])
-        report(question_data(rows, passages, similarity_of(retriever)), args.l2)  # the embedder is still up
+        similarity = remembered(similarity_of(retriever))  # the embedder is still up
+        by_cap = {cap: question_data(rows, retriever.search_many([r["question"] for r in rows], per_source=cap),
+                                     similarity) for cap in PER_SOURCE_CHOICES}
+        report(by_cap[choose_per_source(by_cap, args.l2)], args.l2)
         retriever.close()
 
 

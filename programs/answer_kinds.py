@@ -45,6 +45,7 @@ HOLDS = {
     "name": re.compile(_NAME),
     "place": re.compile(rf"\b\d+\s+[A-Z][\w'’-]+(?:\s+[A-Z][\w'’-]+)*|{_NAME}"),
     "day": re.compile(rf"\b{_DAY}\b|\bweek(?:end|day)s?\b", re.IGNORECASE),
+    "phone": re.compile(r"\(\d{3}\)\s*\d{3}[-.\s]\d{4}|\b(?:\d{3}[-.])?\d{3}[-.]\d{4}\b|\b\d{2,3}-\d{3}\b|\b[2-9]11\b"),
 }
 
 _ANY = r"(?:[\w'’-]+\s+){0,3}?"  # up to three words between "what" and the noun that names the kind
@@ -53,6 +54,8 @@ _MEASURE_NOUNS = r"(?:height|depth|distance|length|width|weight|thickness|temper
 # The first pattern a question matches names its kind: the narrower kinds come first.
 ASKS = tuple((re.compile(pattern, re.IGNORECASE), kind) for pattern, kind in (
     (r"^\s*(?:which|what)\s+days?\b|\bday of the week\b", "day"),
+    (r"\b(?:phone|telephone|fax|hotline|contact|emergency) (?:number|line)s?\b|"
+     r"\b(?:what|which) number\b.*\b(?:call|dial|text)\b", "phone"),
     (r"\bhow long\b", "length"),
     (r"\b(?:time limit|duration)\b|\bhow (?:soon|often|quickly|frequently)\b|"
      r"\bhow many (?:seconds|minutes|hours|days|nights|weeks|months|years)\b", "duration"),

@@ -31,10 +31,18 @@ Two ways to answer (``answer_style``, a program setting saved with its state):
   does no better than the ranker's order, at three times the time, so the
   shipped artifact uses ``ranker`` (``benchmarks/rag_quality.py``, docs/rag.md).
 
-The settings (``answer_style``, ``chooser``, ``decline_below``) are saved in
-the program's JSON; an artifact written before ``chooser`` and
-``decline_below`` existed loads with the defaults (``ranker``,
-:data:`programs.sentence_rank.DECLINE_BELOW`).
+``per_source`` is the program's own cap of passages per document, passed to
+the retriever's ``search`` (``0``: no cap; None, the default: the retriever's
+own, 2 for the framework's, which suits multi-part questions).  The artifact
+shipped for the extract style sets it to
+:data:`programs.sentence_rank.PER_SOURCE` (0): a single fact is often in the
+third passage of a document already represented, and the ranker reads only
+the top 3 passages.
+
+The settings (``answer_style``, ``chooser``, ``decline_below``,
+``per_source``) are saved in the program's JSON; an artifact written before a
+setting existed loads with the constructor's default (``ranker``,
+:data:`programs.sentence_rank.DECLINE_BELOW`, the retriever's cap).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ SNIPPET_CHARS = 240
 MAX_ANSWER_WORDS = 60
 ANSWER_STYLES = ("generate", "extract")
 CHOOSERS = ("ranker", "model")
+SETTINGS = ("answer_style", "chooser", "decline_below", "per_source")
 CANDIDATE_SENTENCES = 4
 NOT_ANSWERED = "The documents do not say."
 
@@ -96,13 +105,14 @@ class CitedPassage(BaseModel):
 
 class CitedRAG(dspy.Module):
     def __init__(self, retriever: Any, k: int | None = None, answer_style: str = "generate", chooser: str = "ranker",
-                 decline_below: float = DECLINE_BELOW):
+                 decline_below: float = DECLINE_BELOW, per_source: int | None = None):
         super().__init__()
         self.retriever = retriever
         self.k = k
         self.answer_style = _style(answer_style)
         self.chooser = _chooser(chooser)
         self.decline_below = _threshold(decline_below)
+        self.per_source = _per_source(per_source)
         self.rewrite = dspy.ChainOfThought(RewriteQuery)
         self.respond = dspy.ChainOfThought(AnswerFromPassages)
         self.choose = dspy.Predict(ChooseSentence)
@@ -112,7 +122,7 @@ class CitedRAG(dspy.Module):
         if self.answer_style == "extract":
             return self._extract(question)
         query = self.rewrite(question=question).search_query
-        passages = self.retriever.search(query or question, k=self.k)
+        passages = self._search(query or question)
         context = "\n\n".join(f"[{p.id}] {p.text}" for p in passages)
         signature = self.respond.predict.signature
         if passages:  # citations can only be ids of these passages: an enum in the JSON schema (vLLM, llama.cpp)
@@ -125,7 +135,7 @@ class CitedRAG(dspy.Module):
     def _extract(self, question: str) -> dspy.Prediction:
         """The best-ranked sentence (or the model's pick of the best few) is the answer; declined when the
         ranker is not confident enough."""
-        passages = self.retriever.search(question, k=self.k)
+        passages = self._search(question)
         candidates = rank_candidates(question, passages, similarity=similarity_of(self.retriever))
         confidence = answer_confidence(confidence_features(candidates))
         if not candidates or confidence < self.decline_below:
@@ -143,22 +153,29 @@ class CitedRAG(dspy.Module):
             chosen = few[int(choice) - 1]
         return _prediction(answer_text(chosen.sentence), True, [chosen.passage.id], passages, question)
 
+    def _search(self, query: str) -> list:
+        if self.per_source is None:  # the retriever's own cap; any ``search(query, k)`` will do
+            return self.retriever.search(query, k=self.k)
+        return self.retriever.search(query, k=self.k, per_source=self.per_source)
+
     # The settings are part of the program's saved state (DSPy's JSON), so an artifact can set them; one written
     # before a setting existed loads with the constructor's value.
     def dump_state(self, json_mode=True):
-        settings = {"answer_style": self.answer_style, "chooser": self.chooser, "decline_below": self.decline_below}
+        settings = {"answer_style": self.answer_style, "chooser": self.chooser, "decline_below": self.decline_below,
+                    "per_source": self.per_source}
         return {**super().dump_state(json_mode=json_mode), "settings": settings}
 
     def load_state(self, state, *, allow_unsafe_lm_state=False):
         state = dict(state)
         settings = state.pop("settings", None) or {}
-        unknown = sorted(set(settings) - {"answer_style", "chooser", "decline_below"})
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise ValueError(f"unknown CitedRAG settings {unknown}; known: answer_style, chooser, decline_below")
+            raise ValueError(f"unknown CitedRAG settings {unknown}; known: {', '.join(SETTINGS)}")
         super().load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
         self.answer_style = _style(settings.get("answer_style", self.answer_style))
         self.chooser = _chooser(settings.get("chooser", self.chooser))
         self.decline_below = _threshold(settings.get("decline_below", self.decline_below))
+        self.per_source = _per_source(settings.get("per_source", self.per_source))
         return self
 
 
@@ -178,6 +195,12 @@ def _threshold(decline_below: Any) -> float:
     if isinstance(decline_below, bool) or not isinstance(decline_below, (int, float)) or not 0 <= decline_below <= 1:
         raise ValueError(f"decline_below must be a number from 0 to 1, got {decline_below!r}")
     return float(decline_below)
+
+
+def _per_source(per_source: Any) -> int | None:
+    if per_source is not None and (isinstance(per_source, bool) or not isinstance(per_source, int) or per_source < 0):
+        raise ValueError(f"per_source must be a whole number from 0 (no cap) or None, got {per_source!r}")
+    return per_source
 
 
 def _prediction(answer: str, answerable: Any, citations: list[str], passages: list, query: str) -> dspy.Prediction:

@@ -37,12 +37,14 @@ from programs.extract import idf_weights, sentences, stem, terms
 FROM_TOP = 3  # sentences come from the retriever's first three passages
 # Fitted on data/rag_train.jsonl by benchmarks/rag_rank_fit.py (a softmax over each question's sentences).
 WEIGHTS: Mapping[str, float] = {
-    "overlap": 2.11, "names_in_passage": 0.69, "other_words": 2.25, "names_in_sentence": 0.24, "before": 1.07,
-    "rank": -0.84, "kind": 1.48, "kind_near": 0.63, "count_near": 1.12, "new_share": -1.22, "restates": -0.39,
-    "heading": -0.76, "length": 0.04, "first": -0.26, "similarity": 1.73,
+    "overlap": 2.27, "names_in_passage": 0.91, "other_words": 2.41, "names_in_sentence": 0.06, "before": 1.17,
+    "rank": -0.51, "kind": 1.89, "kind_near": 0.63, "count_near": 0.56, "new_share": -1.27, "restates": -0.38,
+    "heading": -0.76, "length": -0.02, "first": -0.21, "similarity": 2.01,
 }
 # Fitted likewise: a logistic model of "the top sentence is right" over the training questions (raw features).
-CONFIDENCE_WEIGHTS: Mapping[str, float] = {"bias": -3.29, "similarity": 3.51, "margin": 0.44, "other_words": 1.46}
+CONFIDENCE_WEIGHTS: Mapping[str, float] = {"bias": -4.52, "similarity": 2.49, "margin": 0.35, "other_words": 1.99,
+                                           "kind": 0.52, "names_in_passage": 1.64}
+PER_SOURCE = 0  # the extract artifact's cap of passages per document (0: none), chosen likewise (cross-validated)
 MARGIN_ALONE = 3.0  # the margin of a lone candidate
 SIMILARITY_UNKNOWN = 0.65  # the training questions' mean cosine of question and top sentence
 DECLINE_BELOW = 0.3  # answer_confidence under this: the program says the documents do not answer
@@ -102,7 +104,8 @@ def _kind_signals(q: Question, sentence: str) -> tuple[float, float, float]:
     answer starts within 40 characters of a question word; 1 when a number comes just before a word that a
     "how many" question counts ("14 tower sites")."""
     words = _words(sentence)
-    rest = " ".join(token for _, token, w in words if stem(w) not in q.asked)
+    # The question's own words cannot be its answer, but the unit a "how many" counts is part of one ("ten years")
+    rest = " ".join(token for _, token, w in words if stem(w) not in q.asked - q.counted)
     kind = 0.0 if q.kind is None else (1.0 if holds_kind(q.kind, rest) else -1.0)
     near = 0.0
     if kind > 0:
@@ -176,13 +179,18 @@ def rank_candidates(question: str, passages: Sequence, from_top: int = FROM_TOP,
 
 def confidence_features(candidates: Sequence[Candidate]) -> dict[str, float]:
     """Question-level signals (keys of :data:`CONFIDENCE_WEIGHTS`, but ``bias``): the top sentence's embedding
-    similarity to the question and share of the question's other words, and its score's margin over the next."""
+    similarity to the question and share of the question's other words, its score's margin over the next,
+    whether it holds the kind of answer asked for (``kind``: +1 / -1, 0 when the question names no kind: "How
+    tall is the dam?" answered by a sentence with no measure in it is likely about something else), and the
+    share of the question's names its passage holds (``names_in_passage``: a question about "Fire Station 2"
+    answered from a passage that never names it asks what the documents do not say)."""
     if not candidates:
-        return {"similarity": 0.0, "margin": 0.0, "other_words": 0.0}
+        return {"similarity": 0.0, "margin": 0.0, "other_words": 0.0, "kind": 0.0, "names_in_passage": 0.0}
     top = candidates[0]
     second = candidates[1].score if len(candidates) > 1 else top.score - MARGIN_ALONE
     return {"similarity": top.features["similarity"], "margin": top.score - second,
-            "other_words": top.features["other_words"]}
+            "other_words": top.features["other_words"], "kind": top.features["kind"],
+            "names_in_passage": top.features["names_in_passage"]}
 
 
 def answer_confidence(features: Mapping[str, float], weights: Mapping[str, float] = CONFIDENCE_WEIGHTS) -> float:

@@ -255,15 +255,19 @@ def test_the_choice_is_an_enum_of_the_candidates():
 
 
 def test_answer_style_is_saved_with_the_program_and_checked(tmp_path):
-    program = CitedRAG(StubRetriever(PASSAGES), answer_style="extract", chooser="model", decline_below=0.45)
+    program = CitedRAG(StubRetriever(PASSAGES), answer_style="extract", chooser="model", decline_below=0.45,
+                       per_source=3)
     path = tmp_path / "rag.json"
     program.save(str(path))
     loaded = load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)}).program
-    assert (loaded.answer_style, loaded.chooser, loaded.decline_below) == ("extract", "model", 0.45)
+    assert (loaded.answer_style, loaded.chooser, loaded.decline_below, loaded.per_source) == ("extract", "model",
+                                                                                               0.45, 3)
     state = json.loads(path.read_text())
     for key, bad, message in (("answer_style", "poetry", "answer_style must be one of"),
                               ("chooser", "dice", "chooser must be one of"),
                               ("decline_below", 2, "decline_below must be a number from 0 to 1"),
+                              ("per_source", -1, "per_source must be a whole number"),
+                              ("per_source", 1.5, "per_source must be a whole number"),
                               ("temperature", 0.7, "unknown CitedRAG settings")):
         path.write_text(json.dumps({**state, "settings": {**state["settings"], key: bad}}))
         with pytest.raises(ValueError, match=message):
@@ -271,7 +275,8 @@ def test_answer_style_is_saved_with_the_program_and_checked(tmp_path):
 
 
 def test_an_artifact_from_before_the_chooser_setting_loads_with_the_defaults(tmp_path):
-    """Artifacts written when the only setting was answer_style run the ranker and decline at the default."""
+    """Artifacts written when the only setting was answer_style run the ranker, decline at the default and keep
+    the retriever's own cap of passages per document."""
     from programs.sentence_rank import DECLINE_BELOW
 
     path = tmp_path / "old.json"
@@ -279,13 +284,29 @@ def test_an_artifact_from_before_the_chooser_setting_loads_with_the_defaults(tmp
     state = json.loads(path.read_text())
     path.write_text(json.dumps({**state, "settings": {"answer_style": "extract"}}))
     loaded = load_program(RAG.program, str(path), resources={"retriever": StubRetriever(PASSAGES)}).program
-    assert (loaded.answer_style, loaded.chooser, loaded.decline_below) == ("extract", "ranker", DECLINE_BELOW)
+    assert (loaded.answer_style, loaded.chooser, loaded.decline_below, loaded.per_source) == (
+        "extract", "ranker", DECLINE_BELOW, None)
+    loaded(question="Where does Station 7 sit?")  # no cap of its own: a retriever with search(query, k) will do
 
 
 def test_the_embedded_default_runs_the_shipped_extract_artifact():
-    from programs.sentence_rank import DECLINE_BELOW
+    from programs.sentence_rank import DECLINE_BELOW, PER_SOURCE
 
     path = RAG.embedded_artifact("rag")
     assert path and path.startswith("data/artifacts/rag_smollm2-135m-instruct_")
     loaded = load_program(RAG.program, path, resources={"retriever": StubRetriever(PASSAGES)}).program
-    assert (loaded.answer_style, loaded.chooser, loaded.decline_below) == ("extract", "ranker", DECLINE_BELOW)
+    assert (loaded.answer_style, loaded.chooser, loaded.decline_below, loaded.per_source) == (
+        "extract", "ranker", DECLINE_BELOW, PER_SOURCE)
+
+
+def test_every_shipped_rag_artifact_still_loads():
+    """Older artifacts stay in data/artifacts: each loads (the embedded default picks the best by dev score)."""
+    from dspy_ray.execution.artifacts import list_artifacts
+
+    records = list_artifacts(ROOT / "data" / "artifacts", "rag")
+    assert records
+    for record in records:
+        loaded = load_program(RAG.program, str(record.path), resources={"retriever": StubRetriever(PASSAGES)}).program
+        assert loaded.answer_style == "extract"
+    assert RAG.embedded_artifact("rag").endswith(max(records, key=lambda r: (r.metadata.dev_score,
+                                                                              r.metadata.created_at)).path.name)

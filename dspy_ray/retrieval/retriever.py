@@ -170,9 +170,10 @@ class Retriever:
 
     # -- searching ----------------------------------------------------------------
 
-    def search(self, query: str, k: int | None = None) -> list[Passage]:
-        """The ``k`` best passages for ``query`` (default: the retriever's ``k``), best first."""
-        return self.search_many([query], k)[0]
+    def search(self, query: str, k: int | None = None, *, per_source: int | None = None) -> list[Passage]:
+        """The ``k`` best passages for ``query`` (default: the retriever's ``k``), best first; ``per_source``
+        overrides the retriever's cap of passages per document (0: no cap; None: the retriever's)."""
+        return self.search_many([query], k, per_source=per_source)[0]
 
     def search_many(self, queries: Sequence[str], k: int | None = None, mode: str | None = None, *,
                     decompose: bool | None = None, per_source: int | None = None) -> list[list[Passage]]:
