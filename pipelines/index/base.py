@@ -112,6 +112,15 @@ class IndexDir:
     def path(self, name: str) -> str:
         return join(self.root, name)
 
+    def drop_folder(self, name: str) -> None:
+        """Delete the folder ``name`` in the index folder with what it holds, if it is there."""
+        path = self.path(name)
+        try:
+            if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+                self.fs.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass
+
     def read(self, name: str) -> bytes | None:
         """A file's bytes; None when it does not exist."""
         return read_bytes(self.fs, self.path(name))

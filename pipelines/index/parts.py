@@ -122,9 +122,4 @@ def embedding_rows(location: str, path: str, rows: np.ndarray) -> pa.Table:
 
 def drop_parts(index: IndexDir) -> None:
     """Delete every build's parts in the index folder (done, failed or killed), if any."""
-    path = index.path(PARTS_DIR)
-    try:
-        if index.fs.get_file_info(path).type == pafs.FileType.Directory:
-            index.fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass
+    index.drop_folder(PARTS_DIR)

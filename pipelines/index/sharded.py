@@ -127,12 +127,7 @@ class ShardedIndex:
 
 def drop_parts(index: IndexDir) -> None:
     """Delete the partial indexes of a sharded build (done, failed or killed), if any."""
-    path = index.path(PARTS_DIR)
-    try:
-        if index.fs.get_file_info(path).type == pafs.FileType.Directory:
-            index.fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass
+    index.drop_folder(PARTS_DIR)
 
 
 class ShardedBuild:
