@@ -40,9 +40,10 @@ class IndexBuild:
         corpus = scan_corpus(options.corpus, options.exclude)  # a missing corpus fails before the index is touched
         previous = check_index_dir(self.dir, options)
         parts = PassageParts.start(self.dir)  # after dropping a killed build's
+        discover = ray_connected()  # a cluster job connects before the read, so its files are read on the workers
         try:
             read = CorpusReader(options, self.dir, previous, summary, say).read(corpus, parts)
-            with open_endpoints(embed=self.embed_settings, discover=ray_connected(), say=say) as endpoints:
+            with open_endpoints(embed=self.embed_settings, discover=discover, say=say) as endpoints:
                 settings = endpoints.embed
                 dim = check_embedder(self.dir, settings, previous)
                 embedded = EmbedStep(options, self.dir, summary, say).run(parts, settings, dim)

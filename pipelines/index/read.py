@@ -232,12 +232,19 @@ def read_tasks(corpus: Corpus, reuse: dict[str, str], options: IndexOptions, par
 def run_read_tasks(tasks: list[ReadTask], parts: PassageParts) -> list[FileRead]:
     """Run ``tasks``, adding their parts to ``parts``; every file's :class:`FileRead`, in corpus order.
 
-    As Ray tasks when Ray is up and the workers can open the corpus and the index folder (not an
-    in-process ``memory://`` store), else here, one after another."""
+    As Ray tasks (Ray started or connected here if it is not yet: a cluster job's driver reads on the
+    workers) when there is more than one task and the workers can open the corpus and the index folder
+    (not an in-process ``memory://`` store), else here, one after another."""
     import ray
 
-    here = (not ray.is_initialized() or sum(len(task.files) for task in tasks) < 2
+    here = (sum(len(task.files) for task in tasks) < 2 or len(tasks) < 2
             or isinstance(tasks[0].fs, pafs.PyFileSystem) or not workers_reach(parts.location))
+    if not here and not ray.is_initialized():
+        # More than one task's files: read in parallel.  A cluster job's driver connects to its cluster
+        # here; a local run starts Ray, which the embedding step would start anyway.
+        from dspy_ray.util.ray_runtime import init_ray
+
+        init_ray()
     if here:
         results = [read_and_chunk(task) for task in tasks]
     else:
