@@ -63,6 +63,13 @@ def embedding_text(title: str, section: str, text: str) -> str:
     return f"{header}\n{text}" if header else text
 
 
+def embedding_texts(table: pa.Table) -> list[str]:
+    """:func:`embedding_text` of every row of a table with ``title``, ``section`` and ``text`` columns."""
+    return [embedding_text(t, s, x) for t, s, x in zip(table.column("title").to_pylist(),
+                                                      table.column("section").to_pylist(),
+                                                      table.column("text").to_pylist())]
+
+
 def content_hash(text: str) -> str:
     """128-bit hex digest of an embedding input: same text, same vector, reused across runs."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dspy_ray.retrieval.manifest import join
-from dspy_ray.retrieval.passages import PASSAGE_SCHEMA, embedding_text
+from dspy_ray.retrieval.passages import PASSAGE_SCHEMA, embedding_texts
 from dspy_ray.util.fs import filesystem_for, write_bytes
 from pipelines.index.base import IndexDir, IndexDirError
 
@@ -114,10 +114,7 @@ def embedding_rows(location: str, path: str, rows: np.ndarray) -> pa.Table:
     sizes = starts[groups + 1] - starts[groups]
     first = np.cumsum(np.concatenate([[0], sizes[:-1]]))  # where each group read begins in ``table``
     table = table.take(pa.array(first[np.searchsorted(groups, of)] + rows - starts[of]))
-    texts = [embedding_text(t, s, x) for t, s, x in zip(table.column("title").to_pylist(),
-                                                       table.column("section").to_pylist(),
-                                                       table.column("text").to_pylist())]
-    return pa.table({"hash": table.column("hash"), "embedding_text": pa.array(texts, pa.string())})
+    return pa.table({"hash": table.column("hash"), "embedding_text": pa.array(embedding_texts(table), pa.string())})
 
 
 def drop_parts(index: IndexDir) -> None:

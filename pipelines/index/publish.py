@@ -52,7 +52,7 @@ from dspy_ray.retrieval.manifest import (
     RetrievalDefaults,
     write_manifest,
 )
-from dspy_ray.retrieval.passages import PASSAGE_SCHEMA, embedding_text
+from dspy_ray.retrieval.passages import PASSAGE_SCHEMA, embedding_texts
 from dspy_ray.retrieval.sparse import SETTINGS as BM25_SETTINGS
 from dspy_ray.retrieval.sparse import BM25Index
 from dspy_ray.retrieval.store import EmbeddingStore, workers_reach
@@ -225,11 +225,7 @@ class Publisher:
 
 def _bm25_index(passages: str) -> BM25Index:
     """BM25 over every passage of the written ``passages`` file: bm25s needs all their texts here at once."""
-    table = pq.read_table(passages, columns=["title", "section", "text"])
-    texts = [embedding_text(t, s, x) for t, s, x in zip(table.column("title").to_pylist(),
-                                                       table.column("section").to_pylist(),
-                                                       table.column("text").to_pylist())]
-    del table
+    texts = embedding_texts(pq.read_table(passages, columns=["title", "section", "text"]))
     return BM25Index.build(texts)
 
 

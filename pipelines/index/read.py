@@ -237,7 +237,7 @@ def run_read_tasks(tasks: list[ReadTask], parts: PassageParts) -> list[FileRead]
     (not an in-process ``memory://`` store), else here, one after another."""
     import ray
 
-    here = (sum(len(task.files) for task in tasks) < 2 or len(tasks) < 2
+    here = (len(tasks) < 2  # every task has a file: two tasks are at least two files
             or isinstance(tasks[0].fs, pafs.PyFileSystem) or not workers_reach(parts.location))
     if not here and not ray.is_initialized():
         # More than one task's files: read in parallel.  A cluster job's driver connects to its cluster
