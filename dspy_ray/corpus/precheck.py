@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from dspy_ray.corpus.listing import InputFiles
+from dspy_ray.corpus.quickcheck import jsonl_check
 from dspy_ray.corpus.rows import (
     WHERE,
     column_types,
@@ -73,6 +74,12 @@ def check_rows(parts: list[Part], fmt: str, fs: pafs.FileSystem, spec: InputSpec
         return
     for part in parts:
         f = part.file
+        quick = jsonl_check(part, fs, spec) if f.kind == "jsonl" else None
+        if quick is not None:
+            if len(quick.ids):
+                yield _check_table(f.rel, 0, 0, ids=quick.ids, where=quick.where)
+            yield _check_table(f.rel, quick.rows, quick.with_errors, types=quick.types, part=part.index)
+            continue
         rows = with_errors = 0
         types: dict[str, str] = {}
         try:
