@@ -46,6 +46,7 @@ from programs.sentence_rank import (  # noqa: E402
     WEIGHTS,
     answer_confidence,
     confidence_features,
+    kind_missing,
     rank_candidates,
 )
 from programs.similarity import MAX_SENTENCES, similarity_of  # noqa: E402
@@ -121,10 +122,11 @@ def cross_validated_top_right(data: list[dict], l2: float, folds: int = 5) -> in
     return total
 
 
-def confidence_data(data: list[dict], w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features in :data:`CONFIDENCE_NAMES` order, top sentence right, answerable) per question."""
+def confidence_data(data: list[dict], w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(features in :data:`CONFIDENCE_NAMES` order, top sentence right, answerable, declined whatever the
+    confidence: :func:`~programs.sentence_rank.kind_missing`) per question."""
     weights = dict(zip(RANK_NAMES, w))
-    X, right, answerable = [], [], []
+    X, right, answerable, missing = [], [], [], []
     for d in data:
         ranked = rank_candidates(d["row"]["question"], d["passages"], weights=weights, similarity=d["similarity"])
         features = confidence_features(ranked)
@@ -133,7 +135,8 @@ def confidence_data(data: list[dict], w: np.ndarray) -> tuple[np.ndarray, np.nda
         right.append(bool(top) and bool(d["row"]["answerable"]) and getattr(top.passage, "source", None)
                      in d["row"]["sources"] and is_right(top.sentence, d["row"]["answer"]))
         answerable.append(bool(d["row"]["answerable"]))
-    return np.array(X, float), np.array(right), np.array(answerable)
+        missing.append(kind_missing(d["row"]["question"], ranked))
+    return np.array(X, float), np.array(right), np.array(answerable), np.array(missing)
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 0.05, steps: int = 4000, rate: float = 0.3) -> dict:
@@ -157,7 +160,7 @@ def outcome(p: np.ndarray, right: np.ndarray, answerable: np.ndarray, below: flo
             int((~answer & answerable).sum())}
 
 
-def choose_threshold(X: np.ndarray, right: np.ndarray, answerable: np.ndarray, folds: int = 5,
+def choose_threshold(X: np.ndarray, right: np.ndarray, answerable: np.ndarray, missing: np.ndarray, folds: int = 5,
                      shuffles: int = 3) -> tuple[float, dict]:
     """The threshold maximising right answers + declined unanswerable over cross-validated probabilities (the
     counts averaged over ``shuffles`` different fold assignments: 11 unanswerable questions make one noisy)."""
@@ -171,7 +174,7 @@ def choose_threshold(X: np.ndarray, right: np.ndarray, answerable: np.ndarray, f
             kept = [i for i in order if i not in held]
             weights = fit_logistic(X[kept], right[kept])
             p[held] = [answer_confidence(dict(zip(CONFIDENCE_NAMES, x)), weights) for x in X[held]]
-        probabilities.append(p)
+        probabilities.append(np.where(missing, 0.0, p))
     table = {}
     for t in np.round(np.arange(0.0, 0.75, 0.05), 2):
         counts = [outcome(p, right, answerable, t) for p in probabilities]
@@ -198,11 +201,11 @@ def report(data: list[dict], l2: float) -> None:
           f"the candidates")
     print(f"top sentence right: {top_right(data, current)} with the shipped WEIGHTS, {top_right(data, w)} refitted")
     print("WEIGHTS =", {n: round(float(v), 2) for n, v in zip(RANK_NAMES, w)})
-    X, right, answerable = confidence_data(data, w)  # the refitted ranker's top sentences
+    X, right, answerable, missing = confidence_data(data, w)  # the refitted ranker's top sentences
     print(f"SIMILARITY_UNKNOWN = {X[:, CONFIDENCE_NAMES.index('similarity')].mean():.2f}  (the mean over these "
           f"questions of the top sentence's similarity)")
     print("CONFIDENCE_WEIGHTS =", {n: round(v, 2) for n, v in fit_logistic(X, right).items()})
-    below, table = choose_threshold(X, right, answerable)
+    below, table = choose_threshold(X, right, answerable, missing)
     for t, counts in table.items():
         print(f"  decline below {t:.2f}: {counts}")
     print(f"DECLINE_BELOW = {below:.2f}  (cross-validated on the training questions)")

@@ -35,7 +35,10 @@ _NAME = r"\b[A-ZÀ-Ý][\w'’.-]+(?:\s+(?:of\s+(?:the\s+)?|de\s+|van\s+)?[A-ZÀ-
 HOLDS = {
     "year": re.compile(r"\b(?:1[6-9]\d\d|20\d\d)s?\b"),
     "date": re.compile(rf"\b(?:1[6-9]\d\d|20\d\d)s?\b|\b{_MONTH}\b|\b{_DAY}\b|\bnoon\b|\bmidnight\b", re.IGNORECASE),
-    "time": re.compile(rf"\b\d{{1,2}}[:.]\d\d\b|\b[ap]\.?m\.?(?!\w)|\bnoon\b|\bmidnight\b|\bo'clock\b|\b{_DAY}\b", re.IGNORECASE),
+    # a time of day: "what time ... open on Saturdays" is not answered by "on Wednesdays and Saturdays"
+    "time": re.compile(r"\b\d{1,2}[:.]\d\d\b|\b\d{3,4} hours\b|\b[ap]\.?m\.?(?!\w)|\bnoon\b|\bmidnight\b|"
+                       r"\bo'clock\b|\baround the clock\b|\b24 hours\b", re.IGNORECASE),
+    "frequency": re.compile(r"\b\d+(?:\.\d+)?\s*[kMG]Hz\b", re.IGNORECASE),  # a radio frequency
     "duration": re.compile(_DURATION, re.IGNORECASE),
     "length": re.compile(f"{_DURATION}|{_MEASURE}", re.IGNORECASE),
     "money": re.compile(r"\$\s?\d|\b\d[\d,.]*\s*(?:dollars?|cents?)\b|\bfree\b|\bno (?:fee|charge|cost)\b", re.IGNORECASE),
@@ -60,6 +63,7 @@ ASKS = tuple((re.compile(pattern, re.IGNORECASE), kind) for pattern, kind in (
     (r"\b(?:time limit|duration)\b|\bhow (?:soon|often|quickly|frequently)\b|"
      r"\bhow many (?:seconds|minutes|hours|days|nights|weeks|months|years)\b", "duration"),
     (rf"\b(?:what|which)\s+{_ANY}(?:time|hours)\b|\bby when\b", "time"),
+    (r"\bradio frequenc|\bfrequenc(?:y|ies)\b.*\b(?:radio|talkgroup|channel|band|repeater)s?\b", "frequency"),
     (rf"\bhow much\b.*\b(?:cost|pay|charge|spend|budget|fee|fine|receive|worth)\w*\b|"
      rf"\b(?:what|which)\s+{_ANY}{_MONEY_NOUNS}\b|\bwhat does\b.*\bcost\b", "money"),
     (rf"\b(?:what|which)\s+{_ANY}(?:percentage|share|proportion|percent|fraction)\b", "percent"),

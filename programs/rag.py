@@ -55,7 +55,7 @@ from pydantic import BaseModel, Field
 from programs.demo_pool import NearestDemos
 from programs.extract import answer_text
 from programs.fields import field_of
-from programs.sentence_rank import DECLINE_BELOW, answer_confidence, confidence_features, rank_candidates
+from programs.sentence_rank import DECLINE_BELOW, answer_confidence, confidence_features, kind_missing, rank_candidates
 from programs.similarity import similarity_of
 
 SNIPPET_CHARS = 240
@@ -138,7 +138,7 @@ class CitedRAG(dspy.Module):
         passages = self._search(question)
         candidates = rank_candidates(question, passages, similarity=similarity_of(self.retriever))
         confidence = answer_confidence(confidence_features(candidates))
-        if not candidates or confidence < self.decline_below:
+        if not candidates or confidence < self.decline_below or kind_missing(question, candidates):
             return _prediction(NOT_ANSWERED, False, [], passages, question)
         chosen = candidates[0]
         if self.chooser == "model":

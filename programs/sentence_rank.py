@@ -48,6 +48,9 @@ PER_SOURCE = 0  # the extract artifact's cap of passages per document (0: none),
 MARGIN_ALONE = 3.0  # the margin of a lone candidate
 SIMILARITY_UNKNOWN = 0.65  # the training questions' mean cosine of question and top sentence
 DECLINE_BELOW = 0.3  # answer_confidence under this: the program says the documents do not answer
+# Kinds whose answers have a form no other text has (a clock time, a sum of money, a date ...): when the
+# question asks for one and no candidate sentence holds one, the documents do not say (see kind_missing).
+EXACT_KINDS = frozenset({"time", "phone", "frequency", "money", "percent", "year", "date", "day"})
 
 # (question, sentences) -> a cosine per sentence (None: unknown), or None when nothing could be embedded
 Similarity = Callable[[str, Sequence[str]], "Sequence[float | None] | None"]
@@ -191,6 +194,15 @@ def confidence_features(candidates: Sequence[Candidate]) -> dict[str, float]:
     return {"similarity": top.features["similarity"], "margin": top.score - second,
             "other_words": top.features["other_words"], "kind": top.features["kind"],
             "names_in_passage": top.features["names_in_passage"]}
+
+
+def kind_missing(question: str, candidates: Sequence[Candidate]) -> bool:
+    """Whether ``question`` asks for an answer of an exact kind (:data:`EXACT_KINDS`) that none of the candidate
+    sentences holds outside the question's own words ("What time does the transfer station open on Saturdays?"
+    over passages that give its days but no hours).  The looser kinds (a count, a name, a measure) are left to
+    :func:`answer_confidence`: their patterns also match text that answers a differently worded question."""
+    kind = answer_kind(question)
+    return kind in EXACT_KINDS and bool(candidates) and all(c.features["kind"] < 0 for c in candidates)
 
 
 def answer_confidence(features: Mapping[str, float], weights: Mapping[str, float] = CONFIDENCE_WEIGHTS) -> float:

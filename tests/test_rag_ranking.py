@@ -22,6 +22,7 @@ from programs.sentence_rank import (
     SIMILARITY_UNKNOWN,
     answer_confidence,
     confidence_features,
+    kind_missing,
     rank_candidates,
 )
 from programs.similarity import similarity_of
@@ -73,6 +74,36 @@ def test_what_an_answer_of_each_kind_holds():
     assert counted_words("How many tower sites does it use?") == ("tower", "sites")
     assert holds_kind("phone", "call the recorded burn-day line at (555) 310-4390") and holds_kind("phone", "dial 911")
     assert not holds_kind("phone", "It has 14 tower sites.") and not holds_kind("phone", "from 2013-2014")
+
+
+def test_a_time_is_a_time_of_day_and_a_radio_frequency_a_kind_of_its_own():
+    """"What time ... on Saturdays?" is not answered by the days a place is open; "what radio frequency" asks
+    for one in MHz (and "how frequently" stays a duration)."""
+    assert answer_kind("What time does the transfer station open on Saturdays?") == "time"
+    assert not holds_kind("time", "It accepts yard waste on Wednesdays and Saturdays.")
+    assert holds_kind("time", "Burning is allowed from 0800 hours.") and holds_kind("time", "staffed 24 hours a day")
+    assert answer_kind("What radio frequency does the fire dispatch talkgroup use?") == "frequency"
+    assert answer_kind("Which frequency does the EMS channel use?") == "frequency"
+    assert answer_kind("How frequently are hydrants flushed?") == "duration"
+    assert holds_kind("frequency", "Fire dispatch is on 154.250 MHz.") and not holds_kind("frequency", "at 08:00 daily")
+
+
+def test_a_question_of_an_exact_kind_no_sentence_holds_is_declined():
+    """A training question the corpus does not answer ("the fine for parking on a snow route"): over a passage
+    that says what happens but names no sum, declined however close the embedder puts it; the same passage with
+    the sum is answered. A question of a loose kind (a count) is left to the confidence."""
+    question = "What is the fine for parking on a snow route during a snow emergency?"
+    assert not TRAIN[question]["answerable"] and answer_kind(question) == "money"
+    towed = Doc("snow:0", "snow.md", "Snow routes are marked with blue signs. During a snow emergency, vehicles "
+                                     "parked on a snow route are towed at the owner's expense.")
+    fined = Doc("snow:1", "snow.md", towed.text + " Parking on a snow route during a snow emergency is fined $150.")
+    assert kind_missing(question, rank_candidates(question, [towed]))
+    out = CitedRAG(Retriever([towed], FixedClient(1.0)), answer_style="extract")(question=question)
+    assert out.answerable is False and out.citations == []
+    out = CitedRAG(Retriever([fined], FixedClient(1.0)), answer_style="extract")(question=question)
+    assert out.answerable is True and "$150" in out.answer and out.citations == ["snow:1"]
+    count = "How many tow trucks does the county keep for snow emergencies?"
+    assert answer_kind(count) == "count" and not kind_missing(count, rank_candidates(count, [towed]))
 
 
 def test_the_unit_a_how_many_question_counts_is_part_of_the_answer():
