@@ -74,7 +74,8 @@ ASKS = tuple((re.compile(pattern, re.IGNORECASE), kind) for pattern, kind in (
     (rf"\bhow (?:many|much)\b|\b(?:what|which)\s+{_ANY}(?:number|age|ages|score|population|count|total|limit|"
      r"target|goal|minimum|maximum|standard|threshold)\b|"
      r"\b(?:below|above|over|under|from|at|to) what\b", "count"),
-    (r"^\s*(?:who|whom|whose)\b|\b(?:which|what) (?:hospital|agency|company|person|official|officer|department|"
+    # "who can / may / must ..." asks who qualifies (veterans, residents), not for someone's name
+    (r"^\s*(?:who|whom|whose)\b(?!\s+(?:can|may|must|should|is eligible|are eligible|qualif))|\b(?:which|what) (?:hospital|agency|company|person|official|officer|department|"
      r"office|organi[sz]ation|unit|station|team)\b", "name"),
     (r"^\s*where\b|\b(?:which|what) (?:place|address|location|road|street|building|site|town|city|communit(?:y|ies))\b",
      "place"),

@@ -56,6 +56,7 @@ def gold_document(question: str) -> Doc:
     ("How much overtime is budgeted for FY2025?", "money"),
     ("What is the school-zone speed limit in unincorporated Wrenhaven County?", "measure"),
     ("Who coordinates the CERT program?", "name"),
+    ("Who can use the 311 line?", None),  # who qualifies ("residents inside the city limits"), not a name
     ("Where was a peak-demand ambulance posted as a summer 2025 trial?", "place"),
     ("What is the phone number of the regional poison information service?", "phone"),
     ("Why is Echo never spoken as \"Priority E\" on the radio?", None),
