@@ -18,6 +18,13 @@ Both deployments run at once (the empty one under ``/echo``) and are measured in
 alternating rounds (``--rounds``), so a burst of load from elsewhere on the machine
 falls on both alike; the printed ratio is the median of the rounds' ratios.
 
+Each program deployment is measured on both paths of the replica's
+:class:`~dspy_ray.execution.runner.ProgramRunner` (``--paths``): ``serve``, the shipped triage
+program (it defines ``aforward``: the request is awaited on the replica's event loop, no thread
+hop), and ``thread``, the same program without it (:data:`THREAD_TRIAGE`, with
+``benchmarks/stage_profile.py``'s ``ThreadCallTriager``: a worker thread per request, the path of a
+program with only ``forward``), served at ``/thread``.
+
 (3) Where the CPU goes (Linux): during the load windows, the CPU milliseconds per
     request of each process that serves it (the replica, Serve's proxy, the fake
     endpoint), for both deployments: on a machine whose cores are all busy, req/s
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -50,18 +58,23 @@ from dspy_ray.endpoints.settings import EndpointSettings  # noqa: E402
 from serve.app import ServeOptions, build_app  # noqa: E402
 from tasks import get_task  # noqa: E402
 from dspy_ray.testing.fake_llm import FakeLLM  # noqa: E402
+from benchmarks.stage_profile import ThreadCallTriager  # noqa: E402
 
 TASK = get_task("triage")
+# The triage task on the thread path: the replica imports it as "benchmarks.serve_latency:THREAD_TRIAGE".
+THREAD_TRIAGE = dataclasses.replace(TASK, program=dataclasses.replace(TASK.program, cls=ThreadCallTriager))
+TASKS = {"serve": TASK, "thread": THREAD_TRIAGE}
 
 
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def direct_latencies(base_url: str, n: int) -> list[float]:
-    runner = ProgramRunner(load_program(TASK.program).program,
-                           build_lm(EndpointSettings(base_url=base_url, model="fake")),
-                           output_fields=TASK.output_fields(), refine_attempts=TASK.refine_attempts)
+def direct_latencies(base_url: str, n: int, task=TASK) -> list[float]:
+    runner = ProgramRunner(load_program(task.program).program,
+                           # No LM cache, as in the replicas (Serve caches only when asked): every call is sent.
+                           build_lm(EndpointSettings(base_url=base_url, model="fake", cache="off")),
+                           output_fields=task.output_fields(), refine_attempts=task.refine_attempts)
 
     async def run() -> list[float]:
         out = []
@@ -92,7 +105,8 @@ def echo_app():
     return Echo.bind()
 
 
-PATHS = {"echo": "/echo/triage/predict", "serve": "/triage/predict"}
+PATHS = {"echo": "/echo/triage/predict", "serve": "/triage/predict", "thread": "/thread/triage/predict"}
+REPLICAS = {"echo": "ServeReplica:echo", "serve": "ServeReplica:triage:", "thread": "ServeReplica:triage_thread:"}
 
 
 def http_latencies(port: int, n: int, tag: str, warm: int = 10) -> list[float]:
@@ -137,7 +151,7 @@ PROCESSES = {"replica": "", "proxy": "ProxyActor", "endpoint": "fake_llm"}
 
 
 def sustained(port: int, clients: int, seconds: float, tag: str) -> float:
-    watched = {**PROCESSES, "replica": "ServeReplica:echo" if tag == "echo" else "ServeReplica:triage"}
+    watched = {**PROCESSES, "replica": REPLICAS[tag]}
     before = cpu_seconds(watched)
     rate = _sustained(port, clients, seconds, tag)
     after = cpu_seconds(watched)
@@ -171,71 +185,83 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02, help="fake endpoint latency (s)")
     parser.add_argument("--load-s", type=float, default=5.0, help="seconds of each load window")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of each measurement")
+    parser.add_argument("--paths", default="serve,thread",
+                        help="program deployments to measure: serve (the shipped program, on the replica's event "
+                             "loop), thread (the same on a worker thread per request)")
     args = parser.parse_args()
+    tags = [t for t in args.paths.split(",") if t in TASKS]
 
     import ray
     from ray import serve
 
     with FakeLLM(latency=args.latency) as fake:
         PROCESSES["endpoint"] = f"pid={fake.proc.pid}"
-        direct = direct_latencies(fake.base_url, args.requests)
+        direct = {tag: direct_latencies(fake.base_url, args.requests, TASKS[tag]) for tag in tags}
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = ServeOptions(program="triage", min_replicas=1, max_replicas=1,
-                               max_ongoing_requests=256, max_queued_requests=2048)
         lm = EndpointSettings(base_url=fake.base_url, model="fake")
         serve.run(echo_app(), name="echo", route_prefix="/echo")
-        serve.run(build_app(options, lm), name="triage", route_prefix="/")
+        for tag in tags:
+            options = ServeOptions(program="triage" if tag == "serve" else "benchmarks.serve_latency:THREAD_TRIAGE",
+                                   min_replicas=1, max_replicas=1, max_ongoing_requests=256, max_queued_requests=2048)
+            serve.run(build_app(options, lm), name="triage" if tag == "serve" else "triage_thread",
+                      route_prefix="/" if tag == "serve" else "/thread")
         per_round = max(1, args.requests // args.rounds)
-        floor, served = [], []
-        for r in range(args.rounds):  # sequential latencies, the two deployments in turn
-            floor += http_latencies(port, per_round, "echo", warm=10 if r == 0 else 2)
-            served += http_latencies(port, per_round, "serve", warm=10 if r == 0 else 2)
-        floor_rates: dict[int, list[float]] = {}
-        rates: dict[int, list[float]] = {}
+        latencies: dict[str, list[float]] = {tag: [] for tag in ["echo", *tags]}
+        for r in range(args.rounds):  # sequential latencies, the deployments in turn
+            for tag in latencies:
+                latencies[tag] += http_latencies(port, per_round, tag, warm=10 if r == 0 else 2)
+        rates: dict[str, dict[int, list[float]]] = {tag: {} for tag in ["echo", *tags]}
         for c in (8, 32):
             for _ in range(args.rounds):
-                floor_rates.setdefault(c, []).append(sustained(port, c, args.load_s, "echo"))
-                rates.setdefault(c, []).append(sustained(port, c, args.load_s, "serve"))
+                for tag in rates:
+                    rates[tag].setdefault(c, []).append(sustained(port, c, args.load_s, tag))
         serve.shutdown()
         ray.shutdown()
 
-    d50, d99 = pct(direct, 50) * 1e3, pct(direct, 99) * 1e3
-    s50, s99 = pct(served, 50) * 1e3, pct(served, 99) * 1e3
-    print(f"fake endpoint latency: {args.latency * 1e3:.0f} ms; {args.requests} sequential requests each")
-    print(f"direct (in process):  p50 {d50:7.2f} ms   p99 {d99:7.2f} ms")
-    print(f"through Serve (HTTP): p50 {s50:7.2f} ms   p99 {s99:7.2f} ms")
+    floor = latencies["echo"]
     f50, f99 = pct(floor, 50) * 1e3, pct(floor, 99) * 1e3
-    print(f"added by Serve:       p50 {s50 - d50:7.2f} ms   p99 {s99 - d99:7.2f} ms   (ratio p50 {s50 / d50:.2f}x)")
+    print(f"fake endpoint latency: {args.latency * 1e3:.0f} ms; {args.requests} sequential requests each")
     print(f"Serve floor (empty FastAPI echo deployment, same proxy): p50 {f50:7.2f} ms   p99 {f99:7.2f} ms")
-    print(f"added by this framework's replica code on top of that floor: p50 {s50 - d50 - f50:7.2f} ms")
-    ratios = {}
-    for clients, ours in rates.items():
-        empty = floor_rates[clients]
-        ratios[clients] = statistics.median(a / b for a, b in zip(ours, empty))
-        print(f"sustained with {clients:3d} concurrent clients, 1 replica, {len(ours)} rounds of {args.load_s:g} s: "
-              f"{statistics.mean(ours):7.1f} req/s   empty deployment {statistics.mean(empty):7.1f} req/s   "
-              f"ratio per round {' '.join(f'{a / b:.2f}' for a, b in zip(ours, empty))}, median {ratios[clients]:.2f} "
-              f"(goal >= 0.90)")
+    results = {"serve_floor_p50_ms": f50, "empty_sustained_req_per_s": rates["echo"]}
+    for tag in tags:
+        d50, d99 = pct(direct[tag], 50) * 1e3, pct(direct[tag], 99) * 1e3
+        s50, s99 = pct(latencies[tag], 50) * 1e3, pct(latencies[tag], 99) * 1e3
+        print(f"[{tag}] direct (in process):  p50 {d50:7.2f} ms   p99 {d99:7.2f} ms")
+        print(f"[{tag}] through Serve (HTTP): p50 {s50:7.2f} ms   p99 {s99:7.2f} ms")
+        print(f"[{tag}] added by Serve:       p50 {s50 - d50:7.2f} ms   p99 {s99 - d99:7.2f} ms   "
+              f"(ratio p50 {s50 / d50:.2f}x)")
+        print(f"[{tag}] added by this framework's replica code on top of the floor: p50 {s50 - d50 - f50:7.2f} ms "
+              f"(goal <= 2 ms)")
+        ratios = {}
+        for clients, ours in rates[tag].items():
+            empty = rates["echo"][clients]
+            ratios[clients] = statistics.median(a / b for a, b in zip(ours, empty))
+            print(f"[{tag}] sustained with {clients:3d} concurrent clients, 1 replica, {len(ours)} rounds of "
+                  f"{args.load_s:g} s: {statistics.mean(ours):7.1f} req/s   empty deployment "
+                  f"{statistics.mean(empty):7.1f} req/s   ratio per round {' '.join(f'{a / b:.2f}' for a, b in zip(ours, empty))}, "
+                  f"median {ratios[clients]:.2f} (goal >= 0.90)")
+        results[tag] = {"direct_p50_ms": d50, "direct_p99_ms": d99, "serve_p50_ms": s50, "serve_p99_ms": s99,
+                        "added_p50_ms": s50 - d50, "framework_p50_ms": s50 - d50 - f50,
+                        "sustained_req_per_s": rates[tag], "median_ratio": ratios}
     cpu = {tag: {k: statistics.median(w[k] for w in windows) for k in PROCESSES} for tag, windows in CPU_SEEN.items()}
     if any(v for by in cpu.values() for v in by.values()):
         print("CPU ms per request (median over the load windows):")
-        for tag, label in (("echo", "empty deployment"), ("serve", "program deployment")):
+        for tag in ["echo", *tags]:
             by = cpu[tag]
+            label = {"echo": "empty deployment", "serve": "program (async)", "thread": "program (thread)"}[tag]
             print(f"  {label:18s}: replica {by['replica']:5.2f}   proxy {by['proxy']:5.2f}   "
                   f"endpoint {by['endpoint']:5.2f}   sum {sum(by.values()):5.2f}")
-        bound = sum(cpu["echo"].values()) / max(sum(cpu["serve"].values()), 1e-9)
-        print(f"  the ratio these sums allow when the cores are the limit: {bound:.2f}")
+        for tag in tags:
+            bound = sum(cpu["echo"].values()) / max(sum(cpu[tag].values()), 1e-9)
+            print(f"  [{tag}] the ratio these sums allow when the cores are the limit: {bound:.2f}")
+    results["cpu_ms_per_request"] = cpu
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_latency.json").write_text(json.dumps(
-        {"direct_p50_ms": d50, "direct_p99_ms": d99, "serve_p50_ms": s50, "serve_p99_ms": s99,
-         "added_p50_ms": s50 - d50, "serve_floor_p50_ms": f50, "framework_p50_ms": s50 - d50 - f50,
-         "sustained_req_per_s": rates, "empty_sustained_req_per_s": floor_rates, "median_ratio": ratios,
-         "cpu_ms_per_request": cpu}, indent=2))
+    (out / "serve_latency.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ The run drives the triage stage's UDF directly (no Ray) against the fake endpoin
 latency, 64-row batches, at most 32 rows in flight, after a warm-up; it prints the CPU per row
 of this process, with the LM cache off and with it on (a fresh store: every row a miss, its
 answer stored), side by side in one run (``--cache off|miss`` for one of them; the profile
-is of ``off``, the engine without the cache).  Under ``py-spy record --gil`` (samples only the thread holding the GIL: where
-the CPU goes) the samples of the measured run are summed by function, self and inclusive, and
-the top of each list printed: the README's before/after tables come from here.
+is of ``off``, the engine without the cache).
+
+Each is measured on both program paths of :class:`dspy_ray.execution.runner.ProgramRunner`
+(``--path thread|async`` for one): ``async``, the shipped ``CallTriager`` (it defines ``aforward``:
+the rows are awaited on the event loop, no thread per row; the profile is of this one unless
+``--path thread``), and ``thread``, the same program without it (:class:`ThreadCallTriager`, below:
+one worker thread per row in flight, the path of a program that defines only ``forward``).
 """
 
 from __future__ import annotations
@@ -23,30 +27,41 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(os.environ.get("STAGE_PROFILE_ROOT", Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(ROOT))
 import dspy_ray  # noqa: E402,F401 - first, before dspy: it sets LITELLM_LOCAL_MODEL_COST_MAP
+from programs.triage import CallTriager  # noqa: E402
 
 
-def drive(rows: int, cache: str = "off") -> float:
-    """One measured run; ``cache``: ``off``, or ``miss`` (a fresh store in a temporary folder); the CPU per row (ms)."""
+class ThreadCallTriager(CallTriager):
+    """``CallTriager`` without its ``aforward``: what a program with only ``forward`` runs (a thread per row)."""
+
+    aforward = None
+
+
+def drive(rows: int, cache: str = "off", path: str = "thread") -> float:
+    """One measured run; ``cache``: ``off``, or ``miss`` (a fresh store in a temporary folder); ``path``:
+    ``async`` (the shipped program) or ``thread`` (:class:`ThreadCallTriager`); the CPU per row (ms)."""
     if cache == "off":
         os.environ["LM_CACHE"] = "off"
-        return _drive(rows, cache)
+        return _drive(rows, cache, path)
     with tempfile.TemporaryDirectory(prefix="stage-cache-") as folder:
         os.environ["LM_CACHE"] = folder
         try:
-            return _drive(rows, cache)
+            return _drive(rows, cache, path)
         finally:
             from dspy_ray.client.cache import close_caches
 
             close_caches()
 
 
-def _drive(rows: int, cache: str) -> float:
+def _drive(rows: int, cache: str, path: str) -> float:
+    import dataclasses
+
     import pyarrow as pa
 
     from dspy_ray.endpoints.settings import EndpointSettings
@@ -55,7 +70,11 @@ def _drive(rows: int, cache: str) -> float:
     from dspy_ray.testing.fake_llm import FakeLLM
 
     with FakeLLM(latency=0.0) as fake:
-        stage = get_task("triage").stages[0].model_copy(update={"max_in_flight_per_actor": 32})
+        stage = get_task("triage").stages[0]
+        update = {"max_in_flight_per_actor": 32}
+        if path == "thread":
+            update["program"] = dataclasses.replace(stage.program, cls=ThreadCallTriager)
+        stage = stage.model_copy(update=update)
         udf = DSPyStageUDF(**stage.udf_kwargs(EndpointSettings(base_url=fake.base_url, model="fake-model")))
         table = pa.Table.from_pylist([{"id": f"r{i}", "transcript": f"[cpu {i}] Caller reports smoke near house {i}."}
                                       for i in range(rows)])
@@ -72,23 +91,24 @@ def _drive(rows: int, cache: str) -> float:
             cpu, wall = time.process_time(), time.perf_counter()
             assert await measured_run(table) == rows
             per_row = (time.process_time() - cpu) / rows * 1e3
-            print(f"cache {cache:4}: CPU per row {per_row:.3f} ms; {rows / (time.perf_counter() - wall):.0f} "
-                  f"rows/s on one process", flush=True)
+            print(f"{path:6} cache {cache:4}: CPU per row {per_row:.3f} ms; {rows / (time.perf_counter() - wall):.0f} "
+                  f"rows/s on one process; {threading.active_count()} threads", flush=True)
             return per_row
 
         return asyncio.run(main())
 
 
 def summarize(raw: Path, top: int) -> None:
-    """Sum py-spy's raw stacks of the measured run (the event loop and the row threads) by function."""
+    """Sum py-spy's raw stacks of the measured run (the event loop, the rows' tasks or threads) by function."""
     own, inclusive, total = collections.Counter(), collections.Counter(), 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         if any("importlib._bootstrap" in f for f in frames):
             continue
+        # The measured run, the rows' threads (thread path), the rows' tasks and the HTTP reads on the loop (async).
         if not any(("measured_run" in f) or ("_worker (" in f and "thread" in f) or ("dspy-row" in f)
-                   or ("ThreadHop._worker" in f) for f in frames):
+                   or ("ThreadHop._worker" in f) or ("_run_row" in f) or ("_AsyncConnection" in f) for f in frames):
             continue
         n = int(count)
         total += n
@@ -118,18 +138,22 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--cache", choices=["both", "off", "miss"], default="both",
                         help="with --drive: the LM cache off, on with every row a miss, or both side by side")
+    parser.add_argument("--path", choices=["both", "thread", "async"], default="both",
+                        help="with --drive: the shipped (forward-only) program on threads, its async variant, or both")
     args = parser.parse_args()
     if args.drive:
-        if args.cache != "both":
-            drive(args.rows, args.cache)
-            return None
-        runs = {mode: [] for mode in ("off", "miss")}
-        for _ in range(2):  # interleaved: the machine's load falls on both alike
-            for mode in runs:
-                runs[mode].append(drive(args.rows, mode))
-        best = {mode: min(values) for mode, values in runs.items()}
-        print(f"best of 2: cache off {best['off']:.3f} ms/row, cache on (all misses) {best['miss']:.3f} ms/row: "
-              f"the cache adds {best['miss'] - best['off']:.3f} ms ({best['miss'] / best['off']:.2f}x)")
+        caches = ["off", "miss"] if args.cache == "both" else [args.cache]
+        paths = ["thread", "async"] if args.path == "both" else [args.path]
+        runs = {(path, cache): [] for path in paths for cache in caches}
+        for _ in range(2 if len(runs) > 1 else 1):  # interleaved: the machine's load falls on all alike
+            for path, cache in runs:
+                runs[path, cache].append(drive(args.rows, cache, path))
+        for path in paths:
+            best = {cache: min(runs[path, cache]) for cache in caches}
+            line = ", ".join(f"cache {'off' if c == 'off' else 'on (all misses)'} {best[c]:.3f} ms/row" for c in caches)
+            extra = (f": the cache adds {best['miss'] - best['off']:.3f} ms ({best['miss'] / best['off']:.2f}x)"
+                     if len(caches) == 2 else "")
+            print(f"{path} path, best of {len(runs[path, caches[0]])}: {line}{extra}")
         return None
     spy = shutil.which("py-spy")
     if spy is None:
@@ -137,7 +161,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
         raw = Path(tmp) / "stacks.txt"
         subprocess.run([spy, "record", "--gil", "-r", "400", "-f", "raw", "-o", str(raw), "--", sys.executable,
-                        __file__, "--drive", "--cache", "off", "--rows", str(args.rows)], check=True)
+                        __file__, "--drive", "--cache", "off", "--path", "thread" if args.path == "thread" else "async",
+                        "--rows", str(args.rows)], check=True)
         summarize(raw, args.top)
 
 

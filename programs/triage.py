@@ -46,6 +46,12 @@ class CallTriager(dspy.Module):
         demos = self.nearest.select(self.triage.demos, "transcript", transcript)
         return self.triage(transcript=transcript, demos=demos)
 
+    # The same call for asyncio (``await program.acall(...)``): a batch stage or a Serve replica then
+    # keeps its rows in flight on its event loop, with no thread per row.
+    async def aforward(self, transcript: str) -> dspy.Prediction:
+        demos = self.nearest.select(self.triage.demos, "transcript", transcript)
+        return await self.triage.acall(transcript=transcript, demos=demos)
+
 
 class ExtractDetails(dspy.Signature):
     """Extract the actionable details a dispatcher needs from a 911 call."""
@@ -64,3 +70,6 @@ class DetailExtractor(dspy.Module):
 
     def forward(self, transcript: str) -> dspy.Prediction:
         return self.extract(transcript=transcript)
+
+    async def aforward(self, transcript: str) -> dspy.Prediction:
+        return await self.extract.acall(transcript=transcript)

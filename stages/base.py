@@ -3,7 +3,9 @@
 A stage is two pieces, as in Ray's LLM batch stages:
 
 * :class:`DSPyStageUDF` - per-actor state (LM, program, adapter) built once in
-  ``__init__``, and an ``async __call__`` that keeps many rows in flight at once;
+  ``__init__``, and an ``async __call__`` that keeps many rows in flight at once (each row
+  awaited on the actor's event loop when the program defines ``aforward``, else on a worker
+  thread: :class:`dspy_ray.execution.runner.ProgramRunner`);
 * :class:`DSPyStage` - a pydantic config that says which program to run on which
   columns, and how Ray runs it.  A task declares its stages in a few lines
   (``tasks/triage.py``)::
@@ -132,7 +134,8 @@ class DSPyStageUDF:
         self._loop_state: _Admission | None = None
 
     def _admission_ceiling(self, cap: int | None) -> int:
-        """Most rows one actor ever runs at once (one thread each): the endpoint's ceiling and a margin."""
+        """Most rows one actor ever runs at once (one worker thread each for a program without an async path):
+        the endpoint's ceiling and a margin."""
         ceiling = self.settings.max_in_flight
         most = ceiling + max(8, ceiling // 4)
         return min(most, cap) if cap else most

@@ -253,4 +253,7 @@ def test_429s_from_the_embeddings_endpoint_cut_the_limit():
         time.sleep(0.05)  # the limiter's reporter adds each interval to its totals
     # Every 429 reached the limiter as "full", and it cut (what it does after, the policy's tests cover).
     assert client.limiter.state()["overloads"] >= 64
-    assert min(limits) < before == 16, (before, min(limits))
+    # The cut is seen by the watcher, or (on a loaded machine, where the watcher may sleep through a cut
+    # that the policy's trial then undoes: every answer is a 429 either way) counted by the policy.
+    cuts = client.limiter.policy.cuts if client.limiter.policy is not None else 0
+    assert before == 16 and (min(limits) < before or cuts > 0), (before, min(limits), cuts)

@@ -31,6 +31,7 @@ own client (:attr:`ChatHTTP.usable` is False).
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -122,6 +123,41 @@ def error_for(status: int, body: str, *, retry_after: float | None, model: str,
     return LMProviderError(message, **meta)
 
 
+def parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
+    """(status, headers with lower-case names, connection reusable) of an answer's status line and headers."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    status = int(rest[:3])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, headers.get("connection", "").lower() != "close" and version != "HTTP/1.0"
+
+
+def dechunk(data: bytes) -> tuple[bytes, bytes] | None:
+    """(body, what follows it) of a chunked body at the start of ``data``; None while it is incomplete."""
+    parts, at = [], 0
+    while True:
+        eol = data.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        size = int(data[at:eol].split(b";", 1)[0].strip() or b"0", 16)
+        at = eol + 2
+        if size == 0:
+            while True:  # trailers, then the blank line
+                end = data.find(b"\r\n", at)
+                if end < 0:
+                    return None
+                if end == at:
+                    return b"".join(parts), data[at + 2:]
+                at = end + 2
+        if len(data) < at + size + 2:
+            return None
+        parts.append(data[at:at + size])
+        at += size + 2
+
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection: what a JSON POST and its answer need, and no more.
 
@@ -156,19 +192,12 @@ class _Connection:
             data = self.buffer
             while (end := data.find(b"\r\n\r\n")) < 0:
                 data += self._more()
-            lines = data[:end].decode("latin-1").split("\r\n")
+            status, headers, keep = parse_head(data[:end])
             data = data[end + 4:]
-            version, _, rest = lines[0].partition(" ")
-            status = int(rest[:3])
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
             if 100 <= status < 200:  # an interim answer: the real one follows
                 self.buffer = data
                 continue
             break
-        keep = headers.get("connection", "").lower() != "close" and version != "HTTP/1.0"
         if status in (204, 304):
             body = b""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
@@ -207,8 +236,110 @@ class _Connection:
             data = data[size + 2:]
 
 
+class _AsyncConnection(asyncio.Protocol):
+    """:class:`_Connection` for an event loop: the answer is parsed as its bytes arrive, and its
+    future resolved from the loop's own read callback (no thread, no stream objects)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.head: tuple[int, dict[str, str], bool] | None = None  # the answer being read: status, headers, keep
+        self.waiter: asyncio.Future | None = None
+        self.used = False
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.waiter is not None:
+            try:
+                self._read_answer()
+            except ValueError as exc:  # not HTTP: this connection is done for
+                self._fail(exc)
+                self.close()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself; connection_lost says the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is None or self.waiter.done():
+            return
+        if self.head is not None and self._body_runs_to_close():
+            status, headers, _ = self.head
+            self._finish(status, headers, self.buffer, False, b"")
+        else:
+            self._fail(exc or http.client.RemoteDisconnected("the server closed the connection"))
+
+    def _body_runs_to_close(self) -> bool:
+        status, headers, _ = self.head
+        return (status not in (204, 304) and "content-length" not in headers
+                and "chunked" not in headers.get("transfer-encoding", "").lower())
+
+    def _read_answer(self) -> None:
+        data = self.buffer
+        while self.head is None:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = parse_head(data[:end])
+            self.buffer = data = data[end + 4:]
+            if not 100 <= head[0] < 200:  # an interim answer: the real one follows
+                self.head = head
+        status, headers, keep = self.head
+        if status in (204, 304):
+            body, rest = b"", data
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            done = dechunk(data)
+            if done is None:
+                return
+            body, rest = done
+        elif "content-length" in headers:
+            size = int(headers["content-length"])
+            if len(data) < size:
+                return
+            body, rest = data[:size], data[size:]
+        else:  # no length: the body runs to the end of the connection (connection_lost)
+            return
+        self._finish(status, headers, body, keep, rest)
+
+    def _finish(self, status: int, headers: dict[str, str], body: bytes, keep: bool, rest: bytes) -> None:
+        self.buffer, self.head, self.used = rest, None, True
+        if not self.waiter.done():
+            self.waiter.set_result((status, headers, body, keep))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    async def post(self, request: bytes, timeout: float) -> tuple[int, dict[str, str], bytes, bool]:
+        """:meth:`_Connection.post`, awaited; ``TimeoutError`` when no whole answer came within ``timeout``."""
+        waiter = self.waiter = self.loop.create_future()
+        self.transport.write(request)
+        timer = self.loop.call_later(timeout, _time_out, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class ChatHTTP:
-    """``POST {base_url}/chat/completions`` over per-thread keep-alive connections."""
+    """``POST {base_url}/chat/completions`` over keep-alive connections: per thread for :meth:`complete`,
+    per event loop for :meth:`acomplete`."""
 
     def __init__(self, base_url: str, *, api_key: str, timeout_s: float, model: str):
         parts = urlsplit(base_url.rstrip("/"))
@@ -225,10 +356,15 @@ class ChatHTTP:
                       f"Accept: application/json\r\nUser-Agent: dspy-ray\r\n{auth}Content-Length: ")
         self._ssl = ssl.create_default_context() if self.https else None
         self._local = threading.local()
+        self._idle: dict[asyncio.AbstractEventLoop, list[_AsyncConnection]] = {}  # per loop: connections free now
+        self._idle_lock = threading.Lock()
         proxies = urllib.request.getproxies()
         proxied = bool(proxies.get(parts.scheme)) and not urllib.request.proxy_bypass(self.host)
         # A proxy, or user info in the URL, is DSPy's client's job.
         self.usable = parts.scheme in ("http", "https") and not proxied and not parts.username
+
+    def _request(self, body: bytes) -> bytes:
+        return (self._head + f"{len(body)}\r\n\r\n").encode("latin-1") + body
 
     def _connection(self) -> _Connection:
         conn = getattr(self._local, "conn", None)
@@ -244,7 +380,7 @@ class ChatHTTP:
 
     def complete(self, body: bytes) -> dict[str, Any]:
         """Send one request; the parsed JSON answer, or a DSPy ``LMError``."""
-        request = (self._head + f"{len(body)}\r\n\r\n").encode("latin-1") + body
+        request = self._request(body)
         for _ in range(2):  # a kept-alive connection the server has closed gets one fresh retry
             reused = False
             try:
@@ -255,25 +391,84 @@ class ChatHTTP:
                 self._drop()
                 if reused:
                     continue
-                raise LMTransportError(f"connection to the endpoint failed: {type(exc).__name__}",
-                                       model=self.model) from None
-            except (socket.timeout, TimeoutError):
-                self._drop()
-                raise LMTimeoutError(f"no answer within {self.timeout_s:g}s", model=self.model) from None
+                raise self._broken(exc, stale=True) from None
             except (OSError, ValueError, http.client.HTTPException) as exc:
                 self._drop()
-                raise LMTransportError(f"connection to the endpoint failed: {type(exc).__name__}: "
-                                       f"{' '.join(str(exc).split())[:200]}", model=self.model) from None
+                raise self._broken(exc) from None
             if not keep:
                 self._drop()
-            if status >= 400:
-                raise error_for(status, data.decode("utf-8", "replace"), retry_after=parse_retry_after(headers),
-                                model=self.model, request_id=headers.get("x-request-id"))
-            try:
-                answer = json.loads(data)
-                answer["choices"][0]["message"]  # noqa: B018 - the shape the caller reads
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise LMServerError(f"malformed chat completion (HTTP {status})", model=self.model,
-                                    status=status) from None
-            return answer
+            return self._answer(status, headers, data)
         raise LMTransportError("connection to the endpoint failed twice", model=self.model)  # pragma: no cover
+
+    async def acomplete(self, body: bytes) -> dict[str, Any]:
+        """:meth:`complete` on the running event loop: the caller's coroutine waits, no thread does."""
+        request = self._request(body)
+        idle = self._idle_on(asyncio.get_running_loop())
+        for _ in range(2):  # a kept-alive connection the server has closed gets one fresh retry
+            conn = None
+            while idle and conn is None:
+                conn = idle.pop()
+                if conn.closed or conn.transport.is_closing():
+                    conn = None
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = await self._open()
+                status, headers, data, keep = await conn.post(request, self.timeout_s)
+            except _STALE as exc:
+                if conn is not None:
+                    conn.close()
+                if reused:
+                    continue
+                raise self._broken(exc, stale=True) from None
+            except (OSError, ValueError, http.client.HTTPException, asyncio.TimeoutError) as exc:
+                if conn is not None:
+                    conn.close()
+                raise self._broken(exc) from None
+            except BaseException:  # cancelled mid-answer: the connection's state is unknown
+                if conn is not None:
+                    conn.close()
+                raise
+            if keep and not conn.closed:
+                idle.append(conn)
+            else:
+                conn.close()
+            return self._answer(status, headers, data)
+        raise LMTransportError("connection to the endpoint failed twice", model=self.model)  # pragma: no cover
+
+    async def _open(self) -> _AsyncConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(loop.create_connection(
+            lambda: _AsyncConnection(loop), self.host, self.port, ssl=self._ssl,
+            server_hostname=self.host if self._ssl is not None else None), self.timeout_s)
+        return conn
+
+    def _idle_on(self, loop: asyncio.AbstractEventLoop) -> list[_AsyncConnection]:
+        """The loop's free connections; a closed loop's are dropped (their sockets close when collected)."""
+        idle = self._idle.get(loop)
+        if idle is None:
+            with self._idle_lock:
+                for closed in [old for old in self._idle if old.is_closed()]:
+                    del self._idle[closed]
+                idle = self._idle.setdefault(loop, [])
+        return idle
+
+    def _broken(self, exc: BaseException, stale: bool = False) -> LMTransportError | LMTimeoutError:
+        """The DSPy error for a request that got no answer."""
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not stale:
+            return LMTimeoutError(f"no answer within {self.timeout_s:g}s", model=self.model)
+        detail = "" if stale else f": {' '.join(str(exc).split())[:200]}"
+        return LMTransportError(f"connection to the endpoint failed: {type(exc).__name__}{detail}", model=self.model)
+
+    def _answer(self, status: int, headers: dict[str, str], data: bytes) -> dict[str, Any]:
+        """The parsed JSON answer of one HTTP answer, or the DSPy ``LMError`` it stands for."""
+        if status >= 400:
+            raise error_for(status, data.decode("utf-8", "replace"), retry_after=parse_retry_after(headers),
+                            model=self.model, request_id=headers.get("x-request-id"))
+        try:
+            answer = json.loads(data)
+            answer["choices"][0]["message"]  # noqa: B018 - the shape the caller reads
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise LMServerError(f"malformed chat completion (HTTP {status})", model=self.model,
+                                status=status) from None
+        return answer

@@ -22,7 +22,9 @@ Each call of :class:`ResilientLM`:
   process, another actor or an earlier job: nothing is sent and the row's usage counts
   ``cached=1`` instead of a call.  Only successful answers are stored; sampled calls
   (temperature > 0 without a ``rollout_id``) are never cached.  Calls through DSPy's own
-  client (``acall``, tools, streaming) are not cached;
+  client (tools, streaming) are not cached;
+* is awaited on the caller's event loop when the program runs async (``acall``: DSPy's
+  ``Predict.acall``), with the same lean path, cache, retries and limit, and no thread per call;
 * holds one of the endpoint's slots per HTTP attempt (:mod:`dspy_ray.client.limiter`: the limit
   found at run time, shared by every caller of the endpoint), never during a retry's wait;
 * is retried by :mod:`dspy_ray.client.retry`, the policy the embedding client uses too: 429 /
@@ -38,6 +40,7 @@ here: that is :mod:`dspy_ray.execution.refine`'s job.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -137,19 +140,57 @@ class ResilientLM(dspy.LM):
             result = self._attempts(lambda: dspy.BaseLM.__call__.__wrapped__(self, prompt, messages=messages, **kwargs))
             self._record(Usage(calls=1))  # the answered request (its tokens came through update_history)
             return result
-        body, messages, sent = lean
+        body, _, sent = lean
         store = self.cache_store
         key = self._cache_key(body, sent, kwargs) if store is not None else None
         if key is not None:
-            answer = store.get(key)
-            if answer is not None:
-                try:
-                    outputs = self._outputs(answer, kwargs, cached=True)
-                except (KeyError, TypeError, AttributeError):  # an entry that is no chat answer: a miss
-                    logger.debug("LM cache entry %s is not a chat answer; asking the endpoint", key)
-                else:
-                    return outputs
+            outputs = self._cached_outputs(key, store.get(key), kwargs)
+            if outputs is not None:
+                return outputs
         answer = self._attempts(lambda: self.http.complete(body))
+        return self._answered(answer, kwargs, store, key)
+
+    @with_callbacks
+    async def acall(self, prompt=None, messages=None, **kwargs):
+        """:meth:`__call__` for asyncio: the same lean path, cache, retries and limit, awaited on the running
+        loop (no thread per call); what the lean path does not send goes through DSPy's async client."""
+        lean = self._lean_request(prompt, messages, kwargs)
+        if lean is None:
+            parent = dspy.BaseLM.acall.__wrapped__
+            limiter = self.limiter
+            result = await acall_with_retries(lambda: parent(self, prompt, messages=messages, **kwargs),
+                                              self.retry_policy, slot=limiter.aslot if limiter is not None else None,
+                                              on_failure=self._failed)
+            self._record(Usage(calls=1))
+            return result
+        body, _, sent = lean
+        store = self.cache_store
+        key = self._cache_key(body, sent, kwargs) if store is not None else None
+        if key is not None:
+            # A remote store's read is a round trip: off the loop.  A local one (~20 us) is read here.
+            slow = getattr(store, "slow_reads", False)
+            entry = await asyncio.to_thread(store.get, key) if slow else store.get(key)
+            outputs = self._cached_outputs(key, entry, kwargs)
+            if outputs is not None:
+                return outputs
+        limiter = self.limiter
+        answer = await acall_with_retries(lambda: self.http.acomplete(body), self.retry_policy,
+                                          slot=limiter.aslot if limiter is not None else None,
+                                          on_failure=self._failed)
+        return self._answered(answer, kwargs, store, key)
+
+    def _cached_outputs(self, key: str, answer: dict | None, kwargs) -> list | None:
+        """DSPy's outputs of a cache entry; None on a miss (an entry that is no chat answer is one too)."""
+        if answer is None:
+            return None
+        try:
+            return self._outputs(answer, kwargs, cached=True)
+        except (KeyError, TypeError, AttributeError):
+            logger.debug("LM cache entry %s is not a chat answer; asking the endpoint", key)
+            return None
+
+    def _answered(self, answer: dict[str, Any], kwargs, store: CacheStore | None, key: str | None) -> list:
+        """DSPy's outputs of the endpoint's answer, which is then stored in the cache (when it may be)."""
         outputs = self._outputs(answer, kwargs)
         if key is not None:  # only an answer that got this far is stored: errors raised above
             # Written by the process's cache writer thread: the row does not wait for the disk.
@@ -166,16 +207,6 @@ class ResilientLM(dspy.LM):
         if endpoint is None:
             endpoint = self._endpoint_identity = endpoint_identity(self._settings.base_url)
         return sent_key(body, endpoint, rollout_id)
-
-    async def acall(self, *args, **kwargs):
-        """DSPy's async client with retries and the endpoint's limit; it does not use the LM cache."""
-        parent = super().acall
-        limiter = self.limiter
-        result = await acall_with_retries(lambda: parent(*args, **kwargs), self.retry_policy,
-                                          slot=limiter.aslot if limiter is not None else None,
-                                          on_failure=self._failed)
-        self._record(Usage(calls=1))
-        return result
 
     def _attempts(self, send):
         """``send()`` once per attempt, each holding one endpoint slot; backoff between attempts."""

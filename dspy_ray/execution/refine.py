@@ -8,8 +8,9 @@ over between rows.
 
 The first attempt of each row is a plain call (:class:`dspy_ray.execution.runner.ProgramRunner`);
 only rows whose output fails the reward come here, run Refine's remaining
-attempts (with its LM-written feedback between attempts) in the same worker
-thread, and keep the best output when the threshold is never met.
+attempts (with its LM-written feedback between attempts) on a worker thread
+(the row's own; a row of a program that runs async hops to one: ``dspy.Refine`` has no
+async path in DSPy 3.4), and keep the best output when the threshold is never met.
 
     >>> reward = reward_fields_present(("answer",))
     >>> reward({}, {"answer": "42"}), reward({}, {"answer": " "})
@@ -19,6 +20,7 @@ thread, and keep the best output when the threshold is never met.
 from __future__ import annotations
 
 from collections.abc import Callable
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ import dspy
 
 from dspy_ray.client.usage import Usage
 from programs.fields import field_of
+
+_NEW_REFINE = threading.Lock()
 
 
 @dataclass
@@ -74,9 +78,11 @@ def refine_call(
     first_error: BaseException | None = None,
 ) -> RefineOutcome:
     """Run ``attempts`` more tries through a fresh ``dspy.Refine``; never raises for bad outputs."""
-    refine = dspy.Refine(module=program, N=attempts, reward_fn=reward_fn, threshold=threshold)
-
     try:
+        # Refine reads its module's source (``inspect.getsource``: an ``ast.parse`` of the file), which
+        # CPython 3.11 cannot do on two threads at once (SystemError: AST constructor recursion depth mismatch).
+        with _NEW_REFINE:
+            refine = dspy.Refine(module=program, N=attempts, reward_fn=reward_fn, threshold=threshold)
         with dspy.context(lm=lm, adapter=adapter):
             prediction = refine(**inputs)
     except Exception as exc:  # noqa: BLE001 - an error entry, not a lost row

@@ -1,6 +1,8 @@
 """One call of a DSPy program with this project's policy: the one path for batch, optimize and serve.
 
-* the call runs the module's own (sync) ``forward`` under ``dspy.context(lm=...)``;
+* the call runs the module under ``dspy.context(lm=...)``: awaited on the caller's event loop
+  when the program runs async (:func:`runs_async`: it defines ``aforward``), else its own
+  (sync) ``forward`` on a worker thread;
 * transient LM failures were already retried inside the LM (:mod:`dspy_ray.client.lm`);
   what still fails is reported, not raised;
 * an output below the reward threshold goes to a fresh ``dspy.Refine``
@@ -8,9 +10,11 @@
   kept and the outcome says so;
 * misconfiguration (bad key, unknown model) is raised: it would fail every call.
 
-Batch stages and Serve replicas ``await runner.predict(inputs)`` (one thread hop
-per row, :class:`ThreadHop`); the optimizer's evaluations call ``runner.run(inputs)``
-from their own threads.  Both are the same code, so the score an artifact records is the score
+Batch stages and Serve replicas ``await runner.predict(inputs)``: no thread at all for a program
+that runs async (its LM calls are awaited on the loop: :meth:`dspy_ray.client.lm.ResilientLM.acall`),
+one thread hop per row for any other (:class:`ThreadHop`; a thread per row in flight, taking
+turns at the GIL).  The optimizer's evaluations call ``runner.run(inputs)`` from their own threads.
+Both paths judge the output with the same code, so the score an artifact records is the score
 its users get.
 
     >>> runner = ProgramRunner(program, lm, output_fields=("answer",))   # doctest: +SKIP
@@ -23,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
+import logging
 import queue
 import threading
 import weakref
@@ -45,6 +51,7 @@ from dspy_ray.client.usage import metered
 # Raised as-is: the same failure would repeat on every call.
 FATAL_ERRORS = (LMAuthError, LMConfigurationError, LMNotConfiguredError, LMUnsupportedModelError)
 LM_FAILURE_PREFIX = "LM call failed after retries"
+logger = logging.getLogger(__name__)
 
 class ThreadHop:
     """Blocking calls on worker threads, results handed back to their event loop in bursts.
@@ -163,7 +170,17 @@ class ProgramRunner:
         self.reward_fn = reward_fn or reward_fields_present(output_fields)
 
     async def predict(self, inputs: dict[str, Any], program: dspy.Module | None = None) -> RefineOutcome:
-        """:meth:`run` in a worker thread; ``program`` overrides the runner's (Serve pins a version per request)."""
+        """One row on the running event loop; ``program`` overrides the runner's (Serve pins a version per request).
+
+        A program that runs async (:func:`runs_async`) is awaited here, no thread involved; any other
+        (a custom ``forward`` only) runs :meth:`run` on a worker thread.
+        """
+        program = program or self.program
+        if runs_async(program):
+            try:
+                return await self.arun(inputs, program)
+            except _SyncOnly:
+                pass  # a module inside has no async path: this row, and the program's later ones, on a thread
         _HOP.ensure(self.max_in_flight + 8)
         return await _HOP.run(self.run, inputs, program)
 
@@ -172,30 +189,67 @@ class ProgramRunner:
 
         The outcome's ``usage`` counts every LM call the row made (:mod:`dspy_ray.client.usage`).
         """
+        program = program or self.program
         with metered() as usage:
-            outcome = self._run(inputs, program or self.program)
+            try:
+                with dspy.context(lm=self.lm, adapter=self.adapter):
+                    prediction, error = program(**inputs), None
+            except FATAL_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - judged below: an error entry or Refine's job
+                prediction, error = None, exc
+            outcome = self._judge(program, inputs, prediction, error)
+            if not isinstance(outcome, RefineOutcome):
+                outcome = outcome()  # Refine's remaining attempts, here on this thread
         outcome.usage = usage
         return outcome
 
-    def _run(self, inputs: dict[str, Any], program: dspy.Module) -> RefineOutcome:
-        first_error: BaseException | None = None
-        prediction, score = None, 0.0
-        try:
-            with dspy.context(lm=self.lm, adapter=self.adapter):
-                prediction = program(**inputs)
-            score = self.reward_fn(inputs, prediction)
-            if score >= self.refine_threshold:
-                return RefineOutcome(prediction, score, [])
-        except FATAL_ERRORS:
-            raise
-        except LMError as exc:
-            return RefineOutcome(None, 0.0, [f"{LM_FAILURE_PREFIX}: {describe(exc)}"], lm_failure=True)
-        except Exception as exc:  # noqa: BLE001 - unparseable output: Refine's job
-            first_error = exc
+    async def arun(self, inputs: dict[str, Any], program: dspy.Module) -> RefineOutcome:
+        """:meth:`run` for a program that runs async: ``await program.acall(...)`` on the running loop.
+
+        ``dspy.Refine`` has no async path in DSPy 3.4: a row whose first output fails validation runs
+        Refine's remaining attempts on a worker thread (the row's usage meter goes with it).
+        """
+        with metered() as usage:
+            try:
+                with dspy.context(lm=self.lm, adapter=self.adapter):
+                    prediction, error = await program.acall(**inputs), None
+            except FATAL_ERRORS:
+                raise
+            except AttributeError as exc:
+                if exc.name != "aforward":
+                    prediction, error = None, exc
+                else:  # a sub-module with only ``forward``, called through ``acall``
+                    _sync_only(program, exc)
+                    raise _SyncOnly from exc
+            except Exception as exc:  # noqa: BLE001 - judged below: an error entry or Refine's job
+                prediction, error = None, exc
+            outcome = self._judge(program, inputs, prediction, error)
+            if not isinstance(outcome, RefineOutcome):
+                _HOP.ensure(self.max_in_flight + 8)
+                outcome = await _HOP.run(outcome)
+        outcome.usage = usage
+        return outcome
+
+    def _judge(self, program: dspy.Module, inputs: dict[str, Any], prediction: Any, error: BaseException | None
+               ) -> RefineOutcome | Callable[[], RefineOutcome]:
+        """The row's outcome after its first attempt, or Refine's remaining attempts (to call) when it fell short."""
+        score = 0.0
+        if isinstance(error, LMError):
+            return RefineOutcome(None, 0.0, [f"{LM_FAILURE_PREFIX}: {describe(error)}"], lm_failure=True)
+        if error is None:
+            try:
+                score = self.reward_fn(inputs, prediction)
+            except Exception as exc:  # noqa: BLE001 - a reward that cannot read the output: Refine's job
+                error = exc
+            else:
+                if score >= self.refine_threshold:
+                    return RefineOutcome(prediction, score, [])
         if self.refine_attempts <= 1:
-            reason = describe(first_error) if first_error else f"reward {score:.2f} < {self.refine_threshold}"
+            reason = describe(error) if error else f"reward {score:.2f} < {self.refine_threshold}"
             return RefineOutcome(prediction, score, [f"output failed validation: {reason}"])
-        return refine_call(
+        return functools.partial(
+            refine_call,
             program,
             inputs,
             lm=self.lm,
@@ -204,8 +258,32 @@ class ProgramRunner:
             attempts=self.refine_attempts - 1,
             threshold=self.refine_threshold,
             fallback=(prediction, score),
-            first_error=first_error,
+            first_error=error,
         )
+
+
+class _SyncOnly(Exception):
+    """The program turned out to need a thread: a module inside it has no ``aforward``."""
+
+
+_SYNC_ONLY: weakref.WeakSet = weakref.WeakSet()  # programs found to have a module without an async path
+
+
+def runs_async(program: dspy.Module) -> bool:
+    """Whether ``program`` runs on the event loop: it defines ``aforward`` (``dspy.Predict`` and
+    ``dspy.ChainOfThought`` do; ``Module.acall`` fails without one) and no module inside it proved sync-only.
+
+    ``dspy.Refine`` and ``dspy.BestOfN`` have none in DSPy 3.4, nor has a module with only ``forward``:
+    those run on a worker thread.
+    """
+    return callable(getattr(type(program), "aforward", None)) and program not in _SYNC_ONLY
+
+
+def _sync_only(program: dspy.Module, exc: AttributeError) -> None:
+    if program not in _SYNC_ONLY:
+        _SYNC_ONLY.add(program)
+        logger.warning("%s: a module inside it has no aforward (%s); its rows run on worker threads",
+                       type(program).__name__, exc)
 
 
 def describe(exc: BaseException) -> str:

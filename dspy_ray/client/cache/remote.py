@@ -30,6 +30,8 @@ _RENAMING = (pafs.LocalFileSystem, pafs.HadoopFileSystem)
 class RemoteStore(GuardedStore):
     """Entries as ``<root>/<key[:2]>/<key>.json`` under an fsspec / pyarrow URI; connects on first use."""
 
+    slow_reads = True  # a round trip to object storage or a shared filesystem
+
     def __init__(self, uri: str, *, memory_entries: int = MEMORY_ENTRIES):
         super().__init__(uri.rstrip("/"), memory_entries)
 

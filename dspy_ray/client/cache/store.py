@@ -139,6 +139,9 @@ class GuardedStore:
     which is caught here.  ``memory_entries`` > 0 puts an in-process LRU of that many entries in front.
     """
 
+    # Whether a read may wait on the network (an async caller then reads off its event loop).
+    slow_reads = False
+
     def __init__(self, location: str, memory_entries: int = 0):
         self.location = location
         self.shown = redacted(location)  # for logs: a URI may carry an access key

@@ -54,6 +54,8 @@ class _Waiter:
         self.granted = True
         if self.lock is not None:
             self.lock.release()
+        elif asyncio._get_running_loop() is self.loop:  # a call ending on the waiter's own loop: no self-pipe write
+            self.loop.call_soon(_resolve, self.future)
         else:
             self.loop.call_soon_threadsafe(_resolve, self.future)
 
@@ -61,6 +63,26 @@ class _Waiter:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _AsyncSlot:
+    """One slot held by an async caller: :meth:`EndpointLimiter.slot`'s steps as a plain async context
+    manager (``contextlib.asynccontextmanager`` costs an async generator per call, at every LM call)."""
+
+    __slots__ = ("limiter", "start")
+
+    def __init__(self, limiter: EndpointLimiter):
+        self.limiter = limiter
+        self.start = 0.0
+
+    async def __aenter__(self) -> None:
+        await self.limiter._aacquire()
+        self.start = time.perf_counter()
+
+    async def __aexit__(self, kind, exc, tb) -> bool:
+        self.limiter._release(None if exc is not None else time.perf_counter() - self.start, exc)
+        self.limiter._pump()
+        return False
 
 
 class EndpointLimiter:
@@ -139,19 +161,9 @@ class EndpointLimiter:
         self._release(time.perf_counter() - start, None)
         self._pump()
 
-    @contextlib.asynccontextmanager
-    async def aslot(self):
-        """:meth:`slot` for asyncio code: waits without blocking the loop."""
-        await self._aacquire()
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException as exc:
-            self._release(None, exc)
-            self._pump()
-            raise
-        self._release(time.perf_counter() - start, None)
-        self._pump()
+    def aslot(self) -> _AsyncSlot:
+        """:meth:`slot` for asyncio code (``async with limiter.aslot():``): waits without blocking the loop."""
+        return _AsyncSlot(self)
 
     def _pump(self) -> None:
         pump = self.pump
