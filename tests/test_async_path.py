@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
 import threading
 
 import dspy
@@ -23,6 +22,7 @@ from dspy_ray.testing.fake_llm import FakeLLM
 from programs.triage import CallTriager, TriageCall
 from stages.base import DSPyStageUDF
 from tasks import get_task
+from tests.batch_helpers import scripted_http_server
 
 OUTPUTS = ("priority", "category", "summary")
 
@@ -193,29 +193,7 @@ def test_async_client_reads_answers_as_the_sync_one_does():
          None],  # None: read the request, then close without answering
         [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + answer],  # no length: the body runs to the close
     ]
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    seen = []
-
-    def serve():
-        for script in scripts:
-            conn, _ = server.accept()
-            with conn:
-                for reply in script:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        data += conn.recv(65536)
-                    head, _, rest = data.partition(b"\r\n\r\n")
-                    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                      if line.lower().startswith(b"content-length")))
-                    while len(rest) < length:
-                        rest += conn.recv(65536)
-                    seen.append(json.loads(rest))
-                    if reply is None:
-                        break
-                    conn.sendall(reply)
-
-    threading.Thread(target=serve, daemon=True).start()
+    port, seen = scripted_http_server(scripts)
     client = ChatHTTP(f"http://127.0.0.1:{port}/v1", api_key="k", timeout_s=5.0, model="m")
 
     async def go():
@@ -229,4 +207,3 @@ def test_async_client_reads_answers_as_the_sync_one_does():
 
     assert asyncio.run(go()) == ["hi"] * 4
     assert [r["n"] for r in seen] == [1, 2, 3, 4, 5, 5]
-    server.close()

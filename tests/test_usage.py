@@ -17,7 +17,7 @@ from dspy_ray.client.usage import Budget, RunMeter, Usage, total_of
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline
 from tasks import get_task
-from tests.batch_helpers import read_output, write_calls
+from tests.batch_helpers import read_output, scripted_http_server, write_calls
 from dspy_ray.testing.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,9 +204,6 @@ def test_optimize_reports_usage_and_cost(ray_local, tmp_path, capsys):
 def test_lean_client_reads_lengths_chunks_and_reconnects():
     """The lean HTTP client against a scripted server: Content-Length, chunked with a trailer, a 429 that
     closes the connection (a new one follows), and a kept-alive connection the server dropped."""
-    import socket
-    import threading
-
     from dspy.utils.exceptions import LMRateLimitError
 
     from dspy_ray.client.chat_http import ChatHTTP
@@ -221,29 +218,7 @@ def test_lean_client_reads_lengths_chunks_and_reconnects():
          None],  # None: read the request, then close without answering
         [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)],
     ]
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    seen = []
-
-    def serve():
-        for script in scripts:
-            conn, _ = server.accept()
-            with conn:
-                for reply in script:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        data += conn.recv(65536)
-                    head, _, rest = data.partition(b"\r\n\r\n")
-                    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                      if line.lower().startswith(b"content-length")))
-                    while len(rest) < length:
-                        rest += conn.recv(65536)
-                    seen.append(json.loads(rest))
-                    if reply is None:
-                        break
-                    conn.sendall(reply)
-
-    threading.Thread(target=serve, daemon=True).start()
+    port, seen = scripted_http_server(scripts)
     client = ChatHTTP(f"http://127.0.0.1:{port}/v1", api_key="k", timeout_s=5.0, model="m")
     assert client.complete(b'{"n": 1}')["choices"][0]["message"]["content"] == "hi"
     assert client.complete(b'{"n": 2}')["choices"][0]["message"]["content"] == "hi"
@@ -253,4 +228,3 @@ def test_lean_client_reads_lengths_chunks_and_reconnects():
     assert client.complete(b'{"n": 4}')["choices"][0]["message"]["content"] == "hi"  # new connection, after a 100
     assert client.complete(b'{"n": 5}')["choices"][0]["message"]["content"] == "hi"  # dropped, sent again once
     assert [r["n"] for r in seen] == [1, 2, 3, 4, 5, 5]
-    server.close()
