@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--cache", choices=["both", "off", "miss"], default="both",
                         help="with --drive: the LM cache off, on with every row a miss, or both side by side")
     parser.add_argument("--path", choices=["both", "thread", "async"], default="both",
-                        help="with --drive: the shipped (forward-only) program on threads, its async variant, or both")
+                        help="with --drive: the shipped program on the event loop, the same on a thread per row, or both")
     args = parser.parse_args()
     if args.drive:
         caches = ["off", "miss"] if args.cache == "both" else [args.cache]
