@@ -158,6 +158,25 @@ def dechunk(data: bytes) -> tuple[bytes, bytes] | None:
         at += size + 2
 
 
+def runs_to_close(status: int, headers: dict[str, str]) -> bool:
+    """Whether an answer's body has no length and no chunks: it runs to the end of the connection."""
+    return (status not in (204, 304) and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower())
+
+
+def split_body(status: int, headers: dict[str, str], data: bytes) -> tuple[bytes, bytes] | None:
+    """(body, what follows it) of an answer whose body starts ``data``; None while it is incomplete (never
+    whole for an answer that :func:`runs_to_close`)."""
+    if status in (204, 304):
+        return b"", data
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return dechunk(data)
+    if "content-length" in headers:
+        size = int(headers["content-length"])
+        return (data[:size], data[size:]) if len(data) >= size else None
+    return None
+
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection: what a JSON POST and its answer need, and no more.
 
@@ -198,42 +217,18 @@ class _Connection:
                 self.buffer = data
                 continue
             break
-        if status in (204, 304):
-            body = b""
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            body, data = self._chunked(data)
-        elif "content-length" in headers:
-            size = int(headers["content-length"])
-            while len(data) < size:
-                data += self._more()
-            body, data = data[:size], data[size:]
-        else:  # no length: the body runs to the end of the connection
+        if runs_to_close(status, headers):
             chunks = [data]
             while chunk := self.sock.recv(65536):
                 chunks.append(chunk)
             body, data, keep = b"".join(chunks), b"", False
+        else:
+            while (done := split_body(status, headers, data)) is None:
+                data += self._more()
+            body, data = done
         self.buffer = data
         self.used = True
         return status, headers, body, keep
-
-    def _chunked(self, data: bytes) -> tuple[bytes, bytes]:
-        parts = []
-        while True:
-            while (eol := data.find(b"\r\n")) < 0:
-                data += self._more()
-            size = int(data[:eol].split(b";", 1)[0].strip() or b"0", 16)
-            data = data[eol + 2:]
-            if size == 0:
-                while (end := data.find(b"\r\n")) != 0:  # trailers, then the blank line
-                    if end < 0:
-                        data += self._more()
-                    else:
-                        data = data[end + 2:]
-                return b"".join(parts), data[2:]
-            while len(data) < size + 2:
-                data += self._more()
-            parts.append(data[:size])
-            data = data[size + 2:]
 
 
 class _AsyncConnection(asyncio.Protocol):
@@ -268,16 +263,11 @@ class _AsyncConnection(asyncio.Protocol):
         self.closed = True
         if self.waiter is None or self.waiter.done():
             return
-        if self.head is not None and self._body_runs_to_close():
+        if self.head is not None and runs_to_close(*self.head[:2]):
             status, headers, _ = self.head
             self._finish(status, headers, self.buffer, False, b"")
         else:
             self._fail(exc or http.client.RemoteDisconnected("the server closed the connection"))
-
-    def _body_runs_to_close(self) -> bool:
-        status, headers, _ = self.head
-        return (status not in (204, 304) and "content-length" not in headers
-                and "chunked" not in headers.get("transfer-encoding", "").lower())
 
     def _read_answer(self) -> None:
         data = self.buffer
@@ -290,21 +280,10 @@ class _AsyncConnection(asyncio.Protocol):
             if not 100 <= head[0] < 200:  # an interim answer: the real one follows
                 self.head = head
         status, headers, keep = self.head
-        if status in (204, 304):
-            body, rest = b"", data
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            done = dechunk(data)
-            if done is None:
-                return
+        done = split_body(status, headers, data)  # None: more to come (or, with no length, connection_lost ends it)
+        if done is not None:
             body, rest = done
-        elif "content-length" in headers:
-            size = int(headers["content-length"])
-            if len(data) < size:
-                return
-            body, rest = data[:size], data[size:]
-        else:  # no length: the body runs to the end of the connection (connection_lost)
-            return
-        self._finish(status, headers, body, keep, rest)
+            self._finish(status, headers, body, keep, rest)
 
     def _finish(self, status: int, headers: dict[str, str], body: bytes, keep: bool, rest: bytes) -> None:
         self.buffer, self.head, self.used = rest, None, True
