@@ -18,6 +18,7 @@ without the text column (whose messages need the whole file).
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 from typing import NamedTuple
@@ -31,10 +32,13 @@ import pyarrow.json as pajson
 from dspy_ray.corpus.spec import ERRORS, ID, InputSpec
 from dspy_ray.corpus.split import BOM, CHUNK, Part, lines_before
 
-# Python's str.isspace(): a text of only these is "empty" (Arrow's trim knows Unicode White_Space, a
-# slightly different set), so a blank text is counted as the line-by-line read counts it.
-_SPACE = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
-BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in _SPACE) + "]*$"
+@functools.cache
+def blank_pattern() -> str:
+    """A regex of texts made only of what Python's ``str.isspace()`` calls space: such a text is "empty"
+    (Arrow's trim knows Unicode White_Space, a slightly different set), so a blank text is counted as the
+    line-by-line read counts it.  Built on first use (a scan of every code point, ~50 ms), not at import."""
+    space = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+    return "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in space) + "]*$"
 SIMPLE_TYPES = ("null", "bool", "int64", "double", "string")  # what Python's values give as themselves
 
 
@@ -96,7 +100,7 @@ def jsonl_check(part: Part, fs: pafs.FileSystem, spec: InputSpec) -> QuickCheck 
     if str(text.type) not in ("null", "string") or str(given.type) not in ("null", "string", "int64"):
         return None
     text, given = text.cast(pa.string()), given.cast(pa.string())
-    bad = pc.or_kleene(pc.is_null(text), pc.or_(pc.match_substring_regex(text, BLANK),
+    bad = pc.or_kleene(pc.is_null(text), pc.or_(pc.match_substring_regex(text, blank_pattern()),
                                                  pc.greater(pc.utf8_length(text), spec.max_chars)))
     first = lines_before(part) + 1 + (at > part.start)
     where = pc.binary_join_element_wise(f"{part.file.rel}:",
