@@ -226,7 +226,10 @@ def test_chat_and_embeddings_of_one_endpoint_share_one_limit():
     assert stats["max_in_flight"] <= 3, stats
 
 
-def test_429s_from_the_embeddings_endpoint_cut_the_limit():
+def test_429s_from_the_embeddings_endpoint_cut_the_limit(monkeypatch):
+    # A lone process's limiter (its own policy, starting at 16), whatever Ray an earlier test left running
+    # in this process: a coordinated one starts with no share until the job's service grants one.
+    monkeypatch.setattr("dspy_ray.client.limiter.registry.ray_initialized", lambda: False)
     limits: list[float] = []
 
     async def embed_watching_the_limit(client: EmbeddingClient):
@@ -253,7 +256,4 @@ def test_429s_from_the_embeddings_endpoint_cut_the_limit():
         time.sleep(0.05)  # the limiter's reporter adds each interval to its totals
     # Every 429 reached the limiter as "full", and it cut (what it does after, the policy's tests cover).
     assert client.limiter.state()["overloads"] >= 64
-    # The cut is seen by the watcher, or (on a loaded machine, where the watcher may sleep through a cut
-    # that the policy's trial then undoes: every answer is a 429 either way) counted by the policy.
-    cuts = client.limiter.policy.cuts if client.limiter.policy is not None else 0
-    assert before == 16 and (min(limits) < before or cuts > 0), (before, min(limits), cuts)
+    assert min(limits) < before == 16, (before, min(limits))
