@@ -16,7 +16,8 @@ one at a time, so s/question is the wall time of one answer.  Configurations:
 * ``extract``: ``CitedRAG(answer_style="extract")`` as the shipped artifact sets it:
   the question is the search query, searched with no cap of passages per document
   (``per_source``, :data:`programs.sentence_rank.PER_SOURCE`), the sentences of the top passages are ranked
-  without a model (:mod:`programs.sentence_rank`), the top one is the answer, and
+  without a model (:mod:`programs.sentence_rank`), the top one is the answer (cut down to the quantity it
+  states when the question asks for one: :func:`programs.extract.answer_span`), and
   the program declines when the ranker's confidence is under its threshold (both
   fitted on the training questions by ``benchmarks/rag_rank_fit.py``);
 * ``extract-nodecline``: the same, never declining (``decline_below=0``);
@@ -123,8 +124,12 @@ def choice_demos(retriever, train: list[dict], per_source: int | None = None) ->
 
 
 def right_sentence(row: dict, sentence: str, passage) -> bool:
-    """Whether ``sentence`` of ``passage`` would be a right answer to ``row`` (a gold document, the gold answer)."""
-    return getattr(passage, "source", None) in (row.get("sources") or []) and is_right(sentence, row["answer"])
+    """Whether ``sentence`` of ``passage`` would be a right answer to ``row`` (a gold document, the gold answer),
+    answered as the extract program answers with it (cut down to the quantity asked for when it states one)."""
+    from programs.extract import answer_text
+
+    return getattr(passage, "source", None) in (row.get("sources") or []) and is_right(
+        answer_text(sentence, row["question"]), row["answer"])
 
 
 def build_program(config: str, retriever, train: list[dict]):
@@ -149,7 +154,7 @@ def miss_reason(config: str, row: dict, retriever, declined: bool, decline_below
     program retrieves (``per_source``: its cap of passages per document, None: the retriever's)."""
     from programs.extract import sentences
     from programs.rag import CANDIDATE_SENTENCES
-    from programs.sentence_rank import FROM_TOP, answer_confidence, confidence_features, rank_candidates
+    from programs.sentence_rank import FROM_TOP, answer_confidence, confidence_features, kind_missing, rank_candidates
     from programs.similarity import similarity_of
 
     passages = retriever.search(row["question"], per_source=per_source)
@@ -169,7 +174,8 @@ def miss_reason(config: str, row: dict, retriever, declined: bool, decline_below
     shown = ranked[:CANDIDATE_SENTENCES] if model else ranked[:1]
     if not any(right_sentence(row, c.sentence, c.passage) for c in shown):
         return "ranking"
-    if declined and answer_confidence(confidence_features(ranked)) < decline_below:
+    if declined and (answer_confidence(confidence_features(ranked)) < decline_below
+                     or kind_missing(row["question"], ranked)):
         return "declined" if right_sentence(row, ranked[0].sentence, ranked[0].passage) else "ranking"
     return "choice" if model else "other"
 

@@ -7,8 +7,10 @@
 For each question of ``data/rag_train.jsonl`` the retriever (the shipped index,
 the embedded embedder) returns its passages; every sentence of the top ones
 gets :func:`programs.sentence_rank.sentence_features`.  A sentence is a right
-answer when it comes from a gold document and contains the gold answer (or
-has token F1 >= 0.5 with it), as ``benchmarks/rag_quality.py`` grades.
+answer when it comes from a gold document and the program's answer from it
+(the sentence, or the quantity asked for in it: :func:`programs.extract.answer_span`)
+contains the gold answer (or has token F1 >= 0.5 with it), as
+``benchmarks/rag_quality.py`` grades.
 
 * passages per document (``per_source``, the program's retrieval setting):
   the cap whose refitted ranker has the most right top sentences over five
@@ -50,7 +52,7 @@ from programs.sentence_rank import (  # noqa: E402
     rank_candidates,
 )
 from programs.similarity import MAX_SENTENCES, similarity_of  # noqa: E402
-from rag_quality import is_right, shipped_index  # noqa: E402
+from rag_quality import right_sentence, shipped_index  # noqa: E402
 
 RANK_NAMES = tuple(WEIGHTS)
 CONFIDENCE_NAMES = tuple(confidence_features([]))
@@ -83,8 +85,7 @@ def question_data(rows: list[dict], passages: list[list], similarity=None) -> li
     out = []
     for row, found in zip(rows, passages):
         candidates = rank_candidates(row["question"], found, similarity=similarity)
-        right = [bool(row["answerable"]) and getattr(c.passage, "source", None) in row["sources"]
-                 and is_right(c.sentence, row["answer"]) for c in candidates]
+        right = [bool(row["answerable"]) and right_sentence(row, c.sentence, c.passage) for c in candidates]
         matrix = np.array([[c.features[n] for n in RANK_NAMES] for c in candidates], float).reshape(-1, len(RANK_NAMES))
         out.append({"row": row, "passages": found, "candidates": candidates, "X": matrix, "right": np.array(right),
                     "similarity": similarity})
@@ -132,8 +133,7 @@ def confidence_data(data: list[dict], w: np.ndarray) -> tuple[np.ndarray, ...]:
         features = confidence_features(ranked)
         X.append([features[n] for n in CONFIDENCE_NAMES])
         top = ranked[0] if ranked else None
-        right.append(bool(top) and bool(d["row"]["answerable"]) and getattr(top.passage, "source", None)
-                     in d["row"]["sources"] and is_right(top.sentence, d["row"]["answer"]))
+        right.append(bool(top) and bool(d["row"]["answerable"]) and right_sentence(d["row"], top.sentence, top.passage))
         answerable.append(bool(d["row"]["answerable"]))
         missing.append(kind_missing(d["row"]["question"], ranked))
     return np.array(X, float), np.array(right), np.array(answerable), np.array(missing)

@@ -3,8 +3,9 @@
 A "how many" question is answered by a sentence with a number in it, a "who"
 question by one with a name, "how long" by a duration or a length.  The
 extractive RAG answer (:mod:`programs.sentence_rank`) uses it as one of its
-ranking signals and to find the number that sits next to the counted noun
-("how many tower sites" - "14 tower sites", :func:`counted_words`).
+ranking signals, to find the number that sits next to the counted noun
+("how many tower sites" - "14 tower sites", :func:`counted_words`), and to cut
+the answer down to the quantity asked for (:data:`QUANTITY_KINDS`).
 
     >>> answer_kind("By what time should hikers turn around?")
     'time'
@@ -24,8 +25,11 @@ NUMBER = (r"(?:\d[\d,.]*|one|two|three|four|five|six|seven|eight|nine|ten|eleven
           r"forty|fifty|sixty|hundred|thousand|half|dozen)")
 _MONTH = r"(?:january|february|march|april|may|june|july|august|september|october|november|december)"
 _DAY = r"(?:mon|tues|wednes|thurs|fri|satur|sun)days?"
-_DURATION = (rf"\b(?:{NUMBER}|an?)[\s-]+(?:[\w-]+[\s-]+)?(?:seconds?|minutes?|hours?|days?|nights?|weeks?|months?|years?|"
-             r"decades?)\b|\b(?:daily|weekly|monthly|annually|yearly|every)\b")
+_YEAR = r"(?:1[6-9]\d\d|20\d\d)s?"
+_TIME_SPAN = (rf"\b(?:{NUMBER}|an?)[\s-]+(?:[\w-]+[\s-]+)?(?:seconds?|minutes?|hours?|days?|nights?|weeks?|months?|"
+              r"years?|decades?)\b")
+_HOW_OFTEN = r"\b(?:daily|weekly|monthly|annually|yearly)\b"
+_DURATION = rf"{_TIME_SPAN}|{_HOW_OFTEN}|\bevery\b"
 _MEASURE = (rf"\b{NUMBER}[\s-]*(?:feet|foot|ft|miles?|inches|inch|yards?|meters?|metres?|km|kilometers?|kilometres?|"
             r"pounds?|lbs?|tons?|gallons?|liters?|litres?|acres?|degrees?|mph|psi|dba|db|storeys?|stories|floors?)"
             r"\b|°")
@@ -33,8 +37,8 @@ _NAME = r"\b[A-ZÀ-Ý][\w'’.-]+(?:\s+(?:of\s+(?:the\s+)?|de\s+|van\s+)?[A-ZÀ-
 
 # What a sentence answering each kind of question holds (names and places are case-sensitive).
 HOLDS = {
-    "year": re.compile(r"\b(?:1[6-9]\d\d|20\d\d)s?\b"),
-    "date": re.compile(rf"\b(?:1[6-9]\d\d|20\d\d)s?\b|\b{_MONTH}\b|\b{_DAY}\b|\bnoon\b|\bmidnight\b", re.IGNORECASE),
+    "year": re.compile(rf"\b{_YEAR}\b"),
+    "date": re.compile(rf"\b{_YEAR}\b|\b{_MONTH}\b|\b{_DAY}\b|\bnoon\b|\bmidnight\b", re.IGNORECASE),
     # a time of day: "what time ... open on Saturdays" is not answered by "on Wednesdays and Saturdays"
     "time": re.compile(r"\b\d{1,2}[:.]\d\d\b|\b\d{3,4} hours\b|\b[ap]\.?m\.?(?!\w)|\bnoon\b|\bmidnight\b|"
                        r"\bo'clock\b|\baround the clock\b|\b24 hours\b", re.IGNORECASE),
@@ -44,7 +48,8 @@ HOLDS = {
     "money": re.compile(r"\$\s?\d|\b\d[\d,.]*\s*(?:dollars?|cents?)\b|\bfree\b|\bno (?:fee|charge|cost)\b", re.IGNORECASE),
     "percent": re.compile(r"\d\s?%|\bper ?cent\b|\bhalf\b|\bquarter\b|\bthird\b", re.IGNORECASE),
     "measure": re.compile(_MEASURE, re.IGNORECASE),
-    "count": re.compile(rf"\b{NUMBER}\b", re.IGNORECASE),
+    # a number that is not part of a date: "14 March 1992" says when, not how many
+    "count": re.compile(rf"\b(?!{_YEAR}\b){NUMBER}\b(?!\s+{_MONTH}\b)", re.IGNORECASE),
     "name": re.compile(_NAME),
     "place": re.compile(rf"\b\d+\s+[A-Z][\w'’-]+(?:\s+[A-Z][\w'’-]+)*|{_NAME}"),
     "day": re.compile(rf"\b{_DAY}\b|\bweek(?:end|day)s?\b", re.IGNORECASE),
@@ -80,6 +85,16 @@ ASKS = tuple((re.compile(pattern, re.IGNORECASE), kind) for pattern, kind in (
     (r"^\s*where\b|\b(?:which|what) (?:place|address|location|road|street|building|site|town|city|communit(?:y|ies))\b",
      "place"),
 ))
+# Kinds whose answer is a quantity (a number with its unit): the extractive answer may be cut down to it
+# (programs.extract.answer_span), as a sentence often words it otherwise than the answer ("a 107-foot ladder":
+# "107 feet").  A date, a time, a sum or a name is mostly written as asked, so the whole sentence already holds it:
+# cut down, those gained nothing on the training questions (benchmarks/rag_rank_fit.py).
+QUANTITY_KINDS = frozenset({"count", "measure", "length", "duration"})
+# The quantity itself, where HOLDS only tells that a sentence holds one: "every" alone is no amount of time.
+_QUANTITIES = {
+    "duration": re.compile(f"{_TIME_SPAN}|{_HOW_OFTEN}", re.IGNORECASE),
+    "length": re.compile(f"{_TIME_SPAN}|{_HOW_OFTEN}|{_MEASURE}", re.IGNORECASE),
+}
 _HOW_MANY = re.compile(r"\bhow many ([a-z][a-z-]+)(?:\s+([a-z][a-z-]+))?", re.IGNORECASE)
 
 
@@ -94,6 +109,11 @@ def answer_kind(question: str) -> str | None:
 def holds_kind(kind: str | None, text: str) -> bool:
     """Whether ``text`` holds an answer of ``kind`` (False for no kind)."""
     return kind is not None and bool(HOLDS[kind].search(str(text)))
+
+
+def quantity_pattern(kind: str) -> re.Pattern:
+    """What an answer of ``kind`` (one of :data:`QUANTITY_KINDS`) looks like as a phrase of its own."""
+    return _QUANTITIES.get(kind, HOLDS[kind])
 
 
 def counted_words(question: str) -> tuple[str, ...]:

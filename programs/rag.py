@@ -22,10 +22,13 @@ Two ways to answer (``answer_style``, a program setting saved with its state):
   sentences of the top passages are ranked without a model
   (:mod:`programs.sentence_rank`: question terms, the kind of answer asked
   for, the sentence before, the passage's rank, embedding similarity when the
-  retriever has an embedder).  The answer is one sentence, the citation its
-  passage; when the ranker's confidence in its top sentence is under
-  ``decline_below`` the program declines (``answerable`` false, nothing
-  cited).  ``chooser`` says who picks the sentence: ``ranker`` (default) takes
+  retriever has an embedder).  The answer is one sentence - or, when the
+  question asks for a quantity and the sentence states exactly one, that
+  phrase (:func:`programs.extract.answer_span`) - the citation its passage;
+  when the ranker's confidence in its top sentence is under ``decline_below``,
+  or the candidates lack the kind of answer asked for
+  (:func:`programs.sentence_rank.kind_missing`), the program declines
+  (``answerable`` false, nothing cited).  ``chooser`` says who picks the sentence: ``ranker`` (default) takes
   the top one, with no model call; ``model`` lets the model choose among the
   best few or ``none`` (an enum) - measured on the embedded 135M model it
   does no better than the ranker's order, at three times the time, so the
@@ -35,7 +38,7 @@ Two ways to answer (``answer_style``, a program setting saved with its state):
 the retriever's ``search`` (``0``: no cap; None, the default: the retriever's
 own, 2 for the framework's, which suits multi-part questions).  The artifact
 shipped for the extract style sets it to
-:data:`programs.sentence_rank.PER_SOURCE` (0): a single fact is often in the
+:data:`programs.sentence_rank.PER_SOURCE` (3): a single fact is often in the
 third passage of a document already represented, and the ranker reads only
 the top 3 passages.
 
@@ -151,7 +154,7 @@ class CitedRAG(dspy.Module):
             if choice not in labels[:-1]:
                 return _prediction(NOT_ANSWERED, False, [], passages, question)
             chosen = few[int(choice) - 1]
-        return _prediction(answer_text(chosen.sentence), True, [chosen.passage.id], passages, question)
+        return _prediction(answer_text(chosen.sentence, question), True, [chosen.passage.id], passages, question)
 
     def _search(self, query: str) -> list:
         if self.per_source is None:  # the retriever's own cap; any ``search(query, k)`` will do

@@ -31,23 +31,23 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from programs.answer_kinds import HOLDS, NUMBER, answer_kind, counted_words, holds_kind
+from programs.answer_kinds import HOLDS, answer_kind, counted_words, holds_kind
 from programs.extract import idf_weights, sentences, stem, terms
 
 FROM_TOP = 3  # sentences come from the retriever's first three passages
 # Fitted on data/rag_train.jsonl by benchmarks/rag_rank_fit.py (a softmax over each question's sentences).
 WEIGHTS: Mapping[str, float] = {
-    "overlap": 2.27, "names_in_passage": 0.91, "other_words": 2.41, "names_in_sentence": 0.06, "before": 1.17,
-    "rank": -0.51, "kind": 1.89, "kind_near": 0.63, "count_near": 0.56, "new_share": -1.27, "restates": -0.38,
-    "heading": -0.76, "length": -0.02, "first": -0.21, "similarity": 2.01,
+    "overlap": 2.13, "names_in_passage": 0.94, "other_words": 2.28, "names_in_sentence": -0.02, "before": 0.99,
+    "rank": -0.5, "kind": 1.88, "kind_near": 0.68, "count_near": 0.31, "new_share": -1.3, "restates": -0.38,
+    "heading": -0.88, "length": -0.15, "first": -0.29, "similarity": 1.95,
 }
 # Fitted likewise: a logistic model of "the top sentence is right" over the training questions (raw features).
-CONFIDENCE_WEIGHTS: Mapping[str, float] = {"bias": -4.52, "similarity": 2.49, "margin": 0.35, "other_words": 1.99,
-                                           "kind": 0.52, "names_in_passage": 1.64}
-PER_SOURCE = 0  # the extract artifact's cap of passages per document (0: none), chosen likewise (cross-validated)
+CONFIDENCE_WEIGHTS: Mapping[str, float] = {"bias": -4.37, "similarity": 2.77, "margin": 0.39, "other_words": 1.35,
+                                           "kind": 0.73, "names_in_passage": 1.84}
+PER_SOURCE = 3  # the extract artifact's cap of passages per document (0: none), chosen likewise (cross-validated)
 MARGIN_ALONE = 3.0  # the margin of a lone candidate
-SIMILARITY_UNKNOWN = 0.65  # the training questions' mean cosine of question and top sentence
-DECLINE_BELOW = 0.3  # answer_confidence under this: the program says the documents do not answer
+SIMILARITY_UNKNOWN = 0.64  # the training questions' mean cosine of question and top sentence
+DECLINE_BELOW = 0.4  # answer_confidence under this: the program says the documents do not answer
 # Kinds whose answers have a form no other text has (a clock time, a sum of money, a date ...): when the
 # question asks for one and no candidate sentence holds one, the documents do not say (see kind_missing).
 EXACT_KINDS = frozenset({"time", "phone", "frequency", "money", "percent", "year", "date", "day"})
@@ -118,12 +118,14 @@ def _kind_signals(q: Question, sentence: str) -> tuple[float, float, float]:
             if new and any(abs(match.start() - at) < 40 for at in asked_at):
                 near = 1.0
                 break
-    count = 0.0
-    for i, (_, _, w) in enumerate(words):
-        if q.counted and re.fullmatch(NUMBER, w, re.IGNORECASE) and any(stem(v) in q.counted for *_, v in words[i + 1:i + 4]):
-            count = 1.0
-            break
-    return kind, near, count
+    return kind, near, float(_number_before(sentence, q.counted))
+
+
+def _number_before(sentence: str, wanted: frozenset[str]) -> bool:
+    """Whether a count (a number that is not part of a date: "14 March 1992" counts nothing) comes just before
+    (within three words) a word whose stem is ``wanted``: "14 tower sites"."""
+    return bool(wanted) and any(any(stem(w) in wanted for *_, w in _words(sentence[m.end():])[:3])
+                                for m in HOLDS["count"].finditer(sentence))
 
 
 def sentence_features(q: Question, sentence: str, before: str, passage_words: set[str], rank: int, position: int,
@@ -197,12 +199,27 @@ def confidence_features(candidates: Sequence[Candidate]) -> dict[str, float]:
 
 
 def kind_missing(question: str, candidates: Sequence[Candidate]) -> bool:
-    """Whether ``question`` asks for an answer of an exact kind (:data:`EXACT_KINDS`) that none of the candidate
-    sentences holds outside the question's own words ("What time does the transfer station open on Saturdays?"
-    over passages that give its days but no hours).  The looser kinds (a count, a name, a measure) are left to
-    :func:`answer_confidence`: their patterns also match text that answers a differently worded question."""
-    kind = answer_kind(question)
-    return kind in EXACT_KINDS and bool(candidates) and all(c.features["kind"] < 0 for c in candidates)
+    """Whether the candidate sentences lack the kind of answer ``question`` asks for, so the documents do not say:
+
+    * an exact kind (:data:`EXACT_KINDS`) that none holds outside the question's own words ("What time does the
+      transfer station open on Saturdays?" over passages that give its days but no hours);
+    * a "how many X" count that none states: no number comes just before X or another of the question's words
+      but its names ("How many ambulances does Brennock County operate?" over passages whose numbers count
+      zones and incidents).  Any of its words, not only X, counts: the documents may name X otherwise
+      ("84,300 registered subscribers" answers "How many people were subscribed ..."); a number before a
+      name ("Station 7") counts nothing.
+
+    The other loose kinds (a name, a measure) are left to :func:`answer_confidence`: their patterns also match
+    text that answers a differently worded question."""
+    if not candidates:
+        return False
+    q = Question.of(question)
+    if q.kind in EXACT_KINDS:
+        return all(c.features["kind"] < 0 for c in candidates)
+    if q.kind == "count" and q.counted:
+        stated = q.counted | (q.asked - q.names)
+        return not any(_number_before(c.sentence, stated) for c in candidates)
+    return False
 
 
 def answer_confidence(features: Mapping[str, float], weights: Mapping[str, float] = CONFIDENCE_WEIGHTS) -> float:
