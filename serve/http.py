@@ -141,8 +141,8 @@ async def short_validation_errors(request: Request, exc: RequestValidationError)
 def bearer_auth(token: str | None):
     """A FastAPI dependency requiring ``Authorization: Bearer <token>`` when ``token`` is set.
 
-    The scheme is declared with FastAPI's ``HTTPBearer``, so the OpenAPI document
-    lists it either way; the comparison is constant-time.
+    The scheme is declared with FastAPI's ``HTTPBearer``, so the OpenAPI document of
+    the routes that use it lists it; the comparison is constant-time.
     """
     scheme = HTTPBearer(auto_error=False, description="SERVE_API_TOKEN, when the server was started with one")
     expected = hashlib.sha256(token.encode()).digest() if token else b""

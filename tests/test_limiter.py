@@ -345,12 +345,16 @@ def test_a_process_that_joined_and_never_called_holds_no_slots():
     assert share >= 12
 
 
-def test_an_idle_process_gives_its_share_back_at_once():
+def test_an_idle_process_keeps_its_share_for_a_moment_then_gives_it_back():
     """Driver and workers take turns (optimize): the one that goes idle says so, and the other gets the slots
-    now, not when the idle one is timed out (it runs no code that could report later)."""
+    after IDLE_GRACE_S, not when the idle one is timed out (it runs no code that could report later).
+    Within the grace the share stays: a Serve replica goes idle between requests many times a second."""
     from dspy_ray.client.limiter import LimitCoordinator
+    from dspy_ray.client.limiter.coordinator import IDLE_GRACE_S
 
+    now = [1000.0]
     coordinator = LimitCoordinator("test|idle", ceiling=64, initial=32)
+    coordinator.clock = lambda: now[0]
     coordinator.join("driver")
     coordinator.join("worker")
     busy = {"ok": 8, "latency_sum": 0.8, "peak_in_flight": 16, "demand": 40}
@@ -358,12 +362,82 @@ def test_an_idle_process_gives_its_share_back_at_once():
         coordinator.report("worker", busy, n)
         driver_share = coordinator.report("driver", {"peak_in_flight": 0, "demand": 0, "idle": True}, n)["share"]
     assert driver_share <= 1  # the idle driver is granted no spare
-    assert coordinator.members["worker"].granted >= 30
-    coordinator.report("worker", {**busy, "idle": True}, 3)  # the worker's last call ended: idle, at once
-    for n in (3, 4):
+    worker_share = coordinator.members["worker"].granted
+    assert worker_share >= 30
+    # The worker's last call ended: it says so at once, and keeps its share for a moment.
+    assert coordinator.report("worker", {**busy, "idle": True}, 3)["share"] == worker_share
+    now[0] += IDLE_GRACE_S * 0.6
+    assert coordinator.report("driver", {**busy, "peak_in_flight": 1}, 3)["share"] <= 64 - worker_share
+    # Idle again, with calls answered since its last report: it was busy meanwhile, the grace starts again.
+    coordinator.report("worker", {**busy, "idle": True}, 4)
+    now[0] += IDLE_GRACE_S * 0.6  # past the grace from its first idle report, not from this one
+    assert coordinator.report("driver", {**busy, "peak_in_flight": 1}, 4)["share"] <= 64 - worker_share
+    now[0] += IDLE_GRACE_S
+    for n in (5, 6):
         share = coordinator.report("driver", {**busy, "peak_in_flight": 1}, n)["share"]
-        coordinator.report("worker", {**busy, "idle": True}, n + 1)  # its interval's peaks, but idle now
+        coordinator.report("worker", {"idle": True}, n)  # idle, nothing answered since
     assert share >= 30  # what the worker held is the driver's now
+    assert coordinator.members["worker"].granted <= 1
+
+
+def spell_recorder(limiter: EndpointLimiter) -> list[bool]:
+    """Record what ``limiter`` reports to its coordinator (``idle`` of each report), as registry.sync would
+    send it; only the reports made at once (urgent): none is due by the clock in these tests."""
+    limiter.coordinator = object()  # as if joined: the share is the coordinator's
+    sent: list[bool] = []
+
+    def pump(urgent: bool = False) -> None:
+        if urgent:
+            sent.append(limiter.coordinated_report()[2]["idle"])
+
+    limiter.pump = pump
+    return sent
+
+
+def test_a_thread_caller_reports_each_idle_spell_once_and_its_return_at_once():
+    """The report that an idle process makes is one per idle spell; a thread's call after it says busy again at
+    once (nothing could say it later), and keeps the share while the coordinator still does."""
+    from dspy_ray.client.limiter.slots import IDLE_GRACE_S
+
+    limiter = EndpointLimiter("test|spells", ceiling=64, initial=16)
+    sent = spell_recorder(limiter)
+    for _ in range(3):  # three calls, each alone: idle after each
+        with limiter.slot():
+            pass
+    assert sent == [True, False, True, False, True]  # idle, busy again, ...
+    assert limiter.share == 16  # came back within the grace: the share is still ours
+    limiter.idle_reported -= IDLE_GRACE_S + 0.01  # the idle spell outlasted what the coordinator keeps
+    with limiter.slot():
+        assert limiter.limit == 1  # one slot until the coordinator answers the busy report
+    assert sent[5:] == [False]  # busy again; with one slot there is nothing to give back when it ends
+
+
+def test_an_event_loop_caller_says_nothing_of_short_gaps_and_busy_before_the_grace_ends():
+    """A Serve replica goes idle between two requests many times a second.  Calls that come back within
+    RESERVED_S of the idle report make no report (one per request cost ~0.7 ms of a sequential request);
+    calls still in flight at RESERVED_S say busy then, before the coordinator's grace ends."""
+    import asyncio
+
+    from dspy_ray.client.limiter.slots import RESERVED_S
+
+    limiter = EndpointLimiter("test|loop-spells", ceiling=64, initial=16)
+    sent = spell_recorder(limiter)
+
+    async def call(seconds: float) -> None:
+        async with limiter.aslot():
+            await asyncio.sleep(seconds)
+
+    async def main() -> None:
+        await call(0)
+        assert sent == [True]  # gone idle: said at once
+        for _ in range(5):  # short requests, one at a time, within RESERVED_S: nothing said
+            await call(0.001)
+        assert sent == [True]
+        await asyncio.gather(call(RESERVED_S * 1.5), call(RESERVED_S * 1.5))  # in flight past RESERVED_S
+        assert sent == [True, False, True]  # busy said at RESERVED_S; idle again at the end
+        assert limiter.share == 16
+
+    asyncio.run(main())
 
 
 def clean(policy: AimdPolicy, now: float, latency: float, level: int | None = None, windows: int = 1) -> float:

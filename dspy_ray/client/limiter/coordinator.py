@@ -9,7 +9,6 @@ batched report, the state for reports and plots), and what a process does when i
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import math
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspy_ray.client.limiter.policy import AimdPolicy, Signals
-from dspy_ray.client.limiter.slots import EndpointLimiter, Report, endpoint_key
+from dspy_ray.client.limiter.slots import IDLE_GRACE_S, EndpointLimiter, Report, endpoint_key
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ class _Member:
     window_demand: int = 0
     last_report: int = 0  # the number of its latest report
     decided: int = 0  # the number of its latest report the policy has decided with
+    idle_since: float | None = None  # when it reported idle, None while it is busy
 
 
 class LimitCoordinator:
@@ -55,7 +55,8 @@ class LimitCoordinator:
         self.members: dict[str, _Member] = {}
         self.pending = Signals()
         self.pending_reports = 0
-        self.started = time.monotonic()
+        self.clock = time.monotonic  # (tests step it)
+        self.started = self.clock()
         # (seconds, limit, demand, peak in flight, answered ok, 429s) per policy step, for plots and tests.
         self.history: collections.deque[tuple[float, float, int, int, int, int]] = collections.deque(maxlen=20_000)
 
@@ -66,7 +67,7 @@ class LimitCoordinator:
         actor waiting for its first rows reports nothing), and the processes that do call could not
         grow into it until it timed out (``MEMBER_TIMEOUT_S``).  Its first call reports at once.
         """
-        now = time.monotonic()
+        now = self.clock()
         self._prune(now)
         self.members[member] = _Member(granted=0.0, heard=now)
         return {"share": 0.0, "background": self.policy.background_rate()}
@@ -74,7 +75,7 @@ class LimitCoordinator:
     def report(self, member: str, signals: dict[str, Any], number: int = 0) -> dict[str, float]:
         """Add one process's signals (its report ``number``); its share, and the latest of its reports the
         policy has decided with (``decided``: a quick local cut on 429s holds until then)."""
-        now = time.monotonic()
+        now = self.clock()
         state = self.members.get(member)
         if state is None:
             self.join(member)
@@ -83,9 +84,18 @@ class LimitCoordinator:
         state.last_report = number
         idle = bool(signals.get("idle", False))
         incoming = Signals(**{name: value for name, value in signals.items() if name != "idle"})
-        # Idle now: it holds nothing and wants nothing (its interval's peaks still go to the policy).
-        state.demand = 0 if idle else incoming.demand
-        state.held = 0 if idle else incoming.peak_in_flight
+        # Idle now: it holds nothing.  It keeps the demand it had while busy (and so its share) for
+        # IDLE_GRACE_S, then wants nothing (_release_idle); its interval's peaks still go to the policy.
+        # A Serve replica goes idle between requests many times a second: a share given back at every
+        # such gap, and granted again at the next report, left it 2 slots half the time.  Calls answered
+        # since the last report: it was busy meanwhile (it says nothing of short busy spells, see
+        # EndpointLimiter._waking), so the grace starts again.
+        if idle:
+            state.held = 0
+            if state.idle_since is None or incoming.answered or incoming.errors:
+                state.idle_since = now
+        else:
+            state.demand, state.held, state.idle_since = incoming.demand, incoming.peak_in_flight, None
         state.window_peak = max(state.window_peak, incoming.peak_in_flight)
         state.window_demand = max(state.window_demand, incoming.demand)
         self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,
@@ -110,7 +120,15 @@ class LimitCoordinator:
         for name in [n for n, m in self.members.items() if now - m.heard > MEMBER_TIMEOUT_S]:
             del self.members[name]
 
+    def _release_idle(self, now: float) -> None:
+        """Processes idle for longer than IDLE_GRACE_S want nothing and hold one slot at most (as a busy
+        process's floor): the rest of their share goes to whoever asks."""
+        for m in self.members.values():
+            if m.idle_since is not None and now - m.idle_since > IDLE_GRACE_S:
+                m.demand, m.granted = 0, min(m.granted, 1.0)
+
     def _share(self, member: str) -> float:
+        self._release_idle(self.clock())
         limit = self.policy.limit
         demands = {name: max(1, m.demand) for name, m in self.members.items()}
         total = sum(demands.values())
@@ -265,22 +283,21 @@ def retry_due(now: float) -> bool:
 
 REPORT_TIMEOUT_S = 5.0  # a report unanswered this long: the service is taken for gone
 
-_pending = None  # (sent at, the ObjectRef, its concurrent future) of the one report in flight
-
-
-IDLE_WAIT_S = 0.5  # an idle report waits this long at most for the report still in flight before it
+_pending = None  # (sent at, the ObjectRef, its concurrent future) of the latest report in flight
 
 
 def report_all(coordinated: list[EndpointLimiter], now: float, urgent: bool = False) -> None:
     """Send ``coordinated`` limiters' intervals in one call to the service; never waits for the answer.
 
-    ``urgent`` (a limiter went idle): the report still in flight, if any, is waited for (briefly) rather
-    than this one dropped, since nothing else will report for an idle process.
+    ``urgent`` (a limiter went idle, or calls again after an idle spell): sent even while an earlier
+    report is in flight, since nothing else may report for an idle process.  The service runs one
+    caller's reports in the order they were sent, so the later one is what it keeps.  Never blocks:
+    it may run on a stage's or a replica's event loop.
 
     Called from the threads that make the calls (:mod:`.registry`), never from a background thread:
     a Ray call from a thread that outlives the worker's task crashes the worker at teardown.  The
-    answer (the shares) is applied by Ray's own callback when it comes; one report is in flight at
-    a time, and the intervals of the meantime go with the next one.
+    answer (the shares) is applied by Ray's own callback when it comes; apart from urgent ones, one
+    report is in flight at a time, and the intervals of the meantime go with the next one.
     """
     global _service, _pending
     if not ray_initialized():  # Ray was shut down in this process: never start it again from here
@@ -289,17 +306,14 @@ def report_all(coordinated: list[EndpointLimiter], now: float, urgent: bool = Fa
             limiter.coordinated = False
         _service = _pending = None
         return
-    if _pending is not None:
+    if _pending is not None and not urgent:
         sent, _, future = _pending
-        if urgent and not future.done():
-            concurrent.futures.wait([future], timeout=IDLE_WAIT_S)
         if not future.done():
             if now - sent < REPORT_TIMEOUT_S:
                 return
             _pending = None
             _unreachable(coordinated, now, f"no answer within {REPORT_TIMEOUT_S:g}s")
             return
-    _pending = None
     remote = [lim for lim in coordinated if lim.coordinator is not None or retry_due(now)]
     for limiter in coordinated:
         if limiter not in remote:  # cut off: decide locally until the service is tried again

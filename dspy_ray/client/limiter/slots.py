@@ -32,6 +32,13 @@ from dspy_ray.client.limiter.policy import (
 Report = tuple[str, str, dict[str, Any], int, bool, int]
 
 PUMP_S = 0.1  # a caller waiting for a slot runs the limiter's pump (the report to the coordinator) this often
+# The coordinator keeps an idle process's share for IDLE_GRACE_S from when the idle report reached it (later
+# than it was sent).  A process that calls again within RESERVED_S of sending it says nothing yet (most idle
+# spells are gaps between two requests of a Serve replica), and says it is busy once RESERVED_S has passed
+# with calls in flight: the coordinator hears before its grace ends.  Past IDLE_GRACE_S it may have given
+# the share away: the process takes one slot until the coordinator answers.
+IDLE_GRACE_S = 0.5
+RESERVED_S = IDLE_GRACE_S / 2
 
 
 def endpoint_key(base_url: str, model: str) -> str:
@@ -123,6 +130,8 @@ class EndpointLimiter:
         # coordinated limiter: the report to the job's coordinator, when one is due).
         self.pump: Callable[..., None] | None = None  # called with urgent=True when this limiter went idle
         self._resting: list[float] = []  # when each call now waiting to retry (holding no slot) will try again
+        self.idle_reported: float | None = None  # when the latest report sent said idle; None: it said busy
+        self._busy_check: asyncio.TimerHandle | None = None  # the event loop's check at RESERVED_S (_waking)
 
     # -- calls waiting to retry -------------------------------------------------------
 
@@ -170,7 +179,38 @@ class EndpointLimiter:
         if pump is not None:
             # Gone idle: report now, whenever the last report was, so the share goes back to the job
             # (an idle process runs no code that could report later; its share would wait for a timeout).
-            pump(urgent=self.idle() and self.share > 1)
+            # Once per idle spell: the coordinator keeps the share for IDLE_GRACE_S, and calls that come
+            # back within RESERVED_S say nothing (see _waking).
+            pump(urgent=self.idle_reported is None and self.share > 1 and self.idle())
+
+    def _waking(self, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """A call after an idle spell that the coordinator was told of: whether to tell it now that this process
+        is busy again.  Past IDLE_GRACE_S the share may be someone else's: one slot until the coordinator
+        answers.  Within RESERVED_S, not yet: an event loop checks again then, and tells it if calls are
+        still in flight (a thread caller cannot be woken then: it tells it now)."""
+        age = time.monotonic() - self.idle_reported
+        if age > IDLE_GRACE_S and self.coordinator is not None:
+            with self._lock:
+                self.share = min(self.share, 1.0)
+                self.limit = min(self.limit, self.share)
+        if age > RESERVED_S or loop is None:
+            return True
+        if self._busy_check is None:
+            self._busy_check = loop.call_later(RESERVED_S - age, self._check_busy)
+        return False
+
+    def _check_busy(self) -> None:
+        """The event loop's check at RESERVED_S after an idle report: calls in flight say so (only while a call
+        runs, so this makes no Ray call after a worker's last task)."""
+        self._busy_check = None
+        if self.idle_reported is not None and not self.idle():
+            self._woken()
+
+    def _woken(self) -> None:
+        """Tell the coordinator now that this process is busy again, without waiting for the answer."""
+        self.idle_reported = None
+        if self.pump is not None:
+            self.pump(urgent=True)
 
     def idle(self) -> bool:
         """Nothing in flight, waiting for a slot or to retry, or queued for this endpoint in this process."""
@@ -199,12 +239,17 @@ class EndpointLimiter:
             s.demand = max(s.demand, self.in_flight + len(self._waiters) + sum(self.queued_elsewhere.values()))
 
     def _acquire(self) -> None:
+        waking = self.idle_reported is not None and self.pump is not None and self._waking()
         with self._lock:
-            if self._try():
-                return
-            waiter = _Waiter()
-            self._waiters.append(waiter)
-            self._note_demand()
+            taken = self._try()
+            if not taken:
+                waiter = _Waiter()
+                self._waiters.append(waiter)
+                self._note_demand()
+        if waking:  # counted in (in flight or waiting): the report says busy
+            self._woken()
+        if taken:
+            return
         # Released by the releaser, who counted us in already; meanwhile this thread reports (a share
         # of 0 grows only by a report, and nothing else in a worker may make one): at once when it has
         # none (a process's first call: the coordinator grants nothing before it hears of a demand).
@@ -214,12 +259,18 @@ class EndpointLimiter:
             self._pump()
 
     async def _aacquire(self) -> None:
+        waking = (self.idle_reported is not None and self.pump is not None
+                  and self._waking(asyncio.get_running_loop()))
         with self._lock:
-            if self._try():
-                return
-            waiter = _Waiter(asyncio.get_running_loop())
-            self._waiters.append(waiter)
-            self._note_demand()
+            taken = self._try()
+            if not taken:
+                waiter = _Waiter(asyncio.get_running_loop())
+                self._waiters.append(waiter)
+                self._note_demand()
+        if waking:  # as in _acquire
+            self._woken()
+        if taken:
+            return
         if self.share < 1:
             self._pump()  # as in _acquire
         try:
@@ -313,7 +364,11 @@ class EndpointLimiter:
         ``idle`` in the signals: nothing in flight or wanted right now, whatever the interval's peaks were.
         """
         signals = asdict(self.take_interval())
-        signals["idle"] = self.idle()
+        signals["idle"] = idle = self.idle()
+        self.idle_reported = time.monotonic() if idle else None
+        if self._busy_check is not None:  # this report says how things are now
+            self._busy_check.cancel()
+            self._busy_check = None
         return self.key, self.member, signals, self.ceiling, self.adaptive, self.reports
 
     def lost_coordinator(self) -> None:
