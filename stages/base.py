@@ -326,6 +326,7 @@ class DSPyStage(BaseModel):
         per_actor = cap or max(1, lm_settings.max_in_flight // max(1, actors_on_endpoint or self.num_actors))
         rows_per_task = max(self.batch_size, rows_per_block or self.batch_size)
         tasks = max(2, -(-2 * per_actor // rows_per_task))
+        _batches_at_once(-(-2 * per_actor // self.batch_size))
         return ds.map_batches(
             self.udf_class,
             fn_constructor_kwargs=self.udf_kwargs(lm_settings, cap, embed_settings, run_meter, budget_gate),
@@ -340,6 +341,19 @@ class DSPyStage(BaseModel):
                 enable_true_multi_threading=True,
             ),
         )
+
+
+def _batches_at_once(count: int) -> None:
+    """Let Ray Data run ``count`` batches of one task at once through an async UDF (it runs 4: a task of
+    many rows then held 4 x batch_size rows in flight, whatever the endpoint's limit: 256 in all at capacity
+    512, as Ray Data joins what a read yields into large blocks and hands an actor few tasks).  The stage's
+    admission, not this, decides what runs.  Ray Data 2.60 has no public setting for it (the environment
+    variable ``RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY`` is read once, at import): the value is read
+    when the plan is built, in the driver, so it is raised there, never lowered."""
+    from ray.data._internal.planner import plan_udf_map_op
+
+    if count > plan_udf_map_op.DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY:
+        plan_udf_map_op.DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY = count
 
 
 class _Admission:

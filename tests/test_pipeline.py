@@ -64,6 +64,21 @@ def test_thousand_rows_with_faults_come_out_once_each(ray_local, tmp_path):
     assert result.rows_total == 1000 and result.rows_with_errors == len(failed)
 
 
+def test_an_actor_keeps_more_than_ray_datas_four_batches_of_a_task_in_flight(ray_local, tmp_path):
+    """Ray Data joins a read's rows into a few large blocks (here 1,500 rows: one block, split in a few), and runs
+    4 batches of a task at once through an async UDF: the actors held 4 x 16 rows of each task in flight,
+    whatever the endpoint allowed (256 in all at capacity 512).  A stage lets Ray Data run as many batches as
+    its share of the limit needs (stages.base._batches_at_once)."""
+    src = write_calls(tmp_path / "calls.jsonl", 1500)
+    with FakeLLM(latency=0.3, seed=3) as fake:
+        settings = EndpointSettings(base_url=fake.base_url, model="fake-model")
+        run_pipeline(InputSpec(str(src), text_column="transcript"), str(tmp_path / "out"),
+                     triage_stages(num_actors=1, batch_size=16), settings, summary_columns=("priority",))
+        peak = fake.stats()["max_in_flight"]
+    assert read_output(tmp_path / "out").num_rows == 1500
+    assert peak > 4 * 64, peak  # more than 4 tasks' worth of Ray Data's default
+
+
 @pytest.mark.slow
 def test_resume_after_kill_redoes_nothing_written(ray_local, tmp_path):
     n = 600
