@@ -23,6 +23,25 @@ def read_output(out: Path):
     return pq.read_table(sorted(out.glob("*.parquet")))
 
 
+HI = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()  # a chat answer whose text is "hi"
+HI_WITH_LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(HI), HI)
+
+
+def chat_scripts(last: bytes = HI_WITH_LENGTH) -> list[list[bytes | None]]:
+    """The replies the HTTP clients' tests read, for :func:`scripted_http_server`: on a first connection an answer
+    framed by Content-Length, one chunked with a trailer, then a 429 (Retry-After 2) that closes it; on a second a
+    100 Continue before an answer, then the request read and the connection dropped unanswered; on a third,
+    ``last``.  Every answer says "hi"."""
+    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(HI), HI)
+    return [
+        [HI_WITH_LENGTH,
+         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+         b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"],
+        [b"HTTP/1.1 100 Continue\r\n\r\n" + HI_WITH_LENGTH, None],
+        [last],
+    ]
+
+
 def scripted_http_server(scripts: list[list[bytes | None]]) -> tuple[int, list]:
     """A server on 127.0.0.1 that takes one connection per script and answers each request on it with the
     script's next reply (``None``: read the request, then close without answering); (its port, the JSON

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import threading
 
 import dspy
@@ -22,7 +21,7 @@ from dspy_ray.testing.fake_llm import FakeLLM
 from programs.triage import CallTriager, TriageCall
 from stages.base import DSPyStageUDF
 from tasks import get_task
-from tests.batch_helpers import scripted_http_server
+from tests.batch_helpers import HI, chat_scripts, scripted_http_server
 
 OUTPUTS = ("priority", "category", "summary")
 
@@ -183,16 +182,8 @@ def test_a_forward_only_module_inside_falls_back_to_a_thread(clean):
 def test_async_client_reads_answers_as_the_sync_one_does():
     """The event loop's HTTP client against a scripted server: Content-Length, chunked with a trailer, a 429
     that closes the connection, a 100 Continue, and a kept-alive connection the server dropped."""
-    answer = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()
-    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(answer), answer)
-    scripts = [
-        [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer),
-         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
-         b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"],
-        [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer),
-         None],  # None: read the request, then close without answering
-        [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + answer],  # no length: the body runs to the close
-    ]
+    # The last connection's answer has no length: its body runs to the close.
+    scripts = chat_scripts(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + HI)
     port, seen = scripted_http_server(scripts)
     client = ChatHTTP(f"http://127.0.0.1:{port}/v1", api_key="k", timeout_s=5.0, model="m")
 

@@ -3,7 +3,6 @@ estimate, and the budget stop (``--max-tokens`` / ``--max-cost``) followed by ``
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from dspy_ray.client.usage import Budget, RunMeter, Usage, total_of
 from pipelines.inputs import InputSpec
 from pipelines.runner import run_pipeline
 from tasks import get_task
-from tests.batch_helpers import read_output, scripted_http_server, write_calls
+from tests.batch_helpers import chat_scripts, read_output, scripted_http_server, write_calls
 from dspy_ray.testing.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,16 +207,7 @@ def test_lean_client_reads_lengths_chunks_and_reconnects():
 
     from dspy_ray.client.chat_http import ChatHTTP
 
-    answer = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()
-    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(answer), answer)
-    scripts = [
-        [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer),
-         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
-         b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"],
-        [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer),
-         None],  # None: read the request, then close without answering
-        [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)],
-    ]
+    scripts = chat_scripts()
     port, seen = scripted_http_server(scripts)
     client = ChatHTTP(f"http://127.0.0.1:{port}/v1", api_key="k", timeout_s=5.0, model="m")
     assert client.complete(b'{"n": 1}')["choices"][0]["message"]["content"] == "hi"
