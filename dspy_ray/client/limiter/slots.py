@@ -238,17 +238,23 @@ class EndpointLimiter:
             s = self._interval
             s.demand = max(s.demand, self.in_flight + len(self._waiters) + sum(self.queued_elsewhere.values()))
 
-    def _acquire(self) -> None:
-        waking = self.idle_reported is not None and self.pump is not None and self._waking()
+    def _take_or_queue(self, loop: asyncio.AbstractEventLoop | None = None) -> _Waiter | None:
+        """A slot now (None), or a waiter in the queue for one (woken on ``loop``, or a thread's lock).  After an
+        idle spell the coordinator hears once this call is counted in, in flight or waiting (see _waking)."""
+        waking = self.idle_reported is not None and self.pump is not None and self._waking(loop)
+        waiter = None
         with self._lock:
-            taken = self._try()
-            if not taken:
-                waiter = _Waiter()
+            if not self._try():
+                waiter = _Waiter(loop)
                 self._waiters.append(waiter)
                 self._note_demand()
-        if waking:  # counted in (in flight or waiting): the report says busy
+        if waking:
             self._woken()
-        if taken:
+        return waiter
+
+    def _acquire(self) -> None:
+        waiter = self._take_or_queue()
+        if waiter is None:
             return
         # Released by the releaser, who counted us in already; meanwhile this thread reports (a share
         # of 0 grows only by a report, and nothing else in a worker may make one): at once when it has
@@ -259,17 +265,8 @@ class EndpointLimiter:
             self._pump()
 
     async def _aacquire(self) -> None:
-        waking = (self.idle_reported is not None and self.pump is not None
-                  and self._waking(asyncio.get_running_loop()))
-        with self._lock:
-            taken = self._try()
-            if not taken:
-                waiter = _Waiter(asyncio.get_running_loop())
-                self._waiters.append(waiter)
-                self._note_demand()
-        if waking:  # as in _acquire
-            self._woken()
-        if taken:
+        waiter = self._take_or_queue(asyncio.get_running_loop())
+        if waiter is None:
             return
         if self.share < 1:
             self._pump()  # as in _acquire
