@@ -19,8 +19,8 @@ async path in DSPy 3.4), and keep the best output when the threshold is never me
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
