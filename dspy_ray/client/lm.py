@@ -155,12 +155,12 @@ class ResilientLM(dspy.LM):
         """:meth:`__call__` for asyncio: the same lean path, cache, retries and limit, awaited on the running
         loop (no thread per call); what the lean path does not send goes through DSPy's async client."""
         lean = self._lean_request(prompt, messages, kwargs)
+        limiter = self.limiter
+        slot = limiter.aslot if limiter is not None else None
         if lean is None:
             parent = dspy.BaseLM.acall.__wrapped__
-            limiter = self.limiter
             result = await acall_with_retries(lambda: parent(self, prompt, messages=messages, **kwargs),
-                                              self.retry_policy, slot=limiter.aslot if limiter is not None else None,
-                                              on_failure=self._failed)
+                                              self.retry_policy, slot=slot, on_failure=self._failed)
             self._record(Usage(calls=1))
             return result
         body, _, sent = lean
@@ -173,9 +173,7 @@ class ResilientLM(dspy.LM):
             outputs = self._cached_outputs(key, entry, kwargs)
             if outputs is not None:
                 return outputs
-        limiter = self.limiter
-        answer = await acall_with_retries(lambda: self.http.acomplete(body), self.retry_policy,
-                                          slot=limiter.aslot if limiter is not None else None,
+        answer = await acall_with_retries(lambda: self.http.acomplete(body), self.retry_policy, slot=slot,
                                           on_failure=self._failed)
         return self._answered(answer, kwargs, store, key)
 
