@@ -189,10 +189,33 @@ def plan_input(spec: InputSpec, precheck_first: bool) -> CorpusPlan:
     return CorpusPlan(found, checked.rows, checked=checked)
 
 
-def input_dataset(plan: CorpusPlan, spec: InputSpec, per_block: int):
+MAX_BLOCK_ROWS = 1024  # a block's rows at most: a stage's output goes on to the next stage a block at a time
+BLOCKS_PER_ACTOR = 4  # blocks for each actor calling the endpoint, about (within the bounds of block_rows)
+
+
+def block_rows(todo: int | None, batch_size: int, actors: int, on_endpoint: int) -> int:
+    """Rows per block of a run's dataset: about four blocks for every actor calling the endpoint, so the work
+    is shared and each stage passes its rows on while it runs (the next stage starts on a block as soon as
+    the one before is done with it); at least a few batches, at most ``MAX_BLOCK_ROWS``; and at least two
+    blocks per actor of a stage for a small corpus.  ``todo`` None (not counted): a few batches."""
+    few = 4 * batch_size
+    if todo is None:
+        return few
+    per_actor = -(-todo // (BLOCKS_PER_ACTOR * max(1, on_endpoint)))
+    return max(1, min(-(-todo // (2 * max(1, actors))), max(few, min(MAX_BLOCK_ROWS, per_actor))))
+
+
+def input_dataset(plan: CorpusPlan, spec: InputSpec, per_block: int, blocks: int | None = None):
+    """The corpus as a dataset of about ``per_block`` rows a block, in at least ``blocks`` blocks.
+
+    Ray Data joins what a read task yields into blocks of up to ``DataContext.target_max_block_size``
+    (128 MiB): a read task's rows would reach the first stage as one block, and leave it as one, so the
+    second stage would wait for the first to finish all of them.  A counted corpus is therefore read
+    into ``blocks`` blocks (Ray Data cuts each read task's output evenly).
+    """
     if plan.table is not None:
         return to_dataset(plan.table, rows_per_block=per_block)
-    return corpus_dataset(plan.found, spec, rows_per_block=per_block,
+    return corpus_dataset(plan.found, spec, rows_per_block=per_block, blocks=blocks,
                           types=plan.checked.types if plan.checked is not None else None)
 
 
@@ -266,14 +289,11 @@ def _run_stages(plan: CorpusPlan, spec: InputSpec, out: str, written: Written, s
             meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
             meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
                                                                                       budget.max_cost)
-        # Blocks of a few batches, and at least two per actor, so a small corpus still keeps every
-        # actor (and, streaming, every stage) busy at once.
-        actors = max(stage.num_actors for stage in stages)
-        per_block = 4 * max(stage.batch_size for stage in stages)
-        if todo is not None:
-            per_block = max(1, min(per_block, -(-todo // (2 * actors))))
-        ds = exclude_written(input_dataset(plan, spec, per_block), out, written)
         on_endpoint = sum(stage.num_actors for stage in stages)
+        per_block = block_rows(todo, max(stage.batch_size for stage in stages),
+                               max(stage.num_actors for stage in stages), on_endpoint)
+        blocks = -(-todo // per_block) if todo else None  # the rows to run (a resumed run reads the rest too)
+        ds = exclude_written(input_dataset(plan, spec, per_block, blocks), out, written)
         for i, stage in enumerate(stages):
             ds = stage.apply(ds, settings, embed_settings=endpoints.embed, rows_per_block=per_block,
                              actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0)

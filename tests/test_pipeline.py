@@ -15,7 +15,7 @@ import pytest
 from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.inputs import InputSpec
 from pipelines.resume import written_ids
-from pipelines.runner import run_pipeline
+from pipelines.runner import MAX_BLOCK_ROWS, block_rows, input_dataset, plan_input, run_pipeline
 from tasks import get_task
 from tests.batch_helpers import read_output, write_calls
 from dspy_ray.testing.fake_llm import FakeLLM
@@ -77,6 +77,28 @@ def test_an_actor_keeps_more_than_ray_datas_four_batches_of_a_task_in_flight(ray
         peak = fake.stats()["max_in_flight"]
     assert read_output(tmp_path / "out").num_rows == 1500
     assert peak > 4 * 64, peak  # more than 4 tasks' worth of Ray Data's default
+
+
+def test_a_counted_corpus_reaches_the_stages_in_blocks_of_the_planned_size(ray_local, tmp_path):
+    """Ray Data joins what a read task yields into blocks of up to 128 MiB: 5,000 rows in one file came out as 4
+    blocks of 1,250, and the second stage of a chain waited for the first to finish a whole one (in a short run,
+    all of its rows).  A counted corpus is read into blocks of the planned size (pipelines.runner.block_rows)."""
+    src = write_calls(tmp_path / "calls.jsonl", 5000)
+    spec = InputSpec(str(src), text_column="transcript")
+    plan = plan_input(spec, precheck_first=True)
+    per_block = block_rows(plan.rows, batch_size=16, actors=2, on_endpoint=4)
+    assert per_block == 313  # four blocks for each of the 4 actors calling the endpoint
+    ds = input_dataset(plan, spec, per_block, blocks=-(-plan.rows // per_block))
+    sizes = [meta.num_rows for bundle in ds.materialize().iter_internal_ref_bundles() for meta in bundle.metadata]
+    assert sum(sizes) == 5000 and len(sizes) >= 16 and max(sizes) <= per_block, sizes
+
+
+def test_block_rows_bounds():
+    assert block_rows(None, batch_size=16, actors=2, on_endpoint=4) == 64  # not counted: a few batches
+    assert block_rows(40, batch_size=16, actors=2, on_endpoint=4) == 10  # small: two blocks per actor of a stage
+    assert block_rows(5000, batch_size=16, actors=2, on_endpoint=4) == 313
+    assert block_rows(2_000_000, batch_size=16, actors=2, on_endpoint=4) == MAX_BLOCK_ROWS
+    assert block_rows(1000, batch_size=16, actors=2, on_endpoint=4) == 64  # at least a few batches
 
 
 @pytest.mark.slow

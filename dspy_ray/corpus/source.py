@@ -116,16 +116,18 @@ class CorpusSource(Datasource):
 
 def corpus_dataset(found: InputFiles, spec: InputSpec, *, rows_per_block: int = 256,
                    reader: GroupReader = read_rows, types: dict[str, str] | None = None,
-                   split_bytes: int | None = None, min_split_bytes: int | None = None):
+                   split_bytes: int | None = None, min_split_bytes: int | None = None, blocks: int | None = None):
     """The corpus as a dataset read on the workers (``reader``: what each read task yields; ``types``: the
     columns' types the pre-pass found, so every block has one schema; ``split_bytes``, ``min_split_bytes``:
-    see :func:`plan_groups`).  Without ``types`` each block infers its own: a jsonl column whose values
-    change type between blocks then fails the write."""
+    see :func:`plan_groups`; ``blocks``: at least this many blocks, each read task's output cut evenly).
+    Without ``types`` each block infers its own: a jsonl column whose values change type between blocks then
+    fails the write."""
     import ray
 
     if types:
         reader = functools.partial(reader, types=types)
-    return ray.data.read_datasource(CorpusSource(found, spec, rows_per_block, reader, split_bytes, min_split_bytes))
+    source = CorpusSource(found, spec, rows_per_block, reader, split_bytes, min_split_bytes)
+    return ray.data.read_datasource(source, **({"override_num_blocks": blocks} if blocks else {}))
 
 
 def input_error_in(exc: BaseException) -> InputError | None:
