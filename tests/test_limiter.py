@@ -319,6 +319,60 @@ def test_a_quick_local_cut_holds_until_the_policy_has_seen_its_429s():
     assert limiter.limit == 8.0 and limiter.backoff is None
 
 
+def test_a_rise_of_the_limit_is_taken_up_over_a_latency_and_a_burst_of_429s_stops_it():
+    """An endpoint that refuses what is over its capacity refuses a burst whole: after a doubling, twice the
+    requests in flight went out at once, and half came back 429.  A rise is spread over a latency instead; the
+    first 429s cut it short.  A share that moves between processes (not paced) still moves at once."""
+
+    class Overloaded(Exception):
+        status = 429
+
+    limiter = EndpointLimiter("test|rise", ceiling=256, initial=16)
+    limiter.set_share(64.0)  # not paced: at once
+    assert limiter.limit == 64.0
+    limiter.set_share(128.0, paced=0.4)  # the policy doubled the limit
+    assert 64.0 <= limiter.limit < 70.0  # ... none of the rise at once
+    time.sleep(0.2)
+    limiter._take_up()  # what a waiting caller's pump does
+    assert 80.0 < limiter.limit < 120.0  # about half of it after half the span
+    held = [limiter._acquire() for _ in range(int(limiter.limit))]
+    for _ in range(3):  # the endpoint is full: three 429s at once
+        limiter._release(None, Overloaded())
+    assert limiter._rise is None and limiter.backoff is not None
+    cut = limiter.limit
+    time.sleep(0.25)
+    limiter._take_up()
+    assert limiter.limit == cut  # the rest of the rise is never sent
+    assert len(held) > cut
+
+    fresh = EndpointLimiter("test|rise-fresh", ceiling=256, initial=16)
+    fresh.set_share(0.0)
+    fresh.set_share(32.0, paced=0.4)  # a process with no slot yet takes one at once, the rest over the span
+    assert 1.0 <= fresh.limit < 6.0
+    time.sleep(0.45)
+    fresh._take_up()
+    assert fresh.limit == 32.0
+
+
+def test_the_coordinator_says_paced_after_the_limit_grew_and_not_otherwise():
+    from dspy_ray.client.limiter import LimitCoordinator
+
+    coordinator = LimitCoordinator("test|paced", ceiling=256, initial=16)
+    now = [100.0]
+    coordinator.clock = lambda: now[0]
+    coordinator.join("a")
+    busy = {"ok": 16, "latency_sum": 16 * 0.05, "peak_in_flight": 16, "demand": 64}
+    answers = []
+    for number in range(1, 4):  # windows of 0.2 s, the limit used: slow start doubles it
+        now[0] += 0.2
+        answers.append((coordinator.policy.limit, coordinator.report("a", busy, number)))
+    grew = [answer for before, answer in answers if coordinator.history and answer["share"] > before]
+    assert grew and all(answer["paced"] > 0 for answer in grew)
+    now[0] += 5.0  # long after: a report that changes nothing is not paced
+    idle = {"ok": 0, "peak_in_flight": 0, "demand": 0}
+    assert coordinator.report("a", idle, 4)["paced"] == 0.0
+
+
 def test_the_coordinator_says_which_reports_it_decided_with():
     from dspy_ray.client.limiter import LimitCoordinator
 

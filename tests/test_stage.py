@@ -67,13 +67,13 @@ def test_many_requests_in_flight_per_actor():
     with FakeLLM(latency=0.3) as fake:
         udf = make_udf(fake, max_in_flight_per_actor=48)
         start = time.perf_counter()
-        out = run(udf, calls(96))
+        out = run(udf, calls(144))  # the limit starts at 16 and each rise is taken up over a latency
         elapsed = time.perf_counter() - start
         stats = fake.stats()
-    assert out.num_rows == 96
+    assert out.num_rows == 144
     assert stats["max_in_flight"] >= 40, stats  # not one blocking call at a time
     assert stats["max_in_flight"] <= 48, stats  # the per-actor limit holds
-    assert elapsed < 96 * 0.3 / 4  # far from sequential
+    assert elapsed < 144 * 0.3 / 4  # far from sequential
 
 
 def test_rate_limits_and_server_errors_are_retried():

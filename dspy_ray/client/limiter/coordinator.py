@@ -57,6 +57,7 @@ class LimitCoordinator:
         self.pending_reports = 0
         self.clock = time.monotonic  # (tests step it)
         self.started = self.clock()
+        self.rise: tuple[float, float] | None = None  # (when, over how long) the policy last raised the limit much
         # (seconds, limit, demand, peak in flight, answered ok, 429s) per policy step, for plots and tests.
         self.history: collections.deque[tuple[float, float, int, int, int, int]] = collections.deque(maxlen=20_000)
 
@@ -110,11 +111,24 @@ class LimitCoordinator:
                 m.window_peak = m.window_demand = 0
                 m.decided = m.last_report
             self.policy.rounding = len(self.members)
+            before = self.policy.limit
             self.policy.observe(self.pending, now)
+            span = self.policy.rise_span(before)
+            if span:
+                self.rise = (now, span)
             self.history.append((round(now - self.started, 3), round(self.policy.limit, 1), self.pending.demand,
                                  self.pending.peak_in_flight, self.pending.ok, self.pending.overloads))
             self.pending, self.pending_reports = Signals(), 0
-        return {"share": self._share(member), "background": self.policy.background_rate(), "decided": state.decided}
+        return {"share": self._share(member), "background": self.policy.background_rate(), "decided": state.decided,
+                "paced": self._paced(now)}
+
+    def _paced(self, now: float) -> float:
+        """Over how many seconds a process takes up a rise of its share: one latency while the limit has grown
+        much within the last one (:meth:`~.slots.EndpointLimiter.set_share`), else 0 (at once: a share that
+        moves between processes, or a probe's step)."""
+        if self.rise is None or now - self.rise[0] > self.rise[1]:
+            return 0.0
+        return self.rise[1]
 
     def _prune(self, now: float) -> None:
         for name in [n for n, m in self.members.items() if now - m.heard > MEMBER_TIMEOUT_S]:
@@ -340,7 +354,7 @@ def _answered(coordinated: list[EndpointLimiter], handle, future, sent: float) -
         return
     for limiter, answer in zip(coordinated, answers):
         limiter.coordinator, limiter.cap = handle, None
-        limiter.set_share(answer["share"], answer["background"], answer["decided"])
+        limiter.set_share(answer["share"], answer["background"], answer["decided"], answer.get("paced", 0.0))
 
 
 def _unreachable(coordinated: list[EndpointLimiter], now: float, why: str) -> None:

@@ -170,6 +170,13 @@ class AimdPolicy:
     def overload_threshold(self, answered: int) -> float:
         return overload_threshold(answered, self.background_rate())
 
+    def rise_span(self, before: float) -> float:
+        """Over how long the callers take up the limit's rise from ``before`` (see ``EndpointLimiter.set_share``):
+        one latency for a large one (slow start, the way back to the plateau), 0 (at once) for a probe's step."""
+        if self.limit - before <= max(2.0, 0.1 * before):
+            return 0.0
+        return max(self.MIN_WINDOW_S, self.latency_floor or 0.0)
+
     # -- deciding ---------------------------------------------------------------
 
     def observe(self, signals: Signals, now: float) -> float:

@@ -132,6 +132,9 @@ class EndpointLimiter:
         self._resting: list[float] = []  # when each call now waiting to retry (holding no slot) will try again
         self.idle_reported: float | None = None  # when the latest report sent said idle; None: it said busy
         self._busy_check: asyncio.TimerHandle | None = None  # the event loop's check at RESERVED_S (_waking)
+        # The endpoint's limit grew (the policy's slow start or a probe): (since, from, over) while this process
+        # takes up the rise of its share evenly over ``over`` seconds, not at once (see set_share).
+        self._rise: tuple[float, float, float] | None = None
 
     # -- calls waiting to retry -------------------------------------------------------
 
@@ -175,6 +178,7 @@ class EndpointLimiter:
         return _AsyncSlot(self)
 
     def _pump(self) -> None:
+        self._take_up()
         pump = self.pump
         if pump is not None:
             # Gone idle: report now, whenever the last report was, so the share goes back to the job
@@ -307,17 +311,34 @@ class EndpointLimiter:
                 if s.latency_hist is None:
                     s.latency_hist = [0] * LATENCY_BUCKETS
                 s.latency_hist[latency_bucket(latency or 0.0)] += 1
-                if self.limit < self.share and self.backoff is None:  # pace growth: one more slot per answer
-                    self.limit = min(self.share, self.limit + 1)
             elif is_overload(exc):
                 s.overloads += 1
                 # Many 429s already in this interval: give this slot back now, not at the next report.
                 if s.overloads > overload_threshold(s.answered, self.background):
                     self.limit = max(min(1.0, self.share), min(self.limit, self.in_flight + 1) - 1)
                     self.backoff = (self.reports, self.limit)
+                    self._rise = None
             else:
                 s.errors += 1
+            if self._rise is not None:
+                self._rising(time.monotonic())
             self._grant()
+
+    def _rising(self, now: float) -> None:
+        """Take up the share's rise as far as the time since it began allows (called with the lock held)."""
+        since, start, over = self._rise
+        done = min(1.0, (now - since) / over)
+        self.limit = max(self.limit, min(self.share, start + (self.share - start) * done))
+        if done >= 1.0 or self.limit >= self.share:
+            self._rise = None
+
+    def _take_up(self) -> None:
+        """Between calls (a waiter's pump): more of a rise in progress, to the calls waiting for it."""
+        if self._rise is not None:
+            with self._lock:
+                if self._rise is not None:
+                    self._rising(time.monotonic())
+                    self._grant()
 
     # -- the share ------------------------------------------------------------------
 
@@ -330,17 +351,31 @@ class EndpointLimiter:
                                       latency_sum=signals.latency_sum))
             return signals
 
-    def set_share(self, share: float, background: float | None = None, decided: int | None = None) -> None:
+    def set_share(self, share: float, background: float | None = None, decided: int | None = None,
+                  paced: float = 0.0) -> None:
         """Use ``share`` from now on; ``decided``: how many of this process's intervals (:attr:`reports`)
-        the policy had seen when it decided (None: all of them)."""
+        the policy had seen when it decided (None: all of them); ``paced``: the endpoint's limit has just
+        grown, take up the rise evenly over this many seconds (its latency)."""
         with self._lock:
             # 0 is possible with a coordinator: every slot of the job is held by other processes.
             self.share = max(0.0, min(float(self.ceiling), share))
-            # At once, both ways: the policy already paced the total (and a share that moves between
-            # processes does not change it).  A quick local cut on 429s holds until the policy saw them.
             if self.backoff is not None and (decided is None or self.backoff[0] < decided):
                 self.backoff = None
-            self.limit = self.share if self.backoff is None else min(self.share, self.backoff[1])
+            if self.backoff is not None:  # a quick local cut on 429s holds until the policy saw them
+                self._rise = None
+                self.limit = min(self.share, self.backoff[1])
+            elif (paced > 0 or self._rise is not None) and self.share > self.limit:
+                # The total grew.  Requests sent at once into an endpoint that refuses what is over its capacity
+                # are refused at once, all of them: twice the requests in flight after a doubling.  Spread over
+                # a latency, the first refusals come back while most of the rise is still unsent, and the quick
+                # cut in _release stops it there.  (Answers come in waves, so pacing by answers would not do.)
+                now = time.monotonic()
+                if self._rise is None:
+                    self._rise = (now, max(self.limit, min(1.0, self.share)), paced)
+                self._rising(now)
+            else:  # at once, both ways: down, or a share that moves between processes (the total is the same)
+                self._rise = None
+                self.limit = self.share
             if background is not None:
                 self.background = background
             self._grant()
@@ -350,10 +385,11 @@ class EndpointLimiter:
         now = time.monotonic() if now is None else now
         signals = self.take_interval()
         if self.policy is not None:
+            before = self.policy.limit
             limit = self.policy.observe(signals, now)
             if self.cap is not None:  # cut off from the job's coordinator: never more than it last granted
                 limit = self.policy.limit = min(limit, self.cap)
-            self.set_share(limit, self.policy.background_rate())
+            self.set_share(limit, self.policy.background_rate(), paced=self.policy.rise_span(before))
 
     def coordinated_report(self) -> Report:
         """What the endpoint's coordinator needs from this process since the last report, numbered.
