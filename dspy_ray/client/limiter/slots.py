@@ -132,8 +132,8 @@ class EndpointLimiter:
         self._resting: list[float] = []  # when each call now waiting to retry (holding no slot) will try again
         self.idle_reported: float | None = None  # when the latest report sent said idle; None: it said busy
         self._busy_check: asyncio.TimerHandle | None = None  # the event loop's check at RESERVED_S (_waking)
-        # The endpoint's limit grew (the policy's slow start or a probe): (since, from, over) while this process
-        # takes up the rise of its share evenly over ``over`` seconds, not at once (see set_share).
+        # The endpoint's limit grew much (slow start, the way back after a cut): (since, from, over) while this
+        # process takes up the rise of its share evenly over ``over`` seconds, not at once (see set_share).
         self._rise: tuple[float, float, float] | None = None
 
     # -- calls waiting to retry -------------------------------------------------------
