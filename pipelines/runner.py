@@ -191,6 +191,12 @@ def plan_input(spec: InputSpec, precheck_first: bool) -> CorpusPlan:
 
 MAX_BLOCK_ROWS = 1024  # a block's rows at most: a stage's output goes on to the next stage a block at a time
 BLOCKS_PER_ACTOR = 4  # blocks for each actor calling the endpoint, about (within the bounds of block_rows)
+# When the endpoint's limit cannot run every stage's waiting rows at once, a stage's rows weigh this much more
+# than the next stage's.  Split by rows alone, the second stage kept up with the first and ran out of rows;
+# at the end it waited while the first finished its last blocks (a stage passes rows on a block at a time)
+# and then ran those alone, the endpoint half idle.  Behind, it has rows for the slots the first frees as it
+# ends.  (Ray Data's backpressure stops the first stage if the second falls far behind.)
+EARLIER_STAGE_WEIGHT = 4.0
 
 
 def block_rows(todo: int | None, batch_size: int, actors: int, on_endpoint: int) -> int:
@@ -296,7 +302,8 @@ def _run_stages(plan: CorpusPlan, spec: InputSpec, out: str, written: Written, s
         ds = exclude_written(input_dataset(plan, spec, per_block, blocks), out, written)
         for i, stage in enumerate(stages):
             ds = stage.apply(ds, settings, embed_settings=endpoints.embed, rows_per_block=per_block,
-                             actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0)
+                             actors_on_endpoint=on_endpoint, run_meter=meter_name, budget_gate=i == 0,
+                             share_weight=EARLIER_STAGE_WEIGHT ** (len(stages) - 1 - i))
         ds.write_parquet(out)  # a local folder or an object-store URI (Ray Data writes from the workers)
         if meter is None:
             return None

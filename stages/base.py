@@ -104,6 +104,7 @@ class DSPyStageUDF:
         lm_factory: Callable[[EndpointSettings], dspy.BaseLM] = build_lm,
         run_meter: str | None = None,
         budget_gate: bool = False,
+        share_weight: float = 1.0,
     ):
         self.stage_name = stage_name
         self.input_fields = dict(input_fields)
@@ -127,6 +128,8 @@ class DSPyStageUDF:
         )
         self.max_in_flight = max_in_flight  # an optional cap per actor; None: the endpoint's limit decides
         self.limiter = getattr(self.lm, "limiter", None)
+        if self.limiter is not None:  # this stage's weight in the split of the endpoint's limit; no idle grace
+            self.limiter.weight, self.limiter.idle_grace = share_weight, 0.0
         self.budget_gate = budget_gate
         self.stop_reason: str | None = None  # the run's budget is spent: start no new row
         self._meter = _run_meter(run_meter)
@@ -291,7 +294,7 @@ class DSPyStage(BaseModel):
 
     def udf_kwargs(self, lm_settings: EndpointSettings, max_in_flight: int | None = None,
                    embed_settings: EndpointSettings | None = None, run_meter: str | None = None,
-                   budget_gate: bool = False) -> dict[str, Any]:
+                   budget_gate: bool = False, share_weight: float = 1.0) -> dict[str, Any]:
         return {
             "stage_name": self.stage_name(),
             "program": self.program,
@@ -308,17 +311,21 @@ class DSPyStage(BaseModel):
             "refine_threshold": self.refine_threshold,
             "run_meter": run_meter,
             "budget_gate": budget_gate,
+            "share_weight": share_weight,
         }
 
     def apply(self, ds, lm_settings: EndpointSettings, max_in_flight: int | None = None,
               embed_settings: EndpointSettings | None = None, *, rows_per_block: int | None = None,
-              actors_on_endpoint: int | None = None, run_meter: str | None = None, budget_gate: bool = False):
+              actors_on_endpoint: int | None = None, run_meter: str | None = None, budget_gate: bool = False,
+              share_weight: float = 1.0):
         """Add this stage to a Ray Dataset: one actor pool, async UDF, pyarrow batches.
 
         ``actors_on_endpoint``: every actor of the run that calls the endpoint (all stages);
         ``rows_per_block``: the dataset's block size.  Each actor is given enough blocks at once
         to hold twice its even share of the endpoint's ceiling, so the endpoint stays busy while
         a batch waits for its slowest row (the limiter, not the batch, decides what runs).
+        ``share_weight``: how much this stage's waiting rows weigh when the endpoint's limit cannot run
+        every stage's at once (the run gives earlier stages more).
         """
         from ray.data import ActorPoolStrategy
 
@@ -329,7 +336,8 @@ class DSPyStage(BaseModel):
         _batches_at_once(-(-2 * per_actor // self.batch_size))
         return ds.map_batches(
             self.udf_class,
-            fn_constructor_kwargs=self.udf_kwargs(lm_settings, cap, embed_settings, run_meter, budget_gate),
+            fn_constructor_kwargs=self.udf_kwargs(lm_settings, cap, embed_settings, run_meter, budget_gate,
+                                                   share_weight),
             batch_size=self.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,

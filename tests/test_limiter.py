@@ -345,6 +345,13 @@ def test_a_rise_of_the_limit_is_taken_up_over_a_latency_and_a_burst_of_429s_stop
     assert limiter.limit == cut  # the rest of the rise is never sent
     assert len(held) > cut
 
+    one = EndpointLimiter("test|rise-one", ceiling=256, initial=16)
+    one.set_share(64.0)
+    one.set_share(128.0, paced=0.4)
+    one._acquire()
+    one._release(None, Overloaded())  # a single refusal: the rise stops where it is, no cut (yet)
+    assert one._rise is None and one.backoff is None and 64.0 <= one.limit < 70.0
+
     fresh = EndpointLimiter("test|rise-fresh", ceiling=256, initial=16)
     fresh.set_share(0.0)
     fresh.set_share(32.0, paced=0.4)  # a process with no slot yet takes one at once, the rest over the span
@@ -380,11 +387,16 @@ def test_the_coordinator_says_which_reports_it_decided_with():
     coordinator.join("a")
     coordinator.join("b")
     signals = {"ok": 4, "latency_sum": 0.4, "peak_in_flight": 4, "demand": 8}
-    first = coordinator.report("a", signals, 1)
-    assert first["decided"] == 0  # b has not reported yet: no policy step
-    second = coordinator.report("b", signals, 1)
-    assert second["decided"] == 1
-    assert coordinator.report("a", signals, 2)["decided"] == 1  # a's first report was in that step
+    # b joined and has not called: it does not hold the policy back, a's report is a round on its own.
+    assert coordinator.report("a", signals, 1)["decided"] == 1
+    # Both call from now on: a step waits for a report from each.
+    assert coordinator.report("b", signals, 1)["decided"] == 0  # no step: a has not reported since
+    assert coordinator.report("a", signals, 2)["decided"] == 2  # the step, with b's first report and a's second
+    assert coordinator.report("b", signals, 2)["decided"] == 1
+    # b goes idle: a's reports are rounds on their own again.
+    coordinator.report("b", {"idle": True}, 3)
+    assert coordinator.report("a", signals, 3)["decided"] == 3
+    assert coordinator.report("a", signals, 4)["decided"] == 4
 
 
 def test_a_process_that_joined_and_never_called_holds_no_slots():
@@ -464,6 +476,49 @@ def test_a_thread_caller_reports_each_idle_spell_once_and_its_return_at_once():
     with limiter.slot():
         assert limiter.limit == 1  # one slot until the coordinator answers the busy report
     assert sent[5:] == [False]  # busy again; with one slot there is nothing to give back when it ends
+
+
+def test_a_batch_stage_gives_its_share_back_as_soon_as_it_is_idle():
+    """A batch stage's idle spell ends only when its next rows come (``idle_grace`` 0): the coordinator gives its
+    share to the stages still working at once, and its next call says so at once, on one slot until answered."""
+    import asyncio
+
+    from dspy_ray.client.limiter import LimitCoordinator
+
+    now = [1000.0]
+    coordinator = LimitCoordinator("test|batch-idle", ceiling=64, adaptive=False)
+    coordinator.clock = lambda: now[0]
+    busy = {"ok": 8, "latency_sum": 0.8, "peak_in_flight": 32, "demand": 100}
+    for n in (1, 2):
+        coordinator.report("first", busy, n)
+        coordinator.report("second", busy, n)
+    assert coordinator.members["first"].granted == 32
+    assert coordinator.report("first", {"idle": True, "grace": 0.0}, 3)["share"] <= 1  # at once, no grace
+    assert coordinator.report("second", {**busy, "peak_in_flight": 32}, 3)["share"] >= 63
+
+    limiter = EndpointLimiter("test|batch-spells", ceiling=64, initial=16)
+    limiter.idle_grace = 0.0
+    sent = spell_recorder(limiter)
+    record = limiter.pump
+    shares = []
+
+    def pump(urgent: bool = False) -> None:  # the coordinator answers a busy report with a share
+        record(urgent)
+        if urgent and not sent[-1]:
+            shares.append(limiter.share)
+            limiter.set_share(8.0)
+
+    limiter.pump = pump
+
+    async def call() -> None:
+        async with limiter.aslot():
+            await asyncio.sleep(0)
+
+    with limiter.slot():
+        pass
+    asyncio.run(call())
+    assert sent == [True, False, True]  # idle; busy again at once, not after RESERVED_S; idle
+    assert shares == [0.0]  # back from idle it asked before sending: no slot was kept for it
 
 
 def test_an_event_loop_caller_says_nothing_of_short_gaps_and_busy_before_the_grace_ends():
@@ -557,3 +612,27 @@ def test_calls_waiting_to_retry_are_counted_while_they_wait():
     assert limiter.resting() == 2
     time.sleep(0.3)
     assert limiter.resting() == 1
+
+
+def test_a_short_limit_is_split_by_demand_and_weight():
+    """A batch run's first stage weighs 4x the second when the limit cannot run both stages' rows (the second
+    then keeps rows for the slots the first frees as it ends); no member gets more than it wants."""
+    from dspy_ray.client.limiter import EndpointLimiter, LimitCoordinator
+
+    coordinator = LimitCoordinator("test|weight", ceiling=100, adaptive=False)
+    for name in ("first", "second"):
+        coordinator.join(name)
+
+    def shares(first_demand: int, second_demand: int) -> tuple[float, float]:
+        for number in range(1, 4):  # a few rounds: a share grows only out of what the other gave back
+            a = coordinator.report("first", {"peak_in_flight": 0, "demand": first_demand, "weight": 4.0}, number)
+            b = coordinator.report("second", {"peak_in_flight": 0, "demand": second_demand, "weight": 1.0}, number)
+        return a["share"], b["share"]
+
+    assert shares(200, 200) == (80.0, 20.0)
+    assert shares(10, 200) == (10.0, 90.0)  # what the first cannot use goes to the second
+    assert shares(40, 40) == (50.0, 50.0)  # the limit covers both: each its demand, the spare by demand
+
+    limiter = EndpointLimiter("test|weight-report", ceiling=64)
+    limiter.weight = 4.0
+    assert limiter.coordinated_report()[2]["weight"] == 4.0

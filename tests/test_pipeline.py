@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from dspy_ray.client.limiter import coordinator_state
 from dspy_ray.endpoints.settings import EndpointSettings
 from pipelines.inputs import InputSpec
 from pipelines.resume import written_ids
-from pipelines.runner import MAX_BLOCK_ROWS, block_rows, input_dataset, plan_input, run_pipeline
+from pipelines.runner import (EARLIER_STAGE_WEIGHT, MAX_BLOCK_ROWS, block_rows, input_dataset, plan_input,
+                              run_pipeline)
 from tasks import get_task
 from tests.batch_helpers import read_output, write_calls
 from dspy_ray.testing.fake_llm import FakeLLM
@@ -75,8 +77,11 @@ def test_an_actor_keeps_more_than_ray_datas_four_batches_of_a_task_in_flight(ray
         run_pipeline(InputSpec(str(src), text_column="transcript"), str(tmp_path / "out"),
                      triage_stages(num_actors=1, batch_size=16), settings, summary_columns=("priority",))
         peak = fake.stats()["max_in_flight"]
+        members = coordinator_state(fake.base_url, "fake-model")["members"].values()
     assert read_output(tmp_path / "out").num_rows == 1500
     assert peak > 4 * 64, peak  # more than 4 tasks' worth of Ray Data's default
+    # The first stage's rows weigh 4x the second's when the limit is split (pipelines.runner.EARLIER_STAGE_WEIGHT).
+    assert {m["weight"] for m in members} == {EARLIER_STAGE_WEIGHT, 1.0}, members
 
 
 def test_a_counted_corpus_reaches_the_stages_in_blocks_of_the_planned_size(ray_local, tmp_path):

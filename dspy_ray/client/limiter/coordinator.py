@@ -37,6 +37,8 @@ class _Member:
     last_report: int = 0  # the number of its latest report
     decided: int = 0  # the number of its latest report the policy has decided with
     idle_since: float | None = None  # when it reported idle, None while it is busy
+    weight: float = 1.0  # how much its demand weighs when the limit cannot cover every member's (_split)
+    grace: float = IDLE_GRACE_S  # how long it keeps its share once idle (its EndpointLimiter.idle_grace)
 
 
 class LimitCoordinator:
@@ -55,6 +57,7 @@ class LimitCoordinator:
         self.members: dict[str, _Member] = {}
         self.pending = Signals()
         self.pending_reports = 0
+        self.reported: set[str] = set()  # the members heard from since the last policy step
         self.clock = time.monotonic  # (tests step it)
         self.started = self.clock()
         self.rise: tuple[float, float] | None = None  # (when, over how long) the policy last raised the limit much
@@ -84,15 +87,18 @@ class LimitCoordinator:
         state.heard = now
         state.last_report = number
         idle = bool(signals.get("idle", False))
-        incoming = Signals(**{name: value for name, value in signals.items() if name != "idle"})
-        # Idle now: it holds nothing.  It keeps the demand it had while busy (and so its share) for
-        # IDLE_GRACE_S, then wants nothing (_release_idle); its interval's peaks still go to the policy.
+        state.weight = max(0.01, float(signals.get("weight", 1.0)))
+        incoming = Signals(**{name: value for name, value in signals.items()
+                              if name not in ("idle", "weight", "grace")})
+        # Idle now: it holds nothing.  It keeps the demand it had while busy (and so its share) for its grace
+        # (IDLE_GRACE_S; a batch stage says 0), then wants nothing (_release_idle); its interval's peaks still
+        # go to the policy.
         # A Serve replica goes idle between requests many times a second: a share given back at every
         # such gap, and granted again at the next report, left it 2 slots half the time.  Calls answered
         # since the last report: it was busy meanwhile (it says nothing of short busy spells, see
         # EndpointLimiter._waking), so the grace starts again.
         if idle:
-            state.held = 0
+            state.held, state.grace = 0, float(signals.get("grace", IDLE_GRACE_S))
             if state.idle_since is None or incoming.answered or incoming.errors:
                 state.idle_since = now
         else:
@@ -102,8 +108,12 @@ class LimitCoordinator:
         self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,
                                    latency_sum=incoming.latency_sum, latency_hist=incoming.latency_hist))
         self.pending_reports += 1
-        # One policy step per round of reports (every member about once), not per report.
-        if self.pending_reports >= len(self.members):
+        self.reported.add(member)
+        # One policy step per round of reports, not per report: once every busy member has reported (a
+        # process reports only while it calls, so one that waits for rows or has finished would hold a
+        # round back), or after as many reports as there are members (one that stopped without a word).
+        busy = [name for name, m in self.members.items() if m.idle_since is None and m.last_report]
+        if self.pending_reports >= len(self.members) or self.reported.issuperset(busy):
             self._prune(now)
             self.pending.peak_in_flight = sum(m.window_peak for m in self.members.values())
             self.pending.demand = sum(m.window_demand for m in self.members.values())
@@ -119,41 +129,47 @@ class LimitCoordinator:
             self.history.append((round(now - self.started, 3), round(self.policy.limit, 1), self.pending.demand,
                                  self.pending.peak_in_flight, self.pending.ok, self.pending.overloads))
             self.pending, self.pending_reports = Signals(), 0
+            self.reported.clear()
         return {"share": self._share(member), "background": self.policy.background_rate(), "decided": state.decided,
                 "paced": self._paced(now)}
 
     def _paced(self, now: float) -> float:
-        """Over how many seconds a process takes up a rise of its share: one latency while the limit has grown
-        much within the last one (:meth:`~.slots.EndpointLimiter.set_share`), else 0 (at once: a share that
-        moves between processes, or a probe's step)."""
-        if self.rise is None or now - self.rise[0] > self.rise[1]:
+        """Over how many seconds a process takes up a rise of its share: what is left of one latency from when
+        the limit grew much (:meth:`~.slots.EndpointLimiter.set_share`), else 0 (at once: a share that moves
+        between processes, or a probe's step).  What is left, not a whole latency from whenever a process
+        hears: all of them have taken up the rise when the policy's next window ends and looks at what was in
+        flight, so slow start doubles once a latency, not once every latency and a report interval or two."""
+        if self.rise is None:
             return 0.0
-        return self.rise[1]
+        return max(0.0, self.rise[0] + self.rise[1] - now)
 
     def _prune(self, now: float) -> None:
         for name in [n for n, m in self.members.items() if now - m.heard > MEMBER_TIMEOUT_S]:
             del self.members[name]
 
     def _release_idle(self, now: float) -> None:
-        """Processes idle for longer than IDLE_GRACE_S want nothing and hold one slot at most (as a busy
-        process's floor): the rest of their share goes to whoever asks."""
+        """Processes idle for their grace (IDLE_GRACE_S, or 0 for a batch stage) want nothing and hold one slot at
+        most (a Serve replica's floor, for its next request), none for a batch stage (its next call asks first,
+        EndpointLimiter._waking): the rest of their share goes to whoever asks."""
         for m in self.members.values():
-            if m.idle_since is not None and now - m.idle_since > IDLE_GRACE_S:
-                m.demand, m.granted = 0, min(m.granted, 1.0)
+            if m.idle_since is not None and now - m.idle_since >= m.grace:
+                m.demand, m.granted = 0, min(m.granted, 1.0 if m.grace else 0.0)
 
     def _share(self, member: str) -> float:
         self._release_idle(self.clock())
+        state = self.members[member]
+        if state.idle_since is not None and not state.demand:  # idle past its grace: what _release_idle left it
+            return state.granted
         limit = self.policy.limit
-        demands = {name: max(1, m.demand) for name, m in self.members.items()}
+        # The limit goes to the processes that want slots: an idle one reports again only once it calls again,
+        # and what it was granted meanwhile nobody else could use; one that joined and never called wants none.
+        demands = {name: m.demand for name, m in self.members.items() if m.demand > 0}
+        demands[member] = max(1, state.demand)
         total = sum(demands.values())
-        busy = sum(m.demand for m in self.members.values())
-        if total <= limit:
-            # The spare goes to the processes that want slots, by demand, not to idle ones: an idle process
-            # reports again only once it calls again, and what it was granted meanwhile nobody else could use.
-            wanted = {name: d + (limit - total) * self.members[name].demand / busy if busy else d
-                      for name, d in demands.items()}
+        if total <= limit:  # each its demand, and the spare by demand
+            wanted = {name: d + (limit - total) * d / total for name, d in demands.items()}
         else:
-            wanted = {name: limit * d / total for name, d in demands.items()}
+            wanted = _split(limit, demands, {name: self.members[name].weight for name in demands})
         # A process sends whole requests: whole shares that add up to the limit's whole part (the
         # floors, then one more slot each to the largest remainders), so no slot is lost to rounding.
         whole = {name: math.floor(v) for name, v in wanted.items()}
@@ -161,7 +177,6 @@ class LimitCoordinator:
         for name in largest[:max(0, int(limit) - sum(whole.values()))]:
             whole[name] += 1
         target = max(1.0, float(whole[member]))
-        state = self.members[member]
         if target > state.granted:  # growth only from what the others do not hold (so never past the ceiling)
             # A process whose share just shrank still has its requests in flight until they end.
             others = sum(max(m.granted, m.held) for name, m in self.members.items() if name != member)
@@ -174,7 +189,32 @@ class LimitCoordinator:
         return {"history": list(self.history) if history else None, "key": self.key, "limit": p.limit,
                 "ceiling": p.ceiling, "latency_floor": p.latency_floor,
                 "w_max": p.w_max, "cuts": p.cuts, "reverted": p.reverted, "background": p.background_rate(),
-                "members": {n: {"granted": m.granted, "demand": m.demand} for n, m in self.members.items()}}
+                "members": {n: {"granted": m.granted, "demand": m.demand, "weight": m.weight}
+                            for n, m in self.members.items()}}
+
+
+def _split(limit: float, demands: dict[str, int], weights: dict[str, float]) -> dict[str, float]:
+    """``limit`` (less than the demands add up to) split in proportion to demand x weight, none given more than
+    its demand: what a member cannot use goes to the others, in the same proportions.
+
+    >>> _split(100, {"a": 100, "b": 100}, {"a": 1.0, "b": 1.0})
+    {'a': 50.0, 'b': 50.0}
+    >>> _split(100, {"first": 20, "second": 200}, {"first": 4.0, "second": 1.0})
+    {'first': 20, 'second': 80.0}
+    """
+    wanted: dict[str, float] = {}
+    left, open_ = float(limit), dict(demands)
+    while open_:
+        scale = left / sum(d * weights[name] for name, d in open_.items())
+        full = {name: d for name, d in open_.items() if d * weights[name] * scale >= d}
+        if not full:
+            wanted.update({name: d * weights[name] * scale for name, d in open_.items()})
+            break
+        for name, d in full.items():
+            wanted[name] = d
+            left -= d
+            del open_[name]
+    return wanted
 
 
 class LimitService:

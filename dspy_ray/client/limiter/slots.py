@@ -135,6 +135,13 @@ class EndpointLimiter:
         # The endpoint's limit grew much (slow start, the way back after a cut): (since, from, over) while this
         # process takes up the rise of its share evenly over ``over`` seconds, not at once (see set_share).
         self._rise: tuple[float, float, float] | None = None
+        # How much this process's demand weighs when the coordinator splits a limit that cannot cover every
+        # process's demand (a batch run's earlier stages weigh more: see pipelines.runner.EARLIER_STAGE_WEIGHT).
+        self.weight = 1.0
+        # How long the coordinator keeps this process's share once it goes idle: IDLE_GRACE_S for the gaps between
+        # a Serve replica's requests; 0 for a batch stage, whose idle spell ends only when its next rows come,
+        # while the other stages wait for the slots it would keep.
+        self.idle_grace = IDLE_GRACE_S
 
     # -- calls waiting to retry -------------------------------------------------------
 
@@ -183,21 +190,23 @@ class EndpointLimiter:
         if pump is not None:
             # Gone idle: report now, whenever the last report was, so the share goes back to the job
             # (an idle process runs no code that could report later; its share would wait for a timeout).
-            # Once per idle spell: the coordinator keeps the share for IDLE_GRACE_S, and calls that come
-            # back within RESERVED_S say nothing (see _waking).
-            pump(urgent=self.idle_reported is None and self.share > 1 and self.idle())
+            # Once per idle spell: the coordinator keeps the share for the grace (idle_grace), and calls that
+            # come back within RESERVED_S say nothing (see _waking).  One slot is a Serve replica's floor, kept
+            # anyway; a batch stage (no grace) gives that back too.
+            pump(urgent=self.idle_reported is None and self.share > (1 if self.idle_grace else 0) and self.idle())
 
     def _waking(self, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """A call after an idle spell that the coordinator was told of: whether to tell it now that this process
-        is busy again.  Past IDLE_GRACE_S the share may be someone else's: one slot until the coordinator
-        answers.  Within RESERVED_S, not yet: an event loop checks again then, and tells it if calls are
-        still in flight (a thread caller cannot be woken then: it tells it now)."""
+        is busy again.  Past its grace (:attr:`idle_grace`) the share may be someone else's: one slot until the
+        coordinator answers (none without a grace: the coordinator kept none for it).  Within RESERVED_S, not
+        yet: an event loop checks again then, and tells it if calls are still in flight (a thread caller cannot
+        be woken then: it tells it now)."""
         age = time.monotonic() - self.idle_reported
-        if age > IDLE_GRACE_S and self.coordinator is not None:
-            with self._lock:
-                self.share = min(self.share, 1.0)
+        if age >= self.idle_grace and self.coordinator is not None:
+            with self._lock:  # a Serve replica's next request has a slot; a batch stage asks first (no grace)
+                self.share = min(self.share, 1.0 if self.idle_grace else 0.0)
                 self.limit = min(self.limit, self.share)
-        if age > RESERVED_S or loop is None:
+        if age >= min(RESERVED_S, self.idle_grace) or loop is None:
             return True
         if self._busy_check is None:
             self._busy_check = loop.call_later(RESERVED_S - age, self._check_busy)
@@ -313,6 +322,8 @@ class EndpointLimiter:
                 s.latency_hist[latency_bucket(latency or 0.0)] += 1
             elif is_overload(exc):
                 s.overloads += 1
+                if not self.background:  # refused while the limit rises: the rest of the rise waits for the policy
+                    self._rise = None
                 # Many 429s already in this interval: give this slot back now, not at the next report.
                 if s.overloads > overload_threshold(s.answered, self.background):
                     self.limit = max(min(1.0, self.share), min(self.limit, self.in_flight + 1) - 1)
@@ -398,6 +409,9 @@ class EndpointLimiter:
         """
         signals = asdict(self.take_interval())
         signals["idle"] = idle = self.idle()
+        signals["weight"] = self.weight
+        if idle:
+            signals["grace"] = self.idle_grace
         self.idle_reported = time.monotonic() if idle else None
         if self._busy_check is not None:  # this report says how things are now
             self._busy_check.cancel()
