@@ -64,6 +64,7 @@ def _drive(rows: int, cache: str, path: str) -> float:
 
     import pyarrow as pa
 
+    from dspy_ray.client.cache.writer import flush_writes
     from dspy_ray.endpoints.settings import EndpointSettings
     from stages.base import DSPyStageUDF
     from tasks import get_task
@@ -90,6 +91,7 @@ def _drive(rows: int, cache: str, path: str) -> float:
             await measured_run(pa.Table.from_pylist([{"id": f"w{i}", "transcript": f"warm {i}"} for i in range(256)]))
             cpu, wall = time.process_time(), time.perf_counter()
             assert await measured_run(table) == rows
+            flush_writes(30.0)  # the cache writes the run left pending count too
             per_row = (time.process_time() - cpu) / rows * 1e3
             print(f"{path:6} cache {cache:4}: CPU per row {per_row:.3f} ms; {rows / (time.perf_counter() - wall):.0f} "
                   f"rows/s on one process; {threading.active_count()} threads", flush=True)
