@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -73,3 +74,9 @@ def scripted_http_server(scripts: list[list[bytes | None]]) -> tuple[int, list]:
 
     threading.Thread(target=serve, daemon=True).start()
     return server.getsockname()[1], seen
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a CLI a test interrupts: SIGINT back to its default in the child.  A test run started
+    as a shell's background job inherits SIGINT ignored, and a Python started so never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

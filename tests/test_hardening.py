@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dspy_ray.testing.fake_llm import FakeLLM
+from tests.batch_helpers import default_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-live-key-7c41f0e2-never-logged"
@@ -216,7 +217,7 @@ def test_ctrl_c_in_optimize_prints_one_line_with_the_resume_command(ray_local, t
     address = ray_local.get_runtime_context().gcs_address
     with FakeLLM(latency=0.2) as fake:
         proc = _optimize(["--optimizer", "miprov2", "--auto", "none", "--num-candidates", "3", "--num-trials", "20",
-                          "--run-dir", str(tmp_path / "run")], fake, tmp_path, address)
+                          "--run-dir", str(tmp_path / "run")], fake, tmp_path, address, preexec_fn=default_sigint)
         deadline = time.monotonic() + 300
         while not list((tmp_path / "run" / "trials").glob("*.json")):
             assert proc.poll() is None, proc.stderr.read()[-3000:]

@@ -19,7 +19,7 @@ from pipelines.resume import written_ids
 from pipelines.runner import (EARLIER_STAGE_WEIGHT, MAX_BLOCK_ROWS, block_rows, input_dataset, plan_input,
                               run_pipeline)
 from tasks import get_task
-from tests.batch_helpers import read_output, write_calls
+from tests.batch_helpers import default_sigint, read_output, write_calls
 from dspy_ray.testing.fake_llm import FakeLLM
 from tests.gold import triage_gold
 
@@ -148,7 +148,7 @@ def test_ctrl_c_says_one_line_and_how_to_resume(ray_local, tmp_path):
                                  "--lm-base-url", fake.base_url, "--lm-model", "fake-model", "--num-actors", "1",
                                  "--concurrency", "8", "--batch-size", "16"],
                                 cwd=ROOT, env=cli_env(ray_local), start_new_session=True, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         deadline = time.monotonic() + 120
         while fake.stats()["requests"] == 0 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
