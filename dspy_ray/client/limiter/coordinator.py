@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspy_ray.client.limiter.policy import AimdPolicy, Signals
-from dspy_ray.client.limiter.slots import IDLE_GRACE_S, EndpointLimiter, Report, endpoint_key
+from dspy_ray.client.limiter.slots import IDLE_GRACE_S, EndpointLimiter, Report, endpoint_key, idle_floor
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class LimitCoordinator:
         EndpointLimiter._waking): the rest of their share goes to whoever asks."""
         for m in self.members.values():
             if m.idle_since is not None and now - m.idle_since >= m.grace:
-                m.demand, m.granted = 0, min(m.granted, 1.0 if m.grace else 0.0)
+                m.demand, m.granted = 0, min(m.granted, idle_floor(m.grace))
 
     def _share(self, member: str) -> float:
         self._release_idle(self.clock())

@@ -41,6 +41,12 @@ IDLE_GRACE_S = 0.5
 RESERVED_S = IDLE_GRACE_S / 2
 
 
+def idle_floor(grace: float) -> float:
+    """The slots an idle process keeps past its grace, as the coordinator counts them and the process assumes:
+    one for a Serve replica's next request; none for a batch stage (no grace), whose next call asks first."""
+    return 1.0 if grace else 0.0
+
+
 def endpoint_key(base_url: str, model: str) -> str:
     """The limiter's key: one limit per base URL + model."""
     return f"{base_url.rstrip('/')}|{model}"
@@ -193,7 +199,7 @@ class EndpointLimiter:
             # Once per idle spell: the coordinator keeps the share for the grace (idle_grace), and calls that
             # come back within RESERVED_S say nothing (see _waking).  One slot is a Serve replica's floor, kept
             # anyway; a batch stage (no grace) gives that back too.
-            pump(urgent=self.idle_reported is None and self.share > (1 if self.idle_grace else 0) and self.idle())
+            pump(urgent=self.idle_reported is None and self.share > idle_floor(self.idle_grace) and self.idle())
 
     def _waking(self, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """A call after an idle spell that the coordinator was told of: whether to tell it now that this process
@@ -204,7 +210,7 @@ class EndpointLimiter:
         age = time.monotonic() - self.idle_reported
         if age >= self.idle_grace and self.coordinator is not None:
             with self._lock:  # a Serve replica's next request has a slot; a batch stage asks first (no grace)
-                self.share = min(self.share, 1.0 if self.idle_grace else 0.0)
+                self.share = min(self.share, idle_floor(self.idle_grace))
                 self.limit = min(self.limit, self.share)
         if age >= min(RESERVED_S, self.idle_grace) or loop is None:
             return True
