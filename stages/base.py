@@ -63,6 +63,7 @@ from dspy_ray.execution.runner import ProgramRunner
 from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.execution.signatures import program_fields
 from dspy_ray.client.usage import Usage
+from dspy_ray.util.gc_tuning import settle_heap
 from stages.columns import to_column
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class DSPyStageUDF:
         self._meter = _run_meter(run_meter)
         self._unreported, self._unreported_rows = Usage(), 0
         self._loop_state: _Admission | None = None
+        settle_heap()  # the actor's setup heap: frozen, out of every later collection (:mod:`dspy_ray.util.gc_tuning`)
 
     def _admission_ceiling(self, cap: int | None) -> int:
         """Most rows one actor ever runs at once (one worker thread each for a program without an async path):
