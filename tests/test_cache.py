@@ -187,9 +187,24 @@ def test_size_bound_evicts(tmp_path):
     store = LocalStore(tmp_path / "small", size_limit=256 * 1024)
     for i in range(400):  # ~2.4 KB each: ~1 MB written into a 256 KiB bound
         store.put(key_of(i), answer(f"answer {i} " + "x" * 2000))
-    assert store.volume() <= 256 * 1024 + 64 * 1024  # diskcache culls 10 entries per put once over
+    assert store.volume() <= 256 * 1024 + 64 * 1024  # evicted after each write once over
     assert len(store) < 200
     assert store.get(key_of(0)) is None  # the least recently stored went first
+    assert store.get(key_of(399)) == answer("answer 399 " + "x" * 2000)
+
+
+def test_size_bound_holds_for_answers_written_in_batches(tmp_path):
+    """The cache writer stores answers many to a transaction; the folder is brought back under its bound after
+    each one, not only after single puts."""
+    from dspy_ray.client.cache.writer import flush_writes
+
+    store = LocalStore(tmp_path / "batched", size_limit=256 * 1024)
+    for i in range(400):
+        store.put_later(key_of(i), answer(f"answer {i} " + "x" * 2000))
+    flush_writes(30.0)
+    assert store.volume() <= 256 * 1024 + 64 * 1024
+    assert 0 < len(store) < 200
+    assert store.get(key_of(0)) is None
     assert store.get(key_of(399)) == answer("answer 399 " + "x" * 2000)
 
 
