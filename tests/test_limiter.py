@@ -636,3 +636,28 @@ def test_a_short_limit_is_split_by_demand_and_weight():
     limiter = EndpointLimiter("test|weight-report", ceiling=64)
     limiter.weight = 4.0
     assert limiter.coordinated_report()[2]["weight"] == 4.0
+
+
+def test_a_share_that_shrank_goes_to_the_others_as_its_requests_end():
+    """A process whose share shrank keeps its requests in flight until they end; the others get those slots
+    once its report says they ended (the requests in flight at that report, not the interval's peak)."""
+    from dspy_ray.client.limiter import EndpointLimiter, LimitCoordinator
+
+    coordinator = LimitCoordinator("test|held", ceiling=100, adaptive=False)
+    coordinator.join("a")
+    a = coordinator.report("a", {"peak_in_flight": 100, "in_flight": 100, "demand": 300}, 1)
+    assert a["share"] == 100.0
+    coordinator.join("b")
+    b = coordinator.report("b", {"peak_in_flight": 0, "in_flight": 0, "demand": 300}, 1)
+    assert b["share"] == 0.0  # a holds every slot: nothing to grow from yet
+    a = coordinator.report("a", {"peak_in_flight": 100, "in_flight": 100, "demand": 300}, 2)
+    assert a["share"] == 50.0  # a's share shrank; its 100 requests are still in flight
+    assert coordinator.report("b", {"peak_in_flight": 0, "in_flight": 0, "demand": 300}, 2)["share"] == 0.0
+    # Meanwhile 40 of a's requests ended: its interval's peak was still 100, but 60 are in flight now.
+    coordinator.report("a", {"peak_in_flight": 100, "in_flight": 60, "demand": 300}, 3)
+    assert coordinator.report("b", {"peak_in_flight": 0, "in_flight": 0, "demand": 300}, 3)["share"] == 40.0
+
+    limiter = EndpointLimiter("test|held-report", ceiling=64)
+    with limiter.slot():
+        assert limiter.coordinated_report()[2]["in_flight"] == 1
+    assert limiter.coordinated_report()[2]["in_flight"] == 0

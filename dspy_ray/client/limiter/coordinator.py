@@ -89,7 +89,7 @@ class LimitCoordinator:
         idle = bool(signals.get("idle", False))
         state.weight = max(0.01, float(signals.get("weight", 1.0)))
         incoming = Signals(**{name: value for name, value in signals.items()
-                              if name not in ("idle", "weight", "grace")})
+                              if name not in ("idle", "weight", "grace", "in_flight")})
         # Idle now: it holds nothing.  It keeps the demand it had while busy (and so its share) for its grace
         # (IDLE_GRACE_S; a batch stage says 0), then wants nothing (_release_idle); its interval's peaks still
         # go to the policy.
@@ -102,7 +102,8 @@ class LimitCoordinator:
             if state.idle_since is None or incoming.answered or incoming.errors:
                 state.idle_since = now
         else:
-            state.demand, state.held, state.idle_since = incoming.demand, incoming.peak_in_flight, None
+            state.demand, state.idle_since = incoming.demand, None
+            state.held = int(signals.get("in_flight", incoming.peak_in_flight))  # a report without it: the peak
         state.window_peak = max(state.window_peak, incoming.peak_in_flight)
         state.window_demand = max(state.window_demand, incoming.demand)
         self.pending.merge(Signals(ok=incoming.ok, overloads=incoming.overloads, errors=incoming.errors,

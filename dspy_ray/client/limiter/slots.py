@@ -416,6 +416,9 @@ class EndpointLimiter:
         signals = asdict(self.take_interval())
         signals["idle"] = idle = self.idle()
         signals["weight"] = self.weight
+        # In flight now, not the interval's peak: what this process still holds of the endpoint.  A share that
+        # shrank is given to the others as its requests end, not a report interval after the last one did.
+        signals["in_flight"] = self.in_flight
         if idle:
             signals["grace"] = self.idle_grace
         self.idle_reported = time.monotonic() if idle else None
