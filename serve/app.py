@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from dspy_ray.client.cache.flags import cache_choice
 from dspy_ray.endpoints.settings import EndpointSettings, resolve_settings
+from dspy_ray.util.gc_tuning import settle_heap
 from serve.drift import DriftMonitor
 from serve.http import (
     ERROR_RESPONSES,
@@ -134,6 +135,7 @@ class ProgramServer:
         self._last_sync = time.monotonic()
         self.token = token or None
         self.http_app = self._routes()
+        settle_heap()  # young collections less often (Serve freezes the replica's setup heap itself)
 
     # Serve calls this with user_config on deploy and on every config change.
     def reconfigure(self, user_config: dict[str, Any]) -> None:
