@@ -14,6 +14,9 @@ Each is measured on both program paths of :class:`dspy_ray.execution.runner.Prog
 the rows are awaited on the event loop, no thread per row; the profile is of this one unless
 ``--path thread``), and ``thread``, the same program without it (:class:`ThreadCallTriager`, below:
 one worker thread per row in flight, the path of a program that defines only ``forward``).
+
+The UDF is built in this process, so the garbage collector is set as a stage actor sets its own
+(:func:`dspy_ray.util.gc_tuning.settle_heap`); ``DSPY_RAY_GC_TUNING=0`` measures without it.
 """
 
 from __future__ import annotations
