@@ -2,8 +2,8 @@
 
 A batch stage's actor holds Ray, DSPy, pyarrow and the program: about 170,000 container objects
 that live as long as the process.  CPython's full collection walks every one of them (about
-0.1 s each time here), and at thousands of rows a second it comes every few seconds: a fifth of
-a row's CPU went to it (``benchmarks/stage_profile.py``).  So once a worker is set up,
+0.12 s each time here), and at thousands of rows a second it comes every few seconds: about a
+quarter of a row's CPU went to it (``benchmarks/stage_profile.py``).  So once a worker is set up,
 :func:`settle_heap` collects once and freezes what is left (``gc.freeze``: later collections
 skip it), and raises the youngest generation's threshold, so fewer short-lived objects are
 promoted to be walked again.  Ray Serve does the same for its replicas and proxy; this does it
@@ -43,8 +43,8 @@ def settle_heap(*, force: bool = False) -> bool:
         return False
     gc.collect()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(max(YOUNG_THRESHOLD, gc.get_threshold()[0]), older, oldest)
+    young, older, oldest = gc.get_threshold()
+    gc.set_threshold(max(YOUNG_THRESHOLD, young), older, oldest)
     _settled = True
     return True
 
