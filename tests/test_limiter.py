@@ -614,7 +614,7 @@ def test_calls_waiting_to_retry_are_counted_while_they_wait():
     assert limiter.resting() == 1
 
 
-def test_a_short_limit_is_split_by_demand_and_weight():
+def test_a_short_limit_is_split_by_weight_and_capped_by_demand():
     """A batch run's first stage weighs 4x the second when the limit cannot run both stages' rows (the second
     then keeps rows for the slots the first frees as it ends); no member gets more than it wants."""
     from dspy_ray.client.limiter import EndpointLimiter, LimitCoordinator
@@ -661,3 +661,22 @@ def test_a_share_that_shrank_goes_to_the_others_as_its_requests_end():
     with limiter.slot():
         assert limiter.coordinated_report()[2]["in_flight"] == 1
     assert limiter.coordinated_report()[2]["in_flight"] == 0
+
+
+def test_shares_stay_put_while_every_process_has_more_rows_than_its_share():
+    """A stage actor's demand jumps with each block of rows; the split follows the weights, not the demands, so
+    no slots move (and none sit idle while they move) as long as every process wants more than it is given."""
+    from dspy_ray.client.limiter import LimitCoordinator
+
+    coordinator = LimitCoordinator("test|steady", ceiling=100, adaptive=False)
+    for name in ("a", "b"):
+        coordinator.join(name)
+    rounds = [(300, 300), (300, 300), (600, 120), (90, 700), (400, 400)]  # two rounds to settle, then blocks come
+    for number, (a_rows, b_rows) in enumerate(rounds, start=1):
+        a = coordinator.report("a", {"peak_in_flight": 50, "in_flight": 50, "demand": a_rows}, number)
+        b = coordinator.report("b", {"peak_in_flight": 50, "in_flight": 50, "demand": b_rows}, number)
+        if number > 1:
+            assert (a["share"], b["share"]) == (50.0, 50.0), number
+    a = coordinator.report("a", {"peak_in_flight": 50, "in_flight": 30, "demand": 30}, 6)  # a runs out of rows
+    assert a["share"] == 30.0
+    assert coordinator.report("b", {"peak_in_flight": 50, "in_flight": 50, "demand": 400}, 6)["share"] == 70.0

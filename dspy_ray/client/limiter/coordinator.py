@@ -195,10 +195,15 @@ class LimitCoordinator:
 
 
 def _split(limit: float, demands: dict[str, int], weights: dict[str, float]) -> dict[str, float]:
-    """``limit`` (less than the demands add up to) split in proportion to demand x weight, none given more than
-    its demand: what a member cannot use goes to the others, in the same proportions.
+    """``limit`` (less than the demands add up to) split in proportion to weight, none given more than its
+    demand: what a member cannot use goes to the others, in the same proportions (weighted max-min).
 
-    >>> _split(100, {"a": 100, "b": 100}, {"a": 1.0, "b": 1.0})
+    Not in proportion to demand: a stage actor's demand jumps each time a block of rows comes, and a
+    split that followed it moved slots between processes all the time; each move leaves slots idle
+    until the process giving them up has seen its new share and its requests have ended.  By weight
+    alone, shares stay put while every process has more rows than its share.
+
+    >>> _split(100, {"a": 100, "b": 300}, {"a": 1.0, "b": 1.0})
     {'a': 50.0, 'b': 50.0}
     >>> _split(100, {"first": 20, "second": 200}, {"first": 4.0, "second": 1.0})
     {'first': 20, 'second': 80.0}
@@ -206,10 +211,10 @@ def _split(limit: float, demands: dict[str, int], weights: dict[str, float]) -> 
     wanted: dict[str, float] = {}
     left, open_ = float(limit), dict(demands)
     while open_:
-        scale = left / sum(d * weights[name] for name, d in open_.items())
-        full = {name: d for name, d in open_.items() if d * weights[name] * scale >= d}
+        scale = left / sum(weights[name] for name in open_)
+        full = {name: d for name, d in open_.items() if weights[name] * scale >= d}
         if not full:
-            wanted.update({name: d * weights[name] * scale for name, d in open_.items()})
+            wanted.update({name: weights[name] * scale for name in open_})
             break
         for name, d in full.items():
             wanted[name] = d
