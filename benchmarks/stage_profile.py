@@ -72,7 +72,7 @@ def _drive(rows: int, cache: str, path: str) -> float:
     from stages.base import DSPyStageUDF
     from tasks import get_task
     from dspy_ray.testing.fake_llm import FakeLLM
-    from dspy_ray.util.gc_tuning import ENV as GC_TUNING_ENV, settle_heap
+    from dspy_ray.util.gc_tuning import settle_heap
 
     with FakeLLM(latency=0.0) as fake:
         stage = get_task("triage").stages[0]
@@ -81,8 +81,8 @@ def _drive(rows: int, cache: str, path: str) -> float:
             update["program"] = dataclasses.replace(stage.program, cls=ThreadCallTriager)
         stage = stage.model_copy(update=update)
         udf = DSPyStageUDF(**stage.udf_kwargs(EndpointSettings(base_url=fake.base_url, model="fake-model")))
-        if os.environ.get(GC_TUNING_ENV, "1") != "0":
-            settle_heap(force=True)  # what the stage does in its actor (this process is no Ray worker)
+        # What the stage does in its actor (this process is no Ray worker); DSPY_RAY_GC_TUNING=0 turns it off.
+        settle_heap(force=True)
         table = pa.Table.from_pylist([{"id": f"r{i}", "transcript": f"[cpu {i}] Caller reports smoke near house {i}."}
                                       for i in range(rows)])
 

@@ -191,8 +191,8 @@ def plan_input(spec: InputSpec, precheck_first: bool) -> CorpusPlan:
 
 MAX_BLOCK_ROWS = 1024  # a block's rows at most: a stage's output goes on to the next stage a block at a time
 BLOCKS_PER_ACTOR = 4  # blocks for each actor calling the endpoint, about (within the bounds of block_rows)
-# When the endpoint's limit cannot run every stage's waiting rows at once, a stage's rows weigh this much more
-# than the next stage's.  Split by rows alone, the second stage kept up with the first and ran out of rows;
+# When the endpoint's limit cannot run every stage's waiting rows at once, a stage's actors get this many times
+# the share of the next stage's.  Split evenly by rows, the second stage kept up with the first and ran out of rows;
 # at the end it waited while the first finished its last blocks (a stage passes rows on a block at a time)
 # and then ran those alone, the endpoint half idle.  Behind, it has rows for the slots the first frees as it
 # ends.  (Ray Data's backpressure stops the first stage if the second falls far behind.)

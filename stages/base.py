@@ -326,8 +326,8 @@ class DSPyStage(BaseModel):
         ``rows_per_block``: the dataset's block size.  Each actor is given enough blocks at once
         to hold twice its even share of the endpoint's ceiling, so the endpoint stays busy while
         a batch waits for its slowest row (the limiter, not the batch, decides what runs).
-        ``share_weight``: how much this stage's waiting rows weigh when the endpoint's limit cannot run
-        every stage's at once (the run gives earlier stages more).
+        ``share_weight``: this stage's actors' weight in the split of the endpoint's limit when it cannot run
+        every stage's rows at once (the run gives earlier stages more).
         """
         from ray.data import ActorPoolStrategy
 

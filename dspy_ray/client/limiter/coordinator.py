@@ -37,7 +37,7 @@ class _Member:
     last_report: int = 0  # the number of its latest report
     decided: int = 0  # the number of its latest report the policy has decided with
     idle_since: float | None = None  # when it reported idle, None while it is busy
-    weight: float = 1.0  # how much its demand weighs when the limit cannot cover every member's (_split)
+    weight: float = 1.0  # its share in proportion to this when the limit cannot cover every member's demand (_split)
     grace: float = IDLE_GRACE_S  # how long it keeps its share once idle (its EndpointLimiter.idle_grace)
 
 

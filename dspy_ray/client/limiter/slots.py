@@ -141,8 +141,9 @@ class EndpointLimiter:
         # The endpoint's limit grew much (slow start, the way back after a cut): (since, from, over) while this
         # process takes up the rise of its share evenly over ``over`` seconds, not at once (see set_share).
         self._rise: tuple[float, float, float] | None = None
-        # How much this process's demand weighs when the coordinator splits a limit that cannot cover every
-        # process's demand (a batch run's earlier stages weigh more: see pipelines.runner.EARLIER_STAGE_WEIGHT).
+        # This process's weight when the coordinator splits a limit that cannot cover every process's demand:
+        # shares go in proportion to it (a batch run's earlier stages weigh more: see
+        # pipelines.runner.EARLIER_STAGE_WEIGHT).
         self.weight = 1.0
         # How long the coordinator keeps this process's share once it goes idle: IDLE_GRACE_S for the gaps between
         # a Serve replica's requests; 0 for a batch stage, whose idle spell ends only when its next rows come,
