@@ -257,3 +257,17 @@ def test_429s_from_the_embeddings_endpoint_cut_the_limit(monkeypatch):
     # Every 429 reached the limiter as "full", and it cut (what it does after, the policy's tests cover).
     assert client.limiter.state()["overloads"] >= 64
     assert min(limits) < before == 16, (before, min(limits))
+
+
+@pytest.mark.parametrize("uvloop", ["1", "0"])
+def test_the_fake_answers_alike_on_either_event_loop(monkeypatch, uvloop):
+    # The fake runs on uvloop where it is installed (less CPU beside the client it serves), else on asyncio's own
+    # loop; FAKE_LLM_UVLOOP=0 chooses the latter.  Both serve the same answers, faults and stats.
+    monkeypatch.setenv("FAKE_LLM_UVLOOP", uvloop)
+    with FakeLLM(p_429=0.5, retry_after=0.0, seed=7) as fake:
+        codes = [httpx.post(f"{fake.base_url}/chat/completions", timeout=10,
+                            json={"model": "fake", "messages": [{"role": "user", "content": f"call {i}"}]}).status_code
+                 for i in range(20)]
+        stats = fake.stats()
+    assert set(codes) == {200, 429} and stats["requests"] == 20
+    assert stats["rate_limited"] == codes.count(429) and stats["ok"] == codes.count(200)

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
+from collections.abc import Callable
 
 from dspy_ray.testing.fake_llm.server import FakeServer
 from dspy_ray.testing.fake_llm.settings import FakeSettings
@@ -42,4 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:  # the server's asyncio objects must be made inside the loop
         await FakeServer(settings).serve(port, parent_pid)
 
-    asyncio.run(run())
+    factory = _loop_factory()
+    if factory is None or not hasattr(asyncio, "Runner"):  # asyncio.Runner: Python 3.11+
+        asyncio.run(run())
+        return
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (it comes with ``ray[serve]`` on Linux and macOS), as in Ray's
+    own workers: the fake shares the cores with the client it serves in every benchmark, and uvloop takes
+    about a quarter less CPU per request than asyncio's own loop.  ``FAKE_LLM_UVLOOP=0`` keeps asyncio's."""
+    if os.environ.get("FAKE_LLM_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
