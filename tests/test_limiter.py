@@ -19,6 +19,7 @@ from dspy_ray.client.limiter import (
     endpoint_key,
     endpoint_limiter,
 )
+from dspy_ray.client.limiter.slots import REFUSED_RISE_S
 from dspy_ray.client.lm import build_lm
 from dspy_ray.endpoints.settings import EndpointSettings
 from dspy_ray.testing.fake_llm import FakeLLM
@@ -283,7 +284,8 @@ def test_policy_never_passes_the_ceiling_and_cuts_to_what_was_served():
 def test_a_few_429s_in_every_window_add_up_to_a_cut():
     """Two 429s per window never pass one window's threshold; over a second they are a leak, and it is cut."""
     policy = AimdPolicy(ceiling=64, initial=32)
-    policy.w_max = 33.0  # at the plateau, just under the level that failed last
+    policy.w_max = 33.0  # at the plateau, just under the level that failed last ...
+    policy.probe_at = 1e9  # ... and not probing (a probe's first 429 is its verdict: see the test below)
     now = 0.0
     for _ in range(3):  # clean: the endpoint holds 32
         now += 0.25
@@ -291,7 +293,7 @@ def test_a_few_429s_in_every_window_add_up_to_a_cut():
     before, cuts = policy.limit, policy.cuts
     for _ in range(5):
         now += 0.25
-        policy.observe(Signals(ok=31, overloads=2, latency_sum=31 * 0.2, peak_in_flight=33, demand=64), now)
+        policy.observe(Signals(ok=30, overloads=2, latency_sum=30 * 0.2, peak_in_flight=32, demand=64), now)
         if policy.cuts > cuts:
             break
     assert policy.cuts == cuts + 1, policy.limit
@@ -604,6 +606,68 @@ def test_a_cut_that_leaves_the_429_share_as_it_was_is_undone():
     assert policy.reverted >= 1 and policy.background_rate() >= 0.15
     assert policy.limit >= limit, policy.limit
 
+
+
+def test_a_probes_first_429_is_its_verdict_unless_429s_come_at_random():
+    """At the plateau, one step above the level that failed: a single 429 cuts back to the plateau at once, before
+    the window ends (held to the usual threshold of three, the probe stood while its refused rows were refused
+    again).  Where a background of random 429s was learned, one 429 says nothing of the probe."""
+    policy = AimdPolicy(ceiling=256, initial=64)
+    policy.w_max = 65.0  # the endpoint refused 65 in flight lately
+    now = clean(policy, 0.0, 0.05, windows=2)
+    assert policy.limit == 65.0  # the probe, judged by the next window
+    cuts = policy.cuts
+    policy.observe(Signals(ok=5, overloads=1, latency_sum=5 * 0.05, peak_in_flight=65, demand=130), now + 0.02)
+    assert policy.cuts == cuts + 1 and policy.limit == 64.0  # 20 ms into the window, back to what it held
+    assert policy.probe_wait == 2.0  # the next probe waits longer
+
+    noisy = AimdPolicy(ceiling=256, initial=64)
+    noisy.w_max, noisy.background = 65.0, 0.05
+    now = clean(noisy, 0.0, 0.05, windows=2)
+    assert noisy.limit == 65.0
+    cuts = noisy.cuts
+    noisy.observe(Signals(ok=300, overloads=1, latency_sum=300 * 0.05, peak_in_flight=65, demand=130), now + 0.25)
+    assert noisy.cuts == cuts and noisy.limit >= 65.0
+
+
+def test_a_429_soon_after_the_share_grew_undoes_the_increase_at_once():
+    """The endpoint refused what the last increase added (slow start's doubling, a probe): with no background of
+    429s, the first one takes the limit back to where it was, until the coordinator has decided with it.  Late,
+    or where 429s come at random, a single one changes nothing."""
+
+    class Overloaded(Exception):
+        status = 429
+
+    limiter = EndpointLimiter("test|undo", ceiling=256, initial=16)
+    limiter.set_share(64.0)
+    limiter.set_share(128.0, paced=0.4)  # slow start doubled
+    time.sleep(0.2)
+    limiter._take_up()
+    assert limiter.limit > 80.0
+    held = [limiter._acquire() for _ in range(int(limiter.limit))]
+    limiter._release(None, Overloaded())  # one 429
+    assert limiter.limit == 64.0 and limiter._rise is None and limiter.backoff is not None
+    report = limiter.coordinated_report()
+    limiter.set_share(128.0, decided=report[-1] - 1)  # an answer decided before the 429 was seen: the cut holds
+    assert limiter.limit == 64.0
+    limiter.set_share(64.0, decided=report[-1])  # the coordinator cut, having seen it
+    assert limiter.limit == 64.0 and limiter.backoff is None
+    assert len(held) > 64
+
+    late = EndpointLimiter("test|undo-late", ceiling=256, initial=16)
+    late.set_share(64.0)
+    late.set_share(66.0)  # a probe's step, at once
+    late._grown = (time.monotonic() - REFUSED_RISE_S - 0.1, late._grown[1])  # ... longer ago than REFUSED_RISE_S
+    late._acquire()
+    late._release(None, Overloaded())
+    assert late.limit == 66.0 and late.backoff is None
+
+    noisy = EndpointLimiter("test|undo-noisy", ceiling=256, initial=16)
+    noisy.set_share(64.0, background=0.2)
+    noisy.set_share(66.0)
+    noisy._acquire()
+    noisy._release(None, Overloaded())
+    assert noisy.limit == 66.0 and noisy.backoff is None
 
 def test_calls_waiting_to_retry_are_counted_while_they_wait():
     limiter = EndpointLimiter("test|resting", ceiling=8)

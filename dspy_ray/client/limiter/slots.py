@@ -32,6 +32,7 @@ from dspy_ray.client.limiter.policy import (
 Report = tuple[str, str, dict[str, Any], int, bool, int]
 
 PUMP_S = 0.1  # a caller waiting for a slot runs the limiter's pump (the report to the coordinator) this often
+REFUSED_RISE_S = 1.0  # a 429 this soon after the share grew undoes the increase at once (_undo_increase)
 # The coordinator keeps an idle process's share for IDLE_GRACE_S from when the idle report reached it (later
 # than it was sent).  A process that calls again within RESERVED_S of sending it says nothing yet (most idle
 # spells are gaps between two requests of a Serve replica), and says it is busy once RESERVED_S has passed
@@ -141,6 +142,9 @@ class EndpointLimiter:
         # The endpoint's limit grew much (slow start, the way back after a cut): (since, from, over) while this
         # process takes up the rise of its share evenly over ``over`` seconds, not at once (see set_share).
         self._rise: tuple[float, float, float] | None = None
+        # The share's latest increase: (when, the limit before it), for REFUSED_RISE_S.  On an endpoint with no
+        # background of 429s, a 429 then says the increase is what it refused: the limit goes back at once.
+        self._grown: tuple[float, float] | None = None
         # This process's weight when the coordinator splits a limit that cannot cover every process's demand:
         # shares go in proportion to it (a batch run's earlier stages weigh more: see
         # pipelines.runner.EARLIER_STAGE_WEIGHT).
@@ -331,6 +335,7 @@ class EndpointLimiter:
                 s.overloads += 1
                 if not self.background:  # refused while the limit rises: the rest of the rise waits for the policy
                     self._rise = None
+                    self._undo_increase()
                 # Many 429s already in this interval: give this slot back now, not at the next report.
                 if s.overloads > overload_threshold(s.answered, self.background):
                     self.limit = max(min(1.0, self.share), min(self.limit, self.in_flight + 1) - 1)
@@ -341,6 +346,20 @@ class EndpointLimiter:
             if self._rise is not None:
                 self._rising(time.monotonic())
             self._grant()
+
+    def _undo_increase(self) -> None:
+        """A 429 soon after the share grew, from an endpoint that refuses nothing at random: back to the limit before
+        the increase now, until the coordinator has decided with this 429 (called with the lock held).
+
+        The endpoint was full at the old limit or between it and the new one (slow start's doubling, a probe's step).
+        Kept where the rise had reached, every request sent above the capacity meanwhile was refused too, and every
+        row that took the slot of a refused one (it waits out Retry-After holding none) was refused in turn: 40-50
+        429s in a slow start's last doubling at C = 128, about a third of a 5,000-row run's."""
+        grown, self._grown = self._grown, None
+        if grown is None or time.monotonic() - grown[0] > REFUSED_RISE_S or self.limit <= grown[1]:
+            return
+        self.limit = max(min(1.0, self.share), grown[1])
+        self.backoff = (self.reports, self.limit)
 
     def _rising(self, now: float) -> None:
         """Take up the share's rise as far as the time since it began allows (called with the lock held)."""
@@ -375,8 +394,13 @@ class EndpointLimiter:
         the policy had seen when it decided (None: all of them); ``paced``: the endpoint's limit has just
         grown, take up the rise evenly over this many seconds (its latency)."""
         with self._lock:
+            before = self.share
             # 0 is possible with a coordinator: every slot of the job is held by other processes.
             self.share = max(0.0, min(float(self.ceiling), share))
+            if self.share > before:
+                self._grown = (time.monotonic(), self.limit)
+            elif self.share < before:
+                self._grown = None
             if self.backoff is not None and (decided is None or self.backoff[0] < decided):
                 self.backoff = None
             if self.backoff is not None:  # a quick local cut on 429s holds until the policy saw them
