@@ -108,7 +108,7 @@ def test_async_rows_run_on_the_loop_with_no_thread_per_row():
 
             watcher = asyncio.create_task(watch())
             try:
-                return [out async for out in udf(calls(144))]  # enough for the limit's ramp from 16 to reach 40
+                return [out async for out in udf(calls(144))]  # enough for the limit's ramp from 32 to reach 40
             finally:
                 watcher.cancel()
 

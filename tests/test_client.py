@@ -26,6 +26,7 @@ from dspy.utils.exceptions import (
 
 from dspy_ray.client.embeddings import EmbeddingClient, EmbeddingConfigError
 from dspy_ray.client.limiter import endpoint_limiter
+from dspy_ray.client.limiter.policy import INITIAL_IN_FLIGHT
 from dspy_ray.client.lm import build_lm
 from dspy_ray.client.retry import (
     RetryPolicy,
@@ -227,7 +228,7 @@ def test_chat_and_embeddings_of_one_endpoint_share_one_limit():
 
 
 def test_429s_from_the_embeddings_endpoint_cut_the_limit(monkeypatch):
-    # A lone process's limiter (its own policy, starting at 16), whatever Ray an earlier test left running
+    # A lone process's limiter (its own policy, starting at INITIAL_IN_FLIGHT), whatever Ray an earlier test left running
     # in this process: a coordinated one starts with no share until the job's service grants one.
     monkeypatch.setattr("dspy_ray.client.limiter.registry.ray_initialized", lambda: False)
     limits: list[float] = []
@@ -256,7 +257,7 @@ def test_429s_from_the_embeddings_endpoint_cut_the_limit(monkeypatch):
         time.sleep(0.05)  # the limiter's reporter adds each interval to its totals
     # Every 429 reached the limiter as "full", and it cut (what it does after, the policy's tests cover).
     assert client.limiter.state()["overloads"] >= 64
-    assert min(limits) < before == 16, (before, min(limits))
+    assert min(limits) < before == INITIAL_IN_FLIGHT, (before, min(limits))
 
 
 @pytest.mark.parametrize("uvloop", ["1", "0"])

@@ -19,6 +19,7 @@ from dspy_ray.client.limiter import (
     endpoint_key,
     endpoint_limiter,
 )
+from dspy_ray.client.limiter.policy import INITIAL_IN_FLIGHT
 from dspy_ray.client.limiter.slots import REFUSED_RISE_S
 from dspy_ray.client.lm import build_lm
 from dspy_ray.endpoints.settings import EndpointSettings
@@ -234,7 +235,7 @@ def test_forgotten_endpoints_start_afresh_here_and_at_the_service():
     learned.set_share(40)
     assert endpoint_key(settings.base_url, settings.model) in forget_endpoints()
     fresh = endpoint_limiter(settings, coordinate=False)
-    assert fresh is not learned and fresh.share == 16  # the initial share, not the one learned
+    assert fresh is not learned and fresh.share == INITIAL_IN_FLIGHT  # the initial share, not the one learned
     service = LimitService()
     service.join(fresh.key, "a", 64)
     assert service.forget([fresh.key, "never|seen"]) == 1 and service.state(fresh.key) is None

@@ -67,7 +67,7 @@ def test_many_requests_in_flight_per_actor():
     with FakeLLM(latency=0.3) as fake:
         udf = make_udf(fake, max_in_flight_per_actor=48)
         start = time.perf_counter()
-        out = run(udf, calls(144))  # the limit starts at 16 and each rise is taken up over a latency
+        out = run(udf, calls(144))  # the limit starts at 32 and each rise is taken up over a latency
         elapsed = time.perf_counter() - start
         stats = fake.stats()
     assert out.num_rows == 144

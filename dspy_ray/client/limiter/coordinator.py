@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspy_ray.client.limiter.policy import AimdPolicy, Signals
+from dspy_ray.client.limiter.policy import INITIAL_IN_FLIGHT, AimdPolicy, Signals
 from dspy_ray.client.limiter.slots import IDLE_GRACE_S, EndpointLimiter, Report, endpoint_key, idle_floor
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class LimitCoordinator:
     so the ceiling holds for the job at every moment.
     """
 
-    def __init__(self, key: str, ceiling: int, adaptive: bool = True, initial: int = 16):
+    def __init__(self, key: str, ceiling: int, adaptive: bool = True, initial: int = INITIAL_IN_FLIGHT):
         self.key = key
         self.policy = AimdPolicy(ceiling, initial, adaptive=adaptive)
         self.members: dict[str, _Member] = {}

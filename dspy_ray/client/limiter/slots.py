@@ -19,6 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from dspy_ray.client.limiter.policy import (
+    INITIAL_IN_FLIGHT,
     LATENCY_BUCKETS,
     AimdPolicy,
     Signals,
@@ -108,7 +109,7 @@ class EndpointLimiter:
     them again one per call answered).
     """
 
-    def __init__(self, key: str, ceiling: int, *, adaptive: bool = True, initial: int = 16):
+    def __init__(self, key: str, ceiling: int, *, adaptive: bool = True, initial: int = INITIAL_IN_FLIGHT):
         self.key = key
         self.ceiling = max(1, int(ceiling))
         self.adaptive = adaptive
