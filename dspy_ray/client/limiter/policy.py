@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 OVERLOAD_STATUS = frozenset({429, 503})
 # Requests in flight before anything is known of an endpoint: slow start doubles from here.  32, not 16 (TCP's
-# initial window grew for the same reason): each doubling waits for a latency of answers, and at 16 the search
-# for a capacity of 512 spent about 1.3 s of an 8-s run below half of it.
+# initial window grew for the same reason): each doubling waits for a latency of answers, and from 16 the first
+# 1.5 s of an 8-s run against a capacity of 512 used less than a fifth of it.
 INITIAL_IN_FLIGHT = 32
 
 

@@ -354,8 +354,8 @@ class EndpointLimiter:
 
         The endpoint was full at the old limit or between it and the new one (slow start's doubling, a probe's step).
         Kept where the rise had reached, every request sent above the capacity meanwhile was refused too, and every
-        row that took the slot of a refused one (it waits out Retry-After holding none) was refused in turn: 40-50
-        429s in a slow start's last doubling at C = 128, about a third of a 5,000-row run's."""
+        row that took the slot of a refused one (it waits out Retry-After holding none) was refused in turn: 20-45
+        429s in a slow start's last doubling at C = 128, a third to a half of a 5,000-row run's."""
         grown, self._grown = self._grown, None
         if grown is None or time.monotonic() - grown[0] > REFUSED_RISE_S or self.limit <= grown[1]:
             return

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop where it is installed (it comes with ``ray[serve]`` on Linux and macOS), as in Ray's
     own workers: the fake shares the cores with the client it serves in every benchmark, and uvloop takes
-    about a quarter less CPU per request than asyncio's own loop.  ``FAKE_LLM_UVLOOP=0`` keeps asyncio's."""
+    about a fifth less CPU per request than asyncio's own loop.  ``FAKE_LLM_UVLOOP=0`` keeps asyncio's."""
     if os.environ.get("FAKE_LLM_UVLOOP", "1") == "0":
         return None
     try:
