@@ -228,8 +228,8 @@ def test_chat_and_embeddings_of_one_endpoint_share_one_limit():
 
 
 def test_429s_from_the_embeddings_endpoint_cut_the_limit(monkeypatch):
-    # A lone process's limiter (its own policy, starting at INITIAL_IN_FLIGHT), whatever Ray an earlier test left running
-    # in this process: a coordinated one starts with no share until the job's service grants one.
+    # A lone process's limiter (its own policy, starting at INITIAL_IN_FLIGHT), whatever Ray an earlier test left
+    # running in this process: a coordinated one starts with no share until the job's service grants one.
     monkeypatch.setattr("dspy_ray.client.limiter.registry.ray_initialized", lambda: False)
     limits: list[float] = []
 

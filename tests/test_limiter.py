@@ -608,7 +608,6 @@ def test_a_cut_that_leaves_the_429_share_as_it_was_is_undone():
     assert policy.limit >= limit, policy.limit
 
 
-
 def test_a_probes_first_429_is_its_verdict_unless_429s_come_at_random():
     """At the plateau, one step above the level that failed: a single 429 cuts back to the plateau at once, before
     the window ends (held to the usual threshold of three, the probe stood while its refused rows were refused
@@ -669,6 +668,7 @@ def test_a_429_soon_after_the_share_grew_undoes_the_increase_at_once():
     noisy._acquire()
     noisy._release(None, Overloaded())
     assert noisy.limit == 66.0 and noisy.backoff is None
+
 
 def test_calls_waiting_to_retry_are_counted_while_they_wait():
     limiter = EndpointLimiter("test|resting", ceiling=8)
