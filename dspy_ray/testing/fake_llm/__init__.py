@@ -39,6 +39,8 @@ Standalone (prints the base URL, serves until killed)::
 
     python -m dspy_ray.testing.fake_llm --port 8001 --latency 0.1 --p-429 0.05
 
+It runs on uvloop where that is installed (``FAKE_LLM_UVLOOP=0``: asyncio's own loop).
+
 ``POST /v1/embeddings`` answers deterministic hashed bag-of-words vectors
 (:func:`hashed_embedding`: each lower-cased word adds +-1 to one of ``embed_dim``
 coordinates chosen by its hash, then L2 normalised), so texts sharing words are
