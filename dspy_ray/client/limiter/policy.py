@@ -258,7 +258,11 @@ class AimdPolicy:
         failed last, a refusal says the capacity is still below it.  (Held to the usual threshold, a probe stood
         until its 429s added up to three, and each refused request's row took its slot and was refused in turn: a
         probe cost 5-8 429s, a third of a 5,000-row run's at C = 128.)"""
-        return (w.overloads > 0 and not self.background and self.w_max is not None and self.limit >= self.w_max)
+        return w.overloads > 0 and not self.background and self._probing()
+
+    def _probing(self) -> bool:
+        """At or above the level that failed last (a probe's step); False in slow start, before any level failed."""
+        return self.w_max is not None and self.limit >= self.w_max
 
     def _hold(self, w: Signals, ratio: float) -> bool:
         """At the edge (429s beyond the background, or latency rising): neither grow nor cut."""
@@ -326,7 +330,7 @@ class AimdPolicy:
             self.held.popleft()
         # What the endpoint served (Little's law) or, after a small excess (a probe), the most it held
         # lately without complaint below the level that failed; after a large one only what it served.
-        probing = self.w_max is not None and before >= self.w_max
+        probing = self._probing()  # self.limit is still ``before`` here
         small = rate < 0.1 or (probing and self.window.overloads <= 5)  # a probe's few 429s in a short window
         # A queue (a cut on latency) is not answered by a 429, so "held without complaint" says nothing there.
         held = max((n for _, n in self.held if n < before), default=0) if small and by_overloads else 0
