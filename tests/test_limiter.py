@@ -28,6 +28,12 @@ from dspy_ray.testing.fake_llm import FakeLLM
 LATENCY = 0.2
 
 
+class Overloaded(Exception):
+    """What the LM client raises for a 429 (the limiter reads its ``status``)."""
+
+    status = 429
+
+
 def settings_for(fake: FakeLLM, **kw) -> EndpointSettings:
     return EndpointSettings(base_url=fake.base_url, model="fake-model", **kw)
 
@@ -303,9 +309,6 @@ def test_a_few_429s_in_every_window_add_up_to_a_cut():
 
 
 def test_a_quick_local_cut_holds_until_the_policy_has_seen_its_429s():
-    class Overloaded(Exception):
-        status = 429
-
     limiter = EndpointLimiter("test|backoff", ceiling=64, initial=8)
     for _ in range(8):  # eight requests in flight, three answered 429 at once
         limiter._acquire()
@@ -326,10 +329,6 @@ def test_a_rise_of_the_limit_is_taken_up_over_a_latency_and_a_burst_of_429s_stop
     """An endpoint that refuses what is over its capacity refuses a burst whole: after a doubling, twice the
     requests in flight went out at once, and half came back 429.  A rise is spread over a latency instead; the
     first 429s cut it short.  A share that moves between processes (not paced) still moves at once."""
-
-    class Overloaded(Exception):
-        status = 429
-
     limiter = EndpointLimiter("test|rise", ceiling=256, initial=16)
     limiter.set_share(64.0)  # not paced: at once
     assert limiter.limit == 64.0
@@ -634,10 +633,6 @@ def test_a_429_soon_after_the_share_grew_undoes_the_increase_at_once():
     """The endpoint refused what the last increase added (slow start's doubling, a probe): with no background of
     429s, the first one takes the limit back to where it was, until the coordinator has decided with it.  Late,
     or where 429s come at random, a single one changes nothing."""
-
-    class Overloaded(Exception):
-        status = 429
-
     limiter = EndpointLimiter("test|undo", ceiling=256, initial=16)
     limiter.set_share(64.0)
     limiter.set_share(128.0, paced=0.4)  # slow start doubled
