@@ -11,7 +11,9 @@ L (0.25 s) serves at most C requests at once, so it can answer at most C/L calls
 
 ``python -m pipelines.triage`` runs over ``--rows`` unique calls with its **default flags**
 (nothing about C is passed: the framework has to find it), both stages, so two LM calls per
-row.  The fake samples its in-flight count every 50 ms; from that this prints, per run:
+row.  The LM cache is on, as by default, in a fresh folder per run (``LM_CACHE``): every call a
+miss and stored, as on a new machine, whatever earlier runs left in ``~/.cache/dspy-ray/lm`` (a
+folder at its size bound evicts as it writes: ``benchmarks/lm_cache.py --writes`` measures that).  The fake samples its in-flight count every 50 ms; from that this prints, per run:
 
 * calls/s answered 200 over the active period, and that as a share of C/L;
 * the share of all requests answered 429, overall and after the first 5 s;
@@ -101,6 +103,7 @@ def run_one(kind: str, capacity: int, args, workdir: Path) -> dict:
     fake_kwargs = {"latency": args.latency, "capacity": capacity, "retry_after": 1.0, "sample_interval": 0.05}
     if kind == "reject":
         fake_kwargs["reject_over"] = 0
+    os.environ["LM_CACHE"] = str(workdir / f"lm-cache-{tag}")  # a fresh cache: every call a miss, stored
     with FakeLLM(**fake_kwargs) as fake:
         start = time.perf_counter()
         code, out = run_cli(src, workdir / f"out-{tag}", fake.base_url, args.extra)

@@ -26,6 +26,15 @@ back): the cache **off**; **on** as shipped (the answer is written by the proces
 thread, :mod:`dspy_ray.client.cache.writer`); and **inline** (the same store written on the
 caller's thread, before the answer is returned: what a put on the hot path costs).  Printed:
 answered calls/s of each and the ratios to off (the goal for "on": >= 0.95).
+
+    python benchmarks/lm_cache.py --writes [--write-entries 10000]
+
+What the cache writer thread pays for each answer it stores, in CPU microseconds of that thread,
+old way and new side by side: **one by one** (diskcache's ``set()`` per entry, and its ``cull()``
+at the bound) and **batched** (:class:`LocalStore` as shipped: many entries to an INSERT, and an
+eviction that makes room for several batches).  Four conditions: a folder below its bound or at it
+(every batch then evicts), and the process idle or with a thread that keeps the GIL busy (a stage
+actor's event loop under load: each time SQLite lets go of the GIL, the writer waits behind it).
 """
 
 from __future__ import annotations
@@ -255,6 +264,61 @@ def miss_throughput(seconds: float, concurrency: int) -> None:
           f"(goal >= 95%)")
 
 
+def write_cost(entries: int, rounds: int) -> None:
+    """``--writes``: the writer thread's CPU per stored entry, one by one vs batched (see the docstring)."""
+    import threading
+
+    from dspy_ray.client.cache import local
+    from dspy_ray.client.cache.store import encode_entry
+
+    batch, limit = 250, 32 * 2**20  # what the writer gathers in its linger at ~2,500 misses/s; a bound quick to fill
+    data = [(key, encode_entry(key, response(i))) for i, key in
+            enumerate(cache_key(request(i)) for i in range(entries + 60_000))]
+    cells: dict[tuple[str, bool, bool], list[float]] = {}
+    base = Path(tempfile.mkdtemp(prefix="lm-cache-writes-"))
+    try:
+        for r in range(rounds):
+            for at_bound in (False, True):
+                for busy in (False, True):
+                    for bulk in (False, True):
+                        store = LocalStore(base / f"{r}-{at_bound}-{busy}-{bulk}", size_limit=limit)
+                        handle, start, filled = store._opened(), 0, 0
+                        while at_bound and filled < 1.2 * limit:  # past the bound, the fast way, not timed
+                            local._set_many(handle.cache, data[start:start + 5000], True)
+                            filled += sum(len(v) for _, v in data[start:start + 5000])
+                            start += 5000
+                        stop = threading.Event()
+
+                        def spin() -> None:  # a thread that holds the GIL whenever it can
+                            n = 0
+                            while not stop.is_set():
+                                n += sum(range(200))
+
+                        spinner = threading.Thread(target=spin, daemon=True)
+                        if busy:
+                            spinner.start()
+                        cpu = time.thread_time()
+                        for i in range(start, start + entries, batch):
+                            local._set_many(handle.cache, data[i:i + batch], bulk)
+                        cells.setdefault((("below", "at")[at_bound], busy, bulk), []).append(
+                            (time.thread_time() - cpu) / entries * 1e6)
+                        stop.set()
+                        if busy:
+                            spinner.join()
+                        store.close()
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"cache writer thread, CPU us per entry stored ({entries} entries in batches of {batch}, "
+          f"median of {rounds} rounds; bound {limit >> 20} MiB)")
+    print(f"{'folder':12} {'process':22} {'one by one':>11} {'batched':>9} {'ratio':>7}")
+    for where in ("below", "at"):
+        for busy in (False, True):
+            old, new = (statistics.median(cells[where, busy, bulk]) for bulk in (False, True))
+            print(f"{where + ' bound':12} {'a busy thread beside' if busy else 'idle':22} {old:11.1f} {new:9.1f} "
+                  f"{old / new:6.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--misses", action="store_true", help="only the all-miss throughput, cache off / on / inline")
@@ -263,7 +327,11 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=1000)
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="each a fresh folder per store; medians reported")
+    parser.add_argument("--writes", action="store_true", help="only the writer's CPU per entry, one by one / batched")
+    parser.add_argument("--write-entries", type=int, default=10_000)
     args = parser.parse_args()
+    if args.writes:
+        return write_cost(args.write_entries, args.rounds)
     if args.misses:
         return miss_throughput(args.miss_seconds, args.concurrency)
     keys = [cache_key(request(i)) for i in range(args.entries)]

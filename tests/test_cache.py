@@ -208,6 +208,82 @@ def test_size_bound_holds_for_answers_written_in_batches(tmp_path):
     assert store.get(key_of(399)) == answer("answer 399 " + "x" * 2000)
 
 
+def _rows(store: LocalStore) -> dict[str, tuple]:
+    """The folder's rows as SQLite holds them (a connection of the test's own), and diskcache's own counters."""
+    import sqlite3
+
+    with sqlite3.connect(os.path.join(store.location, "cache.db")) as con:
+        rows = {key: (raw, size, mode, filename) for key, raw, size, mode, filename in
+                con.execute("SELECT key, raw, size, mode, filename FROM Cache")}
+        counters = dict(con.execute("SELECT key, value FROM Settings WHERE key IN ('count', 'size')"))
+    return rows | {"__counters__": (counters["count"], counters["size"])}
+
+
+def test_a_batch_written_many_rows_to_a_statement_is_what_set_writes(tmp_path):
+    """The writer thread's batches go into SQLite many entries to a statement: the rows are set()'s, diskcache's
+    count and size follow them, a corrupt entry is replaced, and an answer too long for the database goes into a
+    file of its own as set() puts it."""
+    from dspy_ray.client.cache.local import ROWS_PER_STATEMENT
+    from dspy_ray.client.cache.writer import flush_writes
+
+    store, reference = LocalStore(tmp_path / "batched"), LocalStore(tmp_path / "one-by-one")
+    assert store._opened().bulk, "the folder's schema should allow batched writes"
+    corrupt_local(store, key_of(0), b"half an entry")
+    long_text = "y" * 40_000  # past diskcache's 32 KiB: a file
+    texts = {i: (long_text if i == 3 else f"answer {i}") for i in range(2 * ROWS_PER_STATEMENT + 5)}
+    for i, text in texts.items():
+        store.put_later(key_of(i), answer(text))
+        reference.put(key_of(i), answer(text))
+    assert flush_writes(30.0)
+    for i, text in texts.items():
+        assert store.get(key_of(i)) == answer(text)
+    assert store.stats().corrupt == 0 and store.stats().errors == 0
+    rows, expected = _rows(store), _rows(reference)
+    assert rows.pop("__counters__") == (len(texts), sum(r[1] for r in rows.values()))
+    expected.pop("__counters__")
+    assert {k: r[:3] for k, r in rows.items()} == {k: r[:3] for k, r in expected.items()}  # raw, size, mode
+    assert {k for k, r in rows.items() if r[3]} == {key_of(3)}  # only the long answer is a file
+    # Written again in a batch, every entry is replaced in place: no row more, the same counters.
+    for i in range(5):
+        store.put_later(key_of(i), answer(f"again {i}"))
+    assert flush_writes(30.0)
+    assert [store.get(key_of(i)) for i in range(5)] == [answer(f"again {i}") if i != 3 else answer(long_text)
+                                                        for i in range(5)]  # a file entry is left as it was
+    rows = _rows(store)
+    assert rows.pop("__counters__") == (len(texts), sum(r[1] for r in rows.values()))
+
+
+def test_a_folder_at_its_bound_is_given_room_at_once(tmp_path, monkeypatch):
+    """Past its bound, a folder is brought EVICT_ROOM under it in one go (the oldest entries first), so the
+    batches that follow do not each evict again."""
+    from dspy_ray.client.cache import local, writer
+
+    monkeypatch.setattr(writer, "LINGER_S", 0.0)
+    limit = 2 * 1024 * 1024
+    evictions = []
+    evict_room = local._evict_room
+
+    def spy(cache, volume, limit):
+        evict_room(cache, volume, limit)
+        evictions.append(cache.volume())
+
+    monkeypatch.setattr(local, "_evict_room", spy)
+    store = LocalStore(tmp_path / "full", size_limit=limit)
+    batches = 0
+    while batches < 500:  # ~6 MB into a 2 MiB bound, 5 answers of ~2.4 KB a batch
+        for i in range(5 * batches, 5 * batches + 5):
+            store.put_later(key_of(i), answer(f"answer {i} " + "x" * 2000))
+        assert writer.flush_writes(30.0)
+        batches += 1
+    assert store.volume() <= limit
+    assert store.get(key_of(0)) is None and store.get(key_of(5 * batches - 1)) is not None
+    # Each eviction made room for several batches (EVICT_ROOM of 2 MiB: ~40 KB, 12 KB a batch).
+    assert 0 < len(evictions) < batches / 3
+    assert max(evictions) <= limit * (1 - local.EVICT_ROOM) + 16 * 1024
+    rows = _rows(store)
+    assert rows.pop("__counters__")[0] == len(rows) == len(store)
+
+
 def test_memory_lru_serves_repeated_hits(tmp_path):
     store = RemoteStore(f"file://{tmp_path}/r", memory_entries=2)
     for i in range(3):
@@ -379,20 +455,24 @@ PROCESSES, SHARED, OWN = 6, 60, 40
 
 
 def _writer(kind: str, location: str, worker: int, start) -> None:
-    store = LocalStore(location) if kind == "local" else RemoteStore(location, memory_entries=0)
+    from dspy_ray.client.cache.writer import flush_writes
+
+    store = LocalStore(location) if kind != "remote" else RemoteStore(location, memory_entries=0)
+    put = store.put_later if kind == "batched" else store.put  # batched: the writer thread, many to a statement
     start.wait()
     for i in range(SHARED):  # every process writes these same keys, with the same answer
-        store.put(key_of(i), answer(f"shared {i}"))
+        put(key_of(i), answer(f"shared {i}"))
         store.get(key_of((i * 7) % SHARED))
     for i in range(OWN):
-        store.put(key_of(1000 * (worker + 1) + i), answer(f"worker {worker} row {i}"))
+        put(key_of(1000 * (worker + 1) + i), answer(f"worker {worker} row {i}"))
+    assert flush_writes(60.0)
     assert store.stats().errors == 0, store.stats()
     store.close()
 
 
-@pytest.mark.parametrize("kind", ["local", "remote"])
+@pytest.mark.parametrize("kind", ["local", "batched", "remote"])
 def test_many_processes_writing_at_once(tmp_path, kind):
-    location = str(tmp_path / "disk") if kind == "local" else f"file://{tmp_path}/files"
+    location = str(tmp_path / "disk") if kind != "remote" else f"file://{tmp_path}/files"
     ctx = multiprocessing.get_context("fork")
     start = ctx.Barrier(PROCESSES)
     procs = [ctx.Process(target=_writer, args=(kind, location, w, start)) for w in range(PROCESSES)]
@@ -401,14 +481,14 @@ def test_many_processes_writing_at_once(tmp_path, kind):
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * PROCESSES
-    store = LocalStore(location) if kind == "local" else RemoteStore(location, memory_entries=0)
+    store = LocalStore(location) if kind != "remote" else RemoteStore(location, memory_entries=0)
     for i in range(SHARED):
         assert store.get(key_of(i)) == answer(f"shared {i}")
     for w in range(PROCESSES):
         for i in range(OWN):
             assert store.get(key_of(1000 * (w + 1) + i)) == answer(f"worker {w} row {i}")
     assert store.stats().corrupt == 0 and store.stats().misses == 0
-    if kind == "local":
+    if kind != "remote":
         assert len(store) == SHARED + PROCESSES * OWN
     else:
         assert not list((tmp_path / "files").rglob(".tmp-*"))

@@ -15,8 +15,12 @@ URI, :class:`~dspy_ray.client.cache.remote.RemoteStore`, for a shared filesystem
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,6 +47,7 @@ class _Handle:
 
     def __init__(self, cache):
         self.cache = cache
+        self.bulk = False  # whether batches may be written many entries to a statement (_bulk_ready)
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="lm-cache-io")
         self._mine = threading.local()  # .state: this thread's _Direct, or False when it must hop
         self._direct: set[threading.Thread] = set()
@@ -105,29 +110,118 @@ def _close_quietly(connection: list) -> None:
             pass
 
 
-def _set_many(cache, entries: list[tuple[str, bytes]]) -> None:
+def _set_many(cache, entries: list[tuple[str, bytes]], bulk: bool = False) -> None:
+    """``entries`` in one SQLite transaction; with ``bulk`` (the folder's schema was checked: :func:`_bulk_ready`),
+    those stored in the database itself go in ``ROWS_PER_STATEMENT`` at a time (:func:`_upsert`)."""
     with cache.transact():  # one SQLite transaction for the batch, not one per entry
+        if bulk:
+            inline = cache.disk_min_file_size  # diskcache keeps a value this long or longer in a file of its own
+            rest = [(key, data) for key, data in entries if len(data) >= inline]
+            rows = [(key, data) for key, data in entries if len(data) < inline]
+            connection, now = cache._con, time.time()
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                chunk = rows[start:start + ROWS_PER_STATEMENT]
+                connection.execute(_upsert(len(chunk)),
+                                   [v for key, data in chunk for v in (key, now, now, sqlite3.Binary(data))])
+            entries = rest
         for key, data in entries:
             cache.set(key, data)
-    _evict(cache)
+    _evict(cache, bulk)
 
 
-def _set_one(cache, key: str, data: bytes) -> None:
+# diskcache's set() makes a few SQLite calls an entry, and the sqlite3 module lets go of the GIL for each: the
+# writer thread then waits for the GIL again each time, behind the event loop that runs the rows.  Beside a
+# busy thread that made a write cost several times its CPU on an idle process, in the writer and in the loop it
+# kept interrupting (benchmarks/lm_cache.py --writes).  One INSERT of many rows lets go of it once.  The rows are what set() writes for
+# a str key (raw) and a bytes value kept in the database (MODE_RAW, size 0, no file, no expiry or tag), so
+# diskcache's triggers keep its count and size, and its reads, eviction and volume work as they do for set();
+# an entry already stored in a file of its own is left as it is (replacing it would leave the file behind).
+ROWS_PER_STATEMENT = 64
+_COLUMNS = ("key", "raw", "store_time", "expire_time", "access_time", "access_count", "tag", "size", "mode",
+            "filename", "value")
+
+
+@functools.lru_cache(maxsize=ROWS_PER_STATEMENT)
+def _upsert(rows: int) -> str:
+    """The INSERT of ``rows`` entries (parameters: key, now, now, value per entry)."""
+    from diskcache.core import MODE_RAW
+
+    values = ",".join([f"(?, 1, ?, NULL, ?, 0, NULL, 0, {MODE_RAW}, NULL, ?)"] * rows)
+    return (f"INSERT INTO Cache ({', '.join(_COLUMNS)}) VALUES {values} ON CONFLICT (key, raw) DO UPDATE SET "
+            "store_time = excluded.store_time, expire_time = NULL, access_time = excluded.access_time, "
+            "access_count = 0, tag = NULL, size = 0, mode = excluded.mode, value = excluded.value "
+            "WHERE filename IS NULL")
+
+
+def _bulk_ready(cache) -> bool:
+    """Whether this folder's schema is the one :func:`_upsert` writes (else every entry goes through set())."""
+    try:
+        columns = {row[1] for row in cache._con.execute("PRAGMA table_info(Cache)")}
+        triggers = {row[0] for row in cache._con.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    except (AttributeError, sqlite3.Error):
+        return False
+    return (sqlite3.sqlite_version_info >= (3, 24) and set(_COLUMNS) <= columns
+            and {"Settings_count_insert", "Settings_size_insert", "Settings_size_update"} <= triggers)
+
+
+def _set_one(cache, key: str, data: bytes, bulk: bool = False) -> None:
     cache.set(key, data)
-    _evict(cache)
+    _evict(cache, bulk)
 
 
-def _evict(cache) -> None:
+def _evict(cache, bulk: bool = False) -> None:
     """Once per write (a batch of entries, or one): evict the least recently stored entries while the folder
     is over its bound.  diskcache would check on every ``set`` (three more SQL statements each, a third of a
-    write's cost): the folder is opened with ``cull_limit=0`` and checked here instead."""
+    write's cost): the folder is opened with ``cull_limit=0`` and checked here instead.  With ``bulk`` (the
+    schema checked), an eviction makes ``EVICT_ROOM`` of room at once (:func:`_evict_room`)."""
     import diskcache
 
-    if cache.volume() > cache.size_limit:
-        try:
-            cache.cull()
-        except diskcache.Timeout:  # another process holds the lock: the entries are stored, the next write evicts
-            pass
+    volume, limit = cache.volume(), cache.size_limit
+    if volume <= limit:
+        return
+    try:
+        if bulk:
+            _evict_room(cache, volume, limit)
+        cache.cull()  # what is still over the bound, diskcache's way
+    except (diskcache.Timeout, sqlite3.OperationalError):  # another process holds the lock: the next write evicts
+        pass
+
+
+# A folder at its bound (a long-used machine's: every later write evicts) is brought EVICT_ROOM of the bound
+# under it, not just under it.  diskcache's cull() makes room for what was just written, ten entries to a
+# transaction, each with its own size check: at the bound every batch of writes paid for that, and a write cost
+# several times what it costs below the bound (benchmarks/lm_cache.py --writes).  Here the oldest entries go
+# EVICT_ROWS to a transaction, and the next eviction is due after EVICT_ROOM of the bound (20 MiB of the
+# default 1 GiB) has been written.
+EVICT_ROOM = 0.02
+EVICT_ROWS = 2000
+
+
+def _evict_room(cache, volume: int, limit: int) -> None:
+    """Delete the entries the folder's eviction policy names first until it holds under ``(1 - EVICT_ROOM)`` of
+    ``limit`` (the rows to delete are estimated from the entries' mean size; ``cull()`` then finishes the job)."""
+    from diskcache.core import EVICTION_POLICY
+
+    select = EVICTION_POLICY[cache.eviction_policy]["cull"]
+    if select is None:  # a policy that never evicts
+        return
+    target = limit * (1 - EVICT_ROOM)
+    while volume > target:
+        count = len(cache)
+        if not count:
+            return
+        rows = min(EVICT_ROWS, max(1, math.ceil((volume - target) * count / volume)))
+        now = time.time()
+        with cache.transact():
+            connection = cache._con
+            files = [f for (f,) in connection.execute(select.format(fields="filename", now=now), (rows,)) if f]
+            connection.execute(f"DELETE FROM Cache WHERE rowid IN ({select.format(fields='rowid', now=now)})",
+                               (rows,))
+        for filename in files:  # after the commit, as diskcache does: a rolled-back delete keeps its files
+            cache._disk.remove(filename)
+        before, volume = volume, cache.volume()
+        if volume >= before:  # the file did not shrink (a folder made without auto-vacuum): cull() decides
+            return
 
 
 class LocalStore(GuardedStore):
@@ -142,18 +236,20 @@ class LocalStore(GuardedStore):
     def _open(self):
         import diskcache
 
-        return _Handle(diskcache.Cache(self.location, size_limit=self.size_limit, timeout=BUSY_TIMEOUT_S,
-                                       eviction_policy=self.eviction_policy, statistics=False,
-                                       cull_limit=0))  # evicted once per write: _evict
+        handle = _Handle(diskcache.Cache(self.location, size_limit=self.size_limit, timeout=BUSY_TIMEOUT_S,
+                                         eviction_policy=self.eviction_policy, statistics=False,
+                                         cull_limit=0))  # evicted once per write: _evict
+        handle.bulk = handle.run(_bulk_ready, handle.cache)
+        return handle
 
     def _read(self, handle: _Handle, key: str) -> bytes | None:
         return handle.run(handle.cache.get, key, None)
 
     def _write(self, handle: _Handle, key: str, data: bytes) -> None:
-        handle.run(_set_one, handle.cache, key, data)
+        handle.run(_set_one, handle.cache, key, data, handle.bulk)
 
     def _write_many(self, handle: _Handle, entries: list[tuple[str, bytes]]) -> None:
-        handle.run(_set_many, handle.cache, entries)
+        handle.run(_set_many, handle.cache, entries, handle.bulk)
 
     def _close(self, handle: _Handle) -> None:
         handle.close()
