@@ -13,7 +13,8 @@ L (0.25 s) serves at most C requests at once, so it can answer at most C/L calls
 (nothing about C is passed: the framework has to find it), both stages, so two LM calls per
 row.  The LM cache is on, as by default, in a fresh folder per run (``LM_CACHE``): every call a
 miss and stored, as on a new machine, whatever earlier runs left in ``~/.cache/dspy-ray/lm`` (a
-folder at its size bound evicts as it writes: ``benchmarks/lm_cache.py --writes`` measures that).  The fake samples its in-flight count every 50 ms; from that this prints, per run:
+folder at its size bound evicts as it writes: ``benchmarks/lm_cache.py --writes`` measures that).
+The fake samples its in-flight count every 50 ms; from that this prints, per run:
 
 * calls/s answered 200 over the active period, and that as a share of C/L;
 * the share of all requests answered 429, overall and after the first 5 s;

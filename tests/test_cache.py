@@ -226,6 +226,10 @@ def test_a_batch_written_many_rows_to_a_statement_is_what_set_writes(tmp_path):
     from dspy_ray.client.cache.local import ROWS_PER_STATEMENT
     from dspy_ray.client.cache.writer import flush_writes
 
+    import sqlite3
+
+    if sqlite3.sqlite_version_info < (3, 24):
+        pytest.skip("SQLite before 3.24 has no upsert: batches are written one set() at a time")
     store, reference = LocalStore(tmp_path / "batched"), LocalStore(tmp_path / "one-by-one")
     assert store._opened().bulk, "the folder's schema should allow batched writes"
     corrupt_local(store, key_of(0), b"half an entry")
