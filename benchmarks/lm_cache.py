@@ -284,9 +284,10 @@ def write_cost(entries: int, rounds: int) -> None:
                         store = LocalStore(base / f"{r}-{at_bound}-{busy}-{bulk}", size_limit=limit)
                         handle, start, filled = store._opened(), 0, 0
                         while at_bound and filled < 1.2 * limit:  # past the bound, the fast way, not timed
-                            local._set_many(handle.cache, data[start:start + 5000], True)
-                            filled += sum(len(v) for _, v in data[start:start + 5000])
-                            start += 5000
+                            chunk = data[start:start + 5000]
+                            local._set_many(handle.cache, chunk, True)
+                            filled += sum(len(v) for _, v in chunk)
+                            start += len(chunk)
                         stop = threading.Event()
 
                         def spin() -> None:  # a thread that holds the GIL whenever it can

@@ -132,10 +132,11 @@ def _set_many(cache, entries: list[tuple[str, bytes]], bulk: bool = False) -> No
 # diskcache's set() makes a few SQLite calls an entry, and the sqlite3 module lets go of the GIL for each: the
 # writer thread then waits for the GIL again each time, behind the event loop that runs the rows.  Beside a
 # busy thread that made a write cost several times its CPU on an idle process, in the writer and in the loop it
-# kept interrupting (benchmarks/lm_cache.py --writes).  One INSERT of many rows lets go of it once.  The rows are what set() writes for
-# a str key (raw) and a bytes value kept in the database (MODE_RAW, size 0, no file, no expiry or tag), so
-# diskcache's triggers keep its count and size, and its reads, eviction and volume work as they do for set();
-# an entry already stored in a file of its own is left as it is (replacing it would leave the file behind).
+# kept interrupting (benchmarks/lm_cache.py --writes).  One INSERT of many rows lets go of it once.  The rows
+# are what set() writes for a str key (raw) and a bytes value kept in the database (MODE_RAW, size 0, no file,
+# no expiry or tag), so diskcache's triggers keep its count and size, and its reads, eviction and volume work as
+# they do for set(); an entry already stored in a file of its own is left as it is (replacing it would leave the
+# file behind).
 ROWS_PER_STATEMENT = 64
 _COLUMNS = ("key", "raw", "store_time", "expire_time", "access_time", "access_count", "tag", "size", "mode",
             "filename", "value")
