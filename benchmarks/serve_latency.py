@@ -18,7 +18,13 @@
     is the share of Serve's own rate the framework keeps (goal >= 90%; and the p50
     added on top of the floor <= 2 ms).
 
-The deployments run at once (the empty ones under ``/wait`` and ``/echo``) and are measured in
+A third empty deployment (``/call``) makes the program's one LM call and nothing else: the framework's
+LM client sends the triage program's messages and response schema, with no DSPy module, predictor or
+adapter around it.  Its rate, as a share of the waiting floor's, is what the LM client and the fake
+endpoint (on these same cores) leave; the program's rate as a share of its rate is what DSPy and the
+replica's request handling cost.
+
+The deployments run at once (the empty ones under ``/wait``, ``/echo`` and ``/call``) and are measured in
 alternating rounds (``--rounds``), so a burst of load from elsewhere on the machine
 falls on both alike; the printed ratio is the median of the rounds' ratios.
 
@@ -34,6 +40,10 @@ program with only ``forward``), served at ``/thread``.
     endpoint), for both deployments: on a machine whose cores are all busy, req/s
     is set by the sum, so the ratio cannot pass what the program's replica and its
     LM endpoint add to Serve's own cost.
+(4) In process (``--in-process N`` requests a round, 0 skips): the FastAPI apps the waiting floor's,
+    the one-call deployment's and the program's replicas hold, driven directly as ASGI apps by 32
+    tasks in this process, with no Serve, proxy or Ray: the CPU a request costs the replica's own
+    code, without the other processes' share of the cores.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,11 +123,143 @@ def echo_app(wait_s: float = 0.0):
     return Echo.bind()
 
 
-PATHS = {"echo": "/echo/triage/predict", "wait": "/wait/triage/predict", "serve": "/triage/predict",
-         "thread": "/thread/triage/predict"}
-REPLICAS = {"echo": "ServeReplica:echo:", "wait": "ServeReplica:wait:", "serve": "ServeReplica:triage:",
-            "thread": "ServeReplica:triage_thread:"}
-FLOORS = ("wait", "echo")
+HOLE = "<<transcript>>"
+
+
+class OneCall:
+    """The triage program's one LM call and nothing else: the framework's LM client sends the messages and
+    the response schema the program sends (the adapter's own rendering, the request's transcript in the
+    user message), with no DSPy module, predictor or adapter around it."""
+
+    def __init__(self, base_url: str):
+        from dspy.adapters.json_adapter import _get_structured_outputs_response_format
+
+        from dspy_ray.client.json_adapter import CachingJSONAdapter
+
+        predictor = load_program(TASK.program).program.predictors()[0]
+        messages = CachingJSONAdapter().format(predictor.signature, predictor.demos, {"transcript": HOLE})
+        self.system, self.user = messages[0]["content"], messages[-1]["content"]
+        # The model class the program's adapter hands the LM as response_format (sent as its strict schema).
+        self.schema = _get_structured_outputs_response_format(predictor.signature)
+        # A model name of its own: the job's limit service shares one endpoint's limit among the processes
+        # calling it, and this deployment is not to take the program replica's share.
+        self.lm = build_lm(EndpointSettings(base_url=base_url, model="fake-one-call", cache="off"))
+
+    async def __call__(self, body: dict) -> dict:
+        messages = [{"role": "system", "content": self.system},
+                    {"role": "user", "content": self.user.replace(HOLE, body["transcript"])}]
+        return {"answer": (await self.lm.acall(messages=messages, response_format=self.schema))[0]}
+
+
+def one_call_app(base_url: str):
+    """An empty deployment that makes the program's one LM call (:class:`OneCall`).  Against it, the program's
+    deployment shows what DSPy's module, predictor and adapter and the replica's request handling cost;
+    against the waiting floor, it shows what the LM client and the fake endpoint (on these same cores) cost."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(api)
+    class OneCallServer:
+        def __init__(self):
+            self.call = OneCall(base_url)
+
+        @api.post("/triage/predict")
+        async def predict(self, body: dict) -> dict:
+            return await self.call(body)
+
+    return OneCallServer.bind()
+
+
+def in_process_apps(base_url: str, wait_s: float) -> dict[str, Any]:
+    """The ASGI apps the replicas hold (the waiting floor's, the one-call deployment's, the program's), built in
+    this process to be driven directly, without Serve."""
+    from fastapi import FastAPI
+
+    from serve.app import ProgramServer
+
+    wait, call, one = FastAPI(), FastAPI(), OneCall(base_url)
+
+    @wait.post("/triage/predict")
+    async def waited(body: dict) -> dict:
+        await asyncio.sleep(wait_s)
+        return body
+
+    @call.post("/triage/predict")
+    async def called(body: dict) -> dict:
+        return await one(body)
+
+    options = ServeOptions(program="triage", max_ongoing_requests=256).model_dump()
+    program = ProgramServer(options, EndpointSettings(base_url=base_url, model="fake", cache="off").with_key())
+    return {"wait": wait, "call": call, "serve": program.http_app}
+
+
+async def asgi_post(app, path: str, body: bytes) -> int:
+    """One POST through an ASGI app, as Serve's replica hands it one; the response status."""
+    status, sent = 0, False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return status
+
+
+def in_process_cpu(apps: dict[str, Any], requests: int, rounds: int, clients: int = 32) -> dict[str, float]:
+    """CPU ms per request of this process for each app, ``clients`` requests at once (best of ``rounds``,
+    the apps in turn): what the replica's own code costs, with no proxy, no Ray and no other process."""
+
+    async def drive(app, n: int) -> None:
+        numbers = iter(range(n))
+
+        async def client(k: int) -> None:
+            for i in numbers:
+                body = json.dumps({"transcript": f"in process {k} {i} {time.monotonic_ns()}"}).encode()
+                assert await asgi_post(app, "/triage/predict", body) == 200
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+
+    async def measure() -> dict[str, list[float]]:
+        seen: dict[str, list[float]] = {tag: [] for tag in apps}
+        for tag, app in apps.items():
+            await drive(app, 2 * clients)  # warm
+        for _ in range(rounds):
+            for tag, app in apps.items():
+                cpu = time.process_time()
+                await drive(app, requests)
+                seen[tag].append((time.process_time() - cpu) / requests * 1e3)
+        return seen
+
+    try:
+        import uvloop  # what Serve's replicas run on when it is installed
+
+        seen = uvloop.run(measure())
+    except ImportError:
+        seen = asyncio.run(measure())
+    return {tag: min(values) for tag, values in seen.items()}
+
+
+PATHS = {"echo": "/echo/triage/predict", "wait": "/wait/triage/predict", "call": "/call/triage/predict",
+         "serve": "/triage/predict", "thread": "/thread/triage/predict"}
+REPLICAS = {"echo": "ServeReplica:echo:", "wait": "ServeReplica:wait:", "call": "ServeReplica:call:",
+            "serve": "ServeReplica:triage:", "thread": "ServeReplica:triage_thread:"}
+FLOORS = ("wait", "echo", "call")
 
 
 def http_latencies(port: int, n: int, tag: str, warm: int = 10) -> list[float]:
@@ -195,6 +338,8 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02, help="fake endpoint latency (s)")
     parser.add_argument("--load-s", type=float, default=5.0, help="seconds of each load window")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of each measurement")
+    parser.add_argument("--in-process", type=int, default=2000, metavar="N",
+                        help="requests per round for (4), the replicas' apps driven in this process (0: skip)")
     parser.add_argument("--paths", default="serve,thread",
                         help="program deployments to measure: serve (the shipped program, on the replica's event "
                              "loop), thread (the same on a worker thread per request)")
@@ -215,6 +360,7 @@ def main() -> None:
         lm = EndpointSettings(base_url=fake.base_url, model="fake")
         serve.run(echo_app(), name="echo", route_prefix="/echo")
         serve.run(echo_app(args.latency), name="wait", route_prefix="/wait")
+        serve.run(one_call_app(fake.base_url), name="call", route_prefix="/call")
         for tag in tags:
             options = ServeOptions(program="triage" if tag == "serve" else "benchmarks.serve_latency:THREAD_TRIAGE",
                                    min_replicas=1, max_replicas=1, max_ongoing_requests=256, max_queued_requests=2048)
@@ -232,6 +378,9 @@ def main() -> None:
                     rates[tag].setdefault(c, []).append(sustained(port, c, args.load_s, tag))
         serve.shutdown()
         ray.shutdown()
+        # Last, once Ray is gone: a program server built in this process stays in it (its LM, heap settings).
+        in_process = (in_process_cpu(in_process_apps(fake.base_url, args.latency), args.in_process, args.rounds)
+                      if args.in_process else {})
 
     # Serve's floor for a program that calls an LM: the empty deployment that waits as long as the endpoint
     # answers.  A request that waits costs Serve more than one answered in the same loop turn (the replica
@@ -242,8 +391,12 @@ def main() -> None:
     print(f"fake endpoint latency: {args.latency * 1e3:.0f} ms; {args.requests} sequential requests each")
     print(f"Serve floor (empty FastAPI deployment, same proxy): p50 {e50:7.2f} ms answering at once; "
           f"{w50:7.2f} ms waiting {args.latency * 1e3:.0f} ms first: {f50:.2f} ms added")
-    results = {"serve_floor_p50_ms": f50, "echo_p50_ms": e50,
-               "empty_sustained_req_per_s": rates["wait"], "echo_sustained_req_per_s": rates["echo"]}
+    c50 = pct(latencies["call"], 50) * 1e3
+    print(f"One LM call without DSPy (empty deployment, the program's call): p50 {c50:7.2f} ms, "
+          f"{c50 - w50:.2f} ms over the waiting floor")
+    results = {"serve_floor_p50_ms": f50, "echo_p50_ms": e50, "one_call_p50_ms": c50,
+               "empty_sustained_req_per_s": rates["wait"],
+               "echo_sustained_req_per_s": rates["echo"], "one_call_sustained_req_per_s": rates["call"]}
     for tag in tags:
         d50, d99 = pct(direct[tag], 50) * 1e3, pct(direct[tag], 99) * 1e3
         s50, s99 = pct(latencies[tag], 50) * 1e3, pct(latencies[tag], 99) * 1e3
@@ -265,6 +418,10 @@ def main() -> None:
                   f"{statistics.mean(empty):7.1f} req/s   ratio per round {' '.join(f'{a / b:.2f}' for a, b in zip(ours, empty))}, "
                   f"median {ratios[clients]['wait']:.2f} (goal >= 0.90); to the echo answering at once "
                   f"({statistics.mean(rates['echo'][clients]):.1f} req/s) {ratios[clients]['echo']:.2f}")
+            call = rates["call"][clients]
+            print(f"[{tag}]   the deployment making one LM call without DSPy: {statistics.mean(call):7.1f} req/s, "
+                  f"{statistics.median(a / b for a, b in zip(call, empty)):.2f} of the waiting floor; "
+                  f"the program {ratios[clients]['call']:.2f} of it")
         results[tag] = {"direct_p50_ms": d50, "direct_p99_ms": d99, "serve_p50_ms": s50, "serve_p99_ms": s99,
                         "added_p50_ms": s50 - d50, "framework_p50_ms": s50 - d50 - f50,
                         "sustained_req_per_s": rates[tag], "median_ratio": ratios}
@@ -273,14 +430,19 @@ def main() -> None:
         print("CPU ms per request (median over the load windows):")
         for tag in [*FLOORS, *tags]:
             by = cpu[tag]
-            label = {"echo": "echo (at once)", "wait": "empty deployment", "serve": "program (async)",
-                     "thread": "program (thread)"}[tag]
-            print(f"  {label:18s}: replica {by['replica']:5.2f}   proxy {by['proxy']:5.2f}   "
+            label = {"echo": "echo (at once)", "wait": "empty deployment", "call": "one LM call, no DSPy",
+                     "serve": "program (async)", "thread": "program (thread)"}[tag]
+            print(f"  {label:20s}: replica {by['replica']:5.2f}   proxy {by['proxy']:5.2f}   "
                   f"endpoint {by['endpoint']:5.2f}   sum {sum(by.values()):5.2f}")
         for tag in tags:
             bound = sum(cpu["wait"].values()) / max(sum(cpu[tag].values()), 1e-9)
             print(f"  [{tag}] the ratio these sums allow when the cores are the limit: {bound:.2f}")
     results["cpu_ms_per_request"] = cpu
+    if in_process:
+        print(f"In process (the replicas' FastAPI apps driven directly, 32 requests at once, no Serve), CPU ms per "
+              f"request, best of {args.rounds} rounds of {args.in_process}: empty (waiting) {in_process['wait']:.3f}, "
+              f"one LM call without DSPy {in_process['call']:.3f}, program {in_process['serve']:.3f}")
+    results["in_process_cpu_ms_per_request"] = in_process
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_latency.json").write_text(json.dumps(results, indent=2))

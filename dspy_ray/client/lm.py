@@ -306,8 +306,13 @@ class ResilientLM(dspy.LM):
             self.usage_hook(usage)
 
 
+# One encoder for every request body: json.dumps with these arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def json_dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"))``, the same text."""
+    return _ENCODER.encode(value)
 
 
 def provider_id(base_url: str) -> str:
