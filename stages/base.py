@@ -73,6 +73,11 @@ USAGE_COLUMN = "lm_usage"
 USAGE_TYPE = pa.struct([("calls", pa.int64()), ("retries", pa.int64()), ("prompt_tokens", pa.int64()),
                         ("completion_tokens", pa.int64()), ("cost_usd", pa.float64()), ("cached", pa.int64())])
 TICK_S = 0.05  # how often an actor re-reads its share (admission) and reports usage to a budget's meter
+# Blocks an actor holds at once, at least.  A block is passed on only once its slowest row is done, and a row
+# refused with a 429 waits out its Retry-After (often a second: ten latencies of an endpoint answering in 0.1 s).
+# With two, the other block of a stage's actor ran dry meanwhile: against an endpoint refusing past 128 in flight
+# at 0.1 s, 70-76% of C/L with two, 85-86% with four (benchmarks/endpoint_capacity.py --latency 0.1).
+MIN_BLOCKS_PER_ACTOR = 4
 
 
 class StageInputError(KeyError):
@@ -324,8 +329,9 @@ class DSPyStage(BaseModel):
 
         ``actors_on_endpoint``: every actor of the run that calls the endpoint (all stages);
         ``rows_per_block``: the dataset's block size.  Each actor is given enough blocks at once
-        to hold twice its even share of the endpoint's ceiling, so the endpoint stays busy while
-        a batch waits for its slowest row (the limiter, not the batch, decides what runs).
+        to hold twice its even share of the endpoint's ceiling, and at least ``MIN_BLOCKS_PER_ACTOR``,
+        so the endpoint stays busy while a batch waits for its slowest row (the limiter, not the batch,
+        decides what runs).
         ``share_weight``: this stage's actors' weight in the split of the endpoint's limit when it cannot run
         every stage's rows at once (the run gives earlier stages more).
         """
@@ -334,7 +340,7 @@ class DSPyStage(BaseModel):
         cap = max_in_flight or self.max_in_flight_per_actor
         per_actor = cap or max(1, lm_settings.max_in_flight // max(1, actors_on_endpoint or self.num_actors))
         rows_per_task = max(self.batch_size, rows_per_block or self.batch_size)
-        tasks = max(2, -(-2 * per_actor // rows_per_task))
+        tasks = max(MIN_BLOCKS_PER_ACTOR, -(-2 * per_actor // rows_per_task))
         _batches_at_once(-(-2 * per_actor // self.batch_size))
         return ds.map_batches(
             self.udf_class,

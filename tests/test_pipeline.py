@@ -84,6 +84,21 @@ def test_an_actor_keeps_more_than_ray_datas_four_batches_of_a_task_in_flight(ray
     assert {m["weight"] for m in members} == {EARLIER_STAGE_WEIGHT, 1.0}, members
 
 
+def test_an_actor_holds_blocks_enough_to_outlast_a_retry_after(ray_local):
+    """A block is passed on only once its slowest row is done, and a row refused with a 429 waits out its
+    Retry-After (often a second: ten latencies of a fast endpoint).  An actor given two blocks at once ran the
+    other dry meanwhile, so it is given at least MIN_BLOCKS_PER_ACTOR, and more where twice its share of the
+    endpoint's ceiling (1024 over 4 actors here) takes more blocks."""
+    from stages.base import MIN_BLOCKS_PER_ACTOR
+
+    stage = triage_stages()[0]
+    settings = EndpointSettings(base_url="http://127.0.0.1:9/v1", model="fake-model")
+    for rows_per_block, blocks in ((1024, MIN_BLOCKS_PER_ACTOR), (313, MIN_BLOCKS_PER_ACTOR), (64, 8)):
+        ds = stage.apply(ray_local.data.range(10), settings, rows_per_block=rows_per_block, actors_on_endpoint=4)
+        compute = ds._logical_plan.dag.compute  # the plan only: nothing runs
+        assert compute.max_tasks_in_flight_per_actor == blocks, (rows_per_block, compute)
+
+
 def test_a_counted_corpus_reaches_the_stages_in_blocks_of_the_planned_size(ray_local, tmp_path):
     """Ray Data joins what a read task yields into blocks of up to 128 MiB: 5,000 rows in one file came out as 4
     blocks of 1,250, and the second stage of a chain waited for the first to finish a whole one (in a short run,
