@@ -76,7 +76,7 @@ TICK_S = 0.05  # how often an actor re-reads its share (admission) and reports u
 # Blocks an actor holds at once, at least.  A block is passed on only once its slowest row is done, and a row
 # refused with a 429 waits out its Retry-After (often a second: ten latencies of an endpoint answering in 0.1 s).
 # With two, the other block of a stage's actor ran dry meanwhile: against an endpoint refusing past 128 in flight
-# at 0.1 s, 70-76% of C/L with two, 85-86% with four (benchmarks/endpoint_capacity.py --latency 0.1).
+# at 0.1 s, 70-76% of C/L with two, 80-86% with four (benchmarks/endpoint_capacity.py --latency 0.1).
 MIN_BLOCKS_PER_ACTOR = 4
 
 
