@@ -1,6 +1,6 @@
 """Goodput under random faults: the batch engine's client against a naive fixed-concurrency client.
 
-    python benchmarks/fault_goodput.py [--seconds 30] [--warmup 5] [--threads 128]
+    python benchmarks/fault_goodput.py [--seconds 30] [--warmup 5] [--threads 128] [--cli 5000]
 
 One fake OpenAI-compatible endpoint (capacity 128, latency 0.05 s, FIFO queue) answers, at random
 and whatever the load: 20% 429 with ``Retry-After: 1``, 5% 500, 1% a 10-second hang, 5% malformed
@@ -11,6 +11,10 @@ answers (HTTP 200 whose content is prose).  Against it, one after the other in t
   its LM client, retries and the adaptive endpoint limit, nothing about the endpoint configured;
 * **naive**: ``--threads`` stdlib threads, each sending one request after another over its own
   keep-alive connection, sleeping ``Retry-After`` after a 429 and nothing after other failures.
+
+With ``--cli ROWS``, then also the batch CLI (``python -m pipelines.triage`` over ROWS calls, its default
+flags: Ray Data, both stages, their actors) against the same endpoint: its goodput from its first
+request to its last good answer, ramp and tail included, against naive's steady state.
 
 Goodput is what the endpoint answered well (HTTP 200 with a real answer, counted by the fake) per
 second, over ``--seconds`` after ``--warmup``.  Printed: both goodputs, the ratio ours/naive (the
@@ -131,12 +135,50 @@ def run_ours(fake: FakeLLM, warmup: float, seconds: float, concurrent_batches: i
     return result
 
 
+# -- the batch CLI: Ray Data, both stages, actors -------------------------------------------
+
+def run_cli_rows(fake: FakeLLM, rows: int) -> dict:
+    """``python -m pipelines.triage`` over ``rows`` calls with its default flags (two LM calls a row); goodput over
+    the active period, from the first request to the last good answer (its ramp and its tail included)."""
+    import tempfile
+
+    from benchmarks.endpoint_capacity import run_cli, write_calls
+
+    seen: list[tuple[float, int, int]] = []
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            stats = fake.stats()
+            seen.append((time.monotonic(), stats["requests"], stats["ok"]))
+            time.sleep(0.1)
+
+    with tempfile.TemporaryDirectory(prefix="fault-goodput-") as folder:
+        source = Path(folder) / "calls.jsonl"
+        write_calls(source, rows, "fault")
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code, _ = run_cli(source, Path(folder) / "out", fake.base_url, [])
+        running.clear()
+        sampler.join(timeout=5)
+    counts = fake.stats()
+    start = next(t for t, requests, _ in seen if requests > 0)
+    end = next(t for t, _, ok in seen if ok >= counts["ok"]) if seen[-1][2] >= counts["ok"] else seen[-1][0]
+    result = {k: counts[k] for k in ("requests", "ok", "rate_limited", "server_error", "hung", "malformed")}
+    return {**result, "exit": code, "seconds": end - start, "goodput": counts["ok"] / max(1e-9, end - start),
+            "share_429": counts["rate_limited"] / max(1, counts["requests"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=128, help="the naive client's fixed concurrency")
     parser.add_argument("--batches", type=int, default=64, help="batches in flight at once for ours (Ray Data's)")
+    parser.add_argument("--cli", type=int, default=0, metavar="ROWS",
+                        help="also run the batch CLI (python -m pipelines.triage) over this many rows against the "
+                             "same endpoint (0: skip)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the faults' retries and refines would fill the screen
     print(f"endpoint: {FAULTS}")
@@ -145,11 +187,23 @@ def main() -> None:
         fake.reset_stats()
         time.sleep(1.0)
         ours = run_ours(fake, args.warmup, args.seconds, args.batches)
+        cli = None
+        if args.cli:
+            fake.reset_stats()
+            time.sleep(1.0)
+            cli = run_cli_rows(fake, args.cli)
     for name, r in (("naive", naive), ("ours", ours)):
         extra = f"  limit {r['limit']:.0f}" if r.get("limit") is not None else ""
         print(f"{name:>6}: goodput {r['goodput']:7.1f} answered/s   requests {r['requests']:6d}   "
               f"429 share {r['share_429']:.1%}   hung {r['hung']}   malformed {r['malformed']}{extra}")
     print(f"goodput ratio ours/naive: {ours['goodput'] / max(1e-9, naive['goodput']):.2f}  (goal >= 0.70)")
+    if cli is not None:
+        print(f"   cli: {args.cli} rows (exit {cli['exit']}): goodput {cli['goodput']:7.1f} answered/s over "
+              f"{cli['seconds']:.1f} s from its first request to its last good answer   "
+              f"requests {cli['requests']:6d}   429 share {cli['share_429']:.1%}   hung {cli['hung']}   "
+              f"malformed {cli['malformed']}")
+        print(f"goodput ratio cli/naive: {cli['goodput'] / max(1e-9, naive['goodput']):.2f}  (the CLI's ramp and tail "
+              f"included; naive's is its steady state)")
 
 
 if __name__ == "__main__":
