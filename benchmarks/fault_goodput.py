@@ -144,27 +144,16 @@ def run_cli_rows(fake: FakeLLM, rows: int) -> dict:
 
     from benchmarks.endpoint_capacity import run_cli, write_calls
 
-    seen: list[tuple[float, int, int]] = []
-    running = threading.Event()
-    running.set()
-
-    def sample() -> None:
-        while running.is_set():
-            stats = fake.stats()
-            seen.append((time.monotonic(), stats["requests"], stats["ok"]))
-            time.sleep(0.1)
-
+    fake.configure(sample_interval=0.1)  # the fake's own counters every 0.1 s (fake.samples())
     with tempfile.TemporaryDirectory(prefix="fault-goodput-") as folder:
         source = Path(folder) / "calls.jsonl"
         write_calls(source, rows, "fault")
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         code, _ = run_cli(source, Path(folder) / "out", fake.base_url, [])
-        running.clear()
-        sampler.join(timeout=5)
-    counts = fake.stats()
-    start = next(t for t, requests, _ in seen if requests > 0)
-    end = next(t for t, _, ok in seen if ok >= counts["ok"]) if seen[-1][2] >= counts["ok"] else seen[-1][0]
+    counts, seen = fake.stats(), fake.samples()
+    fake.configure(sample_interval=0.0)
+    start = next(s["seconds"] for s in seen if s["requests"] > 0)
+    done = [s["seconds"] for s in seen if s["ok"] >= counts["ok"]]  # when the last good answer had come
+    end = done[0] if done else seen[-1]["seconds"]
     result = {k: counts[k] for k in ("requests", "ok", "rate_limited", "server_error", "hung", "malformed")}
     return {**result, "exit": code, "seconds": end - start, "goodput": counts["ok"] / max(1e-9, end - start),
             "share_429": counts["rate_limited"] / max(1, counts["requests"])}

@@ -245,7 +245,7 @@ class FakeServer:
     async def get_samples(self, _: web.Request) -> web.Response:
         from aiohttp import web
 
-        return web.json_response({"columns": ["seconds", "in_flight", "queued", "requests", "rate_limited"],
+        return web.json_response({"columns": ["seconds", "in_flight", "queued", "requests", "rate_limited", "ok"],
                                   "rows": self.samples})
 
     async def _sample(self) -> None:
@@ -257,7 +257,7 @@ class FakeServer:
                 continue
             capacity = self.capacity
             self.samples.append([round(time.monotonic() - self.started, 4), capacity.in_flight, capacity.queued,
-                                 self.stats["requests"], self.stats["rate_limited"]])
+                                 self.stats["requests"], self.stats["rate_limited"], self.stats["ok"]])
             if len(self.samples) > 200_000:
                 del self.samples[:100_000]
             await asyncio.sleep(interval)
