@@ -17,8 +17,9 @@ submit --working-dir`` (or ``runtime_env`` ``py_modules``).
 Not the job's ``code_search_path``: a job with one does not publish the actor
 classes it can import to the cluster, so a later job without one (a ``ray job
 submit``, a plain script) cannot get a handle to a detached actor the first
-job created (such as Ray Data's actor-location tracker); Ray then fails in
-``get_actor`` with "Expected str or bytes, got <class 'NoneType'>".
+job created (Ray Data's actor-location tracker, Serve's controller); Ray then
+fails in ``get_actor`` (and ``serve.status()``) with "Expected str or bytes, got
+<class 'NoneType'>".
 """
 
 from __future__ import annotations
