@@ -19,11 +19,17 @@ CHILD = textwrap.dedent("""
     from ray.data._internal.execution.node_trackers.actor_location import ActorLocationTracker
     from dspy_ray.util.ray_runtime import init_ray
 
+    @ray.remote
+    def user_module_value():
+        import my_task_module  # in a folder on this driver's PYTHONPATH only
+
+        return my_task_module.VALUE
+
     init_ray(log_to_driver=False)
     name = sys.argv[1]
     actor = ActorLocationTracker.options(name=name, namespace=name, lifetime="detached").remote()
     ray.get(actor.update_actor_location.remote("a", "node-1"))
-    print(ray.get_runtime_context().runtime_env.get("env_vars", {}).get("PYTHONPATH", ""))
+    print(ray.get(user_module_value.remote()))
 """)
 
 
@@ -33,14 +39,14 @@ def test_a_later_job_can_use_a_detached_actor_an_init_ray_job_left(ray_local, tm
     tasks = tmp_path / "my_tasks"
     tasks.mkdir()
     name = f"probe-{uuid.uuid4().hex[:8]}"
+    (tasks / "my_task_module.py").write_text(f"VALUE = {name!r}\n")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
            "PYTHONPATH": os.pathsep.join([str(tasks), str(ROOT)])}
     env.pop("RAY_JOB_ID", None)
     done = subprocess.run([sys.executable, "-c", CHILD, name], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    workers_path = done.stdout.strip().splitlines()[-1].split(os.pathsep)
-    assert workers_path[:2] == [str(tasks), str(ROOT)]  # the driver's folders reach the job's workers
+    assert done.stdout.strip().splitlines()[-1] == name  # the job's workers import the driver's own modules
 
     actor = ray_local.get_actor(name, namespace=name)
     try:
