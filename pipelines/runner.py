@@ -295,6 +295,9 @@ def _run_stages(plan: CorpusPlan, spec: InputSpec, out: str, written: Written, s
             meter_name = f"dspy-run-meter-{uuid.uuid4().hex[:12]}"
             meter = ray.remote(num_cpus=0)(RunMeter).options(name=meter_name).remote(budget.max_tokens,
                                                                                       budget.max_cost)
+            # Up before the first row: rows started while a stage's first report waits for the meter to
+            # come up are rows the budget cannot stop.
+            ray.get(meter.report.remote())
         on_endpoint = sum(stage.num_actors for stage in stages)
         per_block = block_rows(todo, max(stage.batch_size for stage in stages),
                                max(stage.num_actors for stage in stages), on_endpoint)

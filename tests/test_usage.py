@@ -135,8 +135,10 @@ def test_budget_stop_writes_finished_rows_exits_3_and_resume_finishes_the_rest(r
     src = write_calls(tmp_path / "calls.jsonl", n, text=CALL)
     out = tmp_path / "out"
     with FakeLLM(latency=0.05) as fake:
+        # At most 16 rows in flight: the budget is passed by what was in flight when it was reached (docs/batch.md),
+        # so this bounds the overshoot; with no cap, a fast endpoint can start every row first.
         base = ["--input", str(src), "--output", str(out), "--lm-base-url", fake.base_url, "--lm-model", "fake-model",
-                "--num-actors", "1"]
+                "--num-actors", "1", "--concurrency", "16"]
         # --max-cost needs a price: refused before any LM call.
         refused = _cli([*base, "--max-cost", "0.01"], ray_local)
         assert refused.returncode == 2 and "LM_PRICE_IN" in refused.stderr
