@@ -214,7 +214,7 @@ def test_killed_build_resumes_without_reembedding_finished_passages(ray_local, t
             proc.wait()
         # The build's actors die with their driver, but not at once on a busy machine: let them go quiet first,
         # or a request of theirs lands after reset_stats and is counted as the resume's.
-        _wait_until_quiet(fake, EmbeddingStore(str(index)), quiet_s=2.0)
+        fake.wait_until_quiet(quiet_s=2.0, watch=lambda: len(EmbeddingStore(str(index)).shards()))
         assert not (index / "manifest.json").exists() and (index / BUILD_STATE).exists()
         stored = EmbeddingStore(str(index)).hashes()
         fake.configure(latency=0.0)
@@ -224,23 +224,6 @@ def test_killed_build_resumes_without_reembedding_finished_passages(ray_local, t
         assert stored and stored < unique
         assert fake.stats()["embeddings"]["inputs"] == len(unique - stored) + 1
         assert s.reused >= len(stored) and s.embedded_now + s.reused == s.passages and s.failed == 0
-
-
-def _wait_until_quiet(fake, store: EmbeddingStore, quiet_s: float, timeout_s: float = 60.0) -> None:
-    """Return once ``fake`` has had no embedding request in flight or arriving, and ``store`` no new shard,
-    for ``quiet_s`` seconds."""
-    def state():
-        stats = fake.stats()
-        return stats["embeddings"]["requests"], stats["in_flight"], stats["queued"], len(store.shards())
-
-    deadline = time.monotonic() + timeout_s
-    last, since = state(), time.monotonic()
-    while time.monotonic() - since < quiet_s or last[1] or last[2]:
-        assert time.monotonic() < deadline, f"the killed build's actors still sent requests after {timeout_s:g} s"
-        time.sleep(0.1)
-        now = state()
-        if now != last:
-            last, since = now, time.monotonic()
 
 
 def test_index_on_object_storage(ray_local, embed_fake):

@@ -113,7 +113,7 @@ def test_a_resumed_run_with_the_cache_pays_nothing_twice(ray_local, gold, tmp_pa
         _run_until_trials(argv, env, run_dir, 3)
         before = {json.loads(p.read_text())["number"] for p in (run_dir / "trials").glob("*.json")}
         assert 3 <= len(before) < 12
-        _wait_until_quiet(fake)  # Ray ends the dead driver's workers; their last calls may still land
+        fake.wait_until_quiet()  # Ray ends the dead driver's workers; their last calls may still land
         paid = _entries(cache)  # every answer the killed run got and stored
         assert paid > 0
         fake.reset_stats()
@@ -149,17 +149,6 @@ def _run_until_trials(argv: list[str], env: dict[str, str], run_dir: Path, trial
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _wait_until_quiet(fake: FakeLLM, quiet_s: float = 1.0, timeout_s: float = 60.0) -> None:
-    """Return once the endpoint got no request for ``quiet_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        fake.reset_stats()
-        time.sleep(quiet_s)
-        if fake.stats()["requests"] == 0:
-            return
-    pytest.fail("the killed run's workers kept calling the endpoint")
 
 
 def _entries(folder: Path) -> int:

@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,27 @@ class FakeLLM:
     def reset_stats(self) -> dict[str, Any]:
         """Zero the counters and samples (``POST /admin/reset``); returns the fresh stats."""
         return self._request("POST", "/admin/reset", {})
+
+    def wait_until_quiet(self, quiet_s: float = 1.0, timeout_s: float = 60.0,
+                         watch: Callable[[], Any] | None = None) -> None:
+        """Return once no request (chat or embeddings) has arrived, been in flight or queued, and ``watch()``
+        (optional: something else the clients change) has not changed, for ``quiet_s`` seconds: after a
+        client's driver is killed, Ray ends its workers a moment later and their last calls may still land.
+        Raises TimeoutError when that takes over ``timeout_s``."""
+        def state() -> tuple[Any, ...]:
+            stats = self.stats()
+            return (stats["requests"], stats["embeddings"]["requests"], stats["in_flight"], stats["queued"],
+                    watch() if watch is not None else None)
+
+        deadline = time.monotonic() + timeout_s
+        last, since = state(), time.monotonic()
+        while last[2] or last[3] or time.monotonic() - since < quiet_s:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"requests kept reaching the fake endpoint for {timeout_s:g} s")
+            time.sleep(0.1)
+            now = state()
+            if now != last:
+                last, since = now, time.monotonic()
 
     def samples(self) -> list[dict[str, float]]:
         """In-flight samples since the last reset, oldest first (needs ``sample_interval`` > 0)."""
